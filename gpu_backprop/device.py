@@ -1,0 +1,232 @@
+"""The one place that decides where arrays live: NumPy on the CPU or CuPy on a GPU.
+
+Everything else receives a :class:`Device` and uses ``device.xp`` (the array
+module) and ``device.ops`` (the operations for that array module); nothing
+outside this module asks whether a GPU exists.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+ENV_VAR = "GPU_BACKPROP_DEVICE"
+INSTALL_HINT = 'pip install "gpu_backprop[cuda13]" (or [cuda12] for a CUDA 12 driver)'
+
+log = logging.getLogger("gpu_backprop")
+_announced: set[str] = set()
+
+
+class DeviceError(RuntimeError):
+    """A requested device cannot be used; the message names the cause and the fix."""
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where arrays live and which operations run on them.
+
+    ``kind`` is "cpu" or "cuda"; ``xp`` is numpy or cupy; ``reason`` says why
+    this device was chosen (shown by ``gpu-backprop info``).
+    """
+
+    kind: str
+    index: int | None
+    xp: ModuleType
+    reason: str = ""
+    _ops_cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def ops(self, fused: bool = True):
+        """The operations for this device: the NumPy twin on the CPU, the fused
+        CUDA kernels on a GPU (or the unfused CuPy path when ``fused=False``)."""
+        key = bool(fused)
+        if key not in self._ops_cache:
+            from .ops import make_ops
+
+            self._ops_cache[key] = make_ops(self, fused=key)
+        return self._ops_cache[key]
+
+    def asarray(self, x: Any, dtype: Any = None) -> Any:
+        """``x`` on this device as a C-contiguous array (no copy when it already is one).
+
+        CuPy and PyTorch tensors come in through DLPack without a copy when
+        they already live on this device.
+        """
+        return to_device(x, self, dtype)
+
+    def synchronize(self) -> None:
+        if self.kind == "cuda":
+            self.xp.cuda.get_current_stream().synchronize()
+
+    def __enter__(self) -> "Device":
+        if self.kind == "cuda":
+            self._cuda_ctx = self.xp.cuda.Device(self.index)
+            self._cuda_ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.kind == "cuda":
+            self._cuda_ctx.__exit__(*exc)
+
+
+CPU = Device("cpu", None, np, "requested")
+
+
+def _cuda_error_name(exc: BaseException) -> str:
+    """'cudaErrorInsufficientDriver' out of CuPy's 'cudaErrorX: long text'."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.split(":", 1)[0].strip() if text.startswith("cuda") else text
+
+
+def probe_cuda(index: int = 0) -> tuple[ModuleType | None, str]:
+    """(cupy, "") when CUDA device ``index`` is usable, else (None, why not).
+
+    ``import cupy`` succeeds on a machine without a GPU; what fails is the
+    first runtime call (``cudaErrorInsufficientDriver``, ``cudaErrorNoDevice``)
+    or, in older CuPy, ``is_available()`` itself. Every one of those is caught.
+    """
+    try:
+        cupy = importlib.import_module("cupy")
+    except ImportError:
+        return None, "CuPy not installed"
+    except Exception as exc:  # a broken CuPy install (missing CUDA libraries)
+        return None, f"CuPy failed to import: {type(exc).__name__}: {exc}"
+    try:
+        count = int(cupy.cuda.runtime.getDeviceCount())
+    except Exception as exc:
+        return None, f"no CUDA device: {_cuda_error_name(exc)}"
+    if count == 0:
+        return None, "no CUDA device: 0 devices visible"
+    if not 0 <= index < count:
+        return None, f"no CUDA device {index}: {count} device(s) visible"
+    try:
+        with cupy.cuda.Device(index):
+            cupy.zeros(1, dtype=np.float32).sum().item()
+    except Exception as exc:
+        return None, f"CUDA device {index} unusable: {_cuda_error_name(exc)}"
+    return cupy, ""
+
+
+def _parse(spec: str) -> tuple[str, int | None]:
+    spec = spec.strip().lower()
+    if spec in ("auto", "cpu"):
+        return spec, None
+    if spec in ("cuda", "gpu"):
+        return "cuda", 0
+    if spec.startswith("cuda:"):
+        tail = spec[5:]
+        if tail.isdigit():
+            return "cuda", int(tail)
+    raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
+
+
+def get_device(spec: "str | Device | None" = None) -> Device:
+    """Resolve ``"auto" | "cpu" | "cuda" | "cuda:N"`` (default: $GPU_BACKPROP_DEVICE, else auto).
+
+    ``auto`` takes CUDA device 0 when CuPy imports and the device answers, and
+    the CPU otherwise; it says once, in one log line, which and why. An
+    explicit ``cuda`` that cannot be used raises :class:`DeviceError`.
+    """
+    if isinstance(spec, Device):
+        return spec
+    if spec is None:
+        spec = os.environ.get(ENV_VAR, "") or "auto"
+    kind, index = _parse(spec)
+    if kind == "cpu":
+        return CPU
+    cupy, why_not = probe_cuda(index or 0)
+    if kind == "cuda":
+        if cupy is None:
+            raise DeviceError(f"device 'cuda:{index}' unavailable: {why_not}; "
+                              f"to train on a GPU: {INSTALL_HINT} on a machine with an NVIDIA GPU, "
+                              f"or use device='cpu'")
+        return Device("cuda", index, cupy, "requested")
+    if cupy is None:
+        device = Device("cpu", None, np, why_not)
+    else:
+        name = _gpu_name(cupy, 0)
+        device = Device("cuda", 0, cupy, f"CuPy found {name}")
+    _announce(f"device auto: {device.name} ({device.reason})")
+    return device
+
+
+def _announce(message: str) -> None:
+    if message not in _announced:
+        _announced.add(message)
+        log.info(message)
+
+
+def _gpu_name(cupy: ModuleType, index: int) -> str:
+    try:
+        props = cupy.cuda.runtime.getDeviceProperties(index)
+        name = props["name"]
+        return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:
+        return f"CUDA device {index}"
+
+
+def describe(device: Device) -> dict[str, Any]:
+    """Facts for ``gpu-backprop info``: versions, device, GPU name and memory."""
+    info: dict[str, Any] = {"device": device.name, "reason": device.reason, "numpy": np.__version__}
+    if device.kind == "cuda":
+        cupy = device.xp
+        props = cupy.cuda.runtime.getDeviceProperties(device.index)
+        info.update(
+            cupy=cupy.__version__,
+            gpu=_gpu_name(cupy, device.index),
+            gpu_memory_gib=round(props["totalGlobalMem"] / 2**30, 1),
+            compute_capability=f"{props['major']}.{props['minor']}",
+            cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(),
+        )
+    return info
+
+
+def get_array_module(*arrays: Any) -> ModuleType:
+    """numpy or cupy, whichever the arrays belong to (CuPy's own rule)."""
+    for a in arrays:
+        mod = type(a).__module__
+        if mod.startswith("cupy"):
+            return importlib.import_module("cupy")
+    return np
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def to_device(x: Any, device: Device, dtype: Any = None) -> Any:
+    """Array ``x`` on ``device``, C-contiguous, of ``dtype`` (copies only when needed)."""
+    xp = device.xp
+    if device.kind == "cuda":
+        on_gpu = get_array_module(x) is not np or (_is_torch(x) and x.is_cuda)
+        arr = xp.from_dlpack(x) if on_gpu and not isinstance(x, xp.ndarray) else x
+        with xp.cuda.Device(device.index):
+            arr = xp.asarray(arr, dtype=dtype)
+            return xp.ascontiguousarray(arr)
+    if _is_torch(x):
+        x = np.from_dlpack(x.detach().cpu()) if x.requires_grad else np.from_dlpack(x.cpu())
+    else:
+        x = to_host(x)
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A NumPy array with the contents of ``x`` (a copy only when ``x`` is on a GPU)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "get") and type(x).__module__.startswith("cupy"):
+        return x.get()
+    if _is_torch(x):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)

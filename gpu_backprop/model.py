@@ -1,0 +1,274 @@
+"""MLP: forward, backward and the SGD update, written once against ``device.ops``.
+
+Shapes follow MATH.md: ``o[0] = X`` (B x n_0), ``W[k]`` (n_k x n_{k+1}),
+``o[k+1] = f(o[k] W[k] + b[k])``; the loss is the batch mean of the
+per-sample loss, so the SGD step is ``W -= lr / B * o^T delta``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import data as data_mod
+from .device import Device, get_device, to_host
+from .ops import activations as act
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class _Buffers:
+    """Everything one step at batch size B writes: allocated once, reused."""
+
+    outputs: list  # o[1..L]
+    deltas: list   # delta[1..L] (delta[k] has the shape of o[k])
+    loss: Any      # (1,) loss summed over the batch
+
+
+class MLP:
+    """A fully connected network trained by backpropagation.
+
+    Parameters
+    ----------
+    sizes: layer widths ``[n_0, ..., n_L]`` (inputs first, outputs last).
+    activation: hidden activation: sigmoid, tanh, relu or identity.
+    output: output activation; default sigmoid for ``loss="mse"`` (the seed's
+        network), softmax for ``loss="cross_entropy"``.
+    loss: "mse" (batch mean of 1/2 sum (y - y_hat)^2) or "cross_entropy".
+    device: "auto" | "cpu" | "cuda" | "cuda:N" or a Device (default $GPU_BACKPROP_DEVICE, else auto).
+    dtype: float32 or float64.
+    seed: Glorot initialisation seed; the same seed gives the same weights bit for bit.
+    fused: on CUDA, use the fused kernels (True) or the unfused CuPy path.
+    """
+
+    def __init__(self, sizes: Sequence[int], activation: str = "sigmoid", output: str | None = None,
+                 loss: str = "mse", device: "str | Device | None" = None, dtype: Any = "float32",
+                 seed: int = 0, fused: bool = True):
+        self.sizes = _check_sizes(sizes)
+        self.activation = act.check_activation(activation)
+        if output is None:
+            output = "softmax" if loss == "cross_entropy" else "sigmoid"
+        self.output = act.check_activation(output, act.OUTPUT, what="output")
+        self.loss = act.check_loss(loss, self.output)
+        self.dtype = _check_dtype(dtype)
+        self.seed = int(seed)
+        self.device = get_device(device)
+        self.fused = bool(fused)
+        self.ops = self.device.ops(fused=self.fused)
+        self.xp = self.device.xp
+        self.task = "classification"
+        self.weights, self.biases = self._glorot(self.seed)
+        self._velocity: tuple[list, list] | None = None
+        self._buffers: dict[int, _Buffers] = {}
+
+    # -- parameters -----------------------------------------------------------
+    @property
+    def activations(self) -> list[str]:
+        """Activation of each layer's output, o[1] .. o[L]."""
+        return [self.activation] * (len(self.sizes) - 2) + [self.output]
+
+    def _glorot(self, seed: int) -> tuple[list, list]:
+        # Drawn in float64 on the host, so every dtype and device starts from the same numbers.
+        rng = np.random.default_rng(seed)
+        weights, biases = [], []
+        for n_in, n_out in zip(self.sizes[:-1], self.sizes[1:]):
+            limit = np.sqrt(6.0 / (n_in + n_out))
+            weights.append(self.device.asarray(rng.uniform(-limit, limit, (n_in, n_out)), self.dtype))
+            biases.append(self.device.asarray(np.zeros(n_out), self.dtype))
+        return weights, biases
+
+    def get_params(self) -> dict[str, np.ndarray]:
+        """Host copies of the parameters: W0, b0, W1, b1, ..."""
+        params = {}
+        for k, (W, b) in enumerate(zip(self.weights, self.biases)):
+            params[f"W{k}"], params[f"b{k}"] = to_host(W).copy(), to_host(b).copy()
+        return params
+
+    def set_params(self, params: dict[str, Any]) -> None:
+        for k in range(len(self.weights)):
+            for name, current in ((f"W{k}", self.weights[k]), (f"b{k}", self.biases[k])):
+                if name not in params:
+                    raise ValueError(f"params: missing {name!r}")
+                value = np.asarray(to_host(params[name]))
+                if value.shape != current.shape:
+                    raise ValueError(f"params[{name!r}]: expected shape {current.shape}, got {value.shape}")
+                if not np.all(np.isfinite(value)):
+                    raise ValueError(f"params[{name!r}]: contains NaN or Inf")
+                current[...] = self.device.asarray(value, self.dtype)
+        self._velocity = None
+
+    # -- forward / backward ---------------------------------------------------
+    def _batch_buffers(self, batch: int) -> _Buffers:
+        buf = self._buffers.get(batch)
+        if buf is None:
+            xp = self.xp
+            outputs = [xp.empty((batch, n), dtype=self.dtype) for n in self.sizes[1:]]
+            deltas = [xp.empty((batch, n), dtype=self.dtype) for n in self.sizes[1:]]
+            buf = self._buffers[batch] = _Buffers(outputs, deltas, xp.empty(1, dtype=self.dtype))
+        return buf
+
+    def forward(self, X: Any) -> list:
+        """All layer outputs [X, o1, ..., y_hat] for a device array X (internal buffers:
+        valid until the next call with the same batch size)."""
+        buf = self._batch_buffers(X.shape[0])
+        o = [X]
+        for W, b, f, out in zip(self.weights, self.biases, self.activations, buf.outputs):
+            o.append(self.ops.forward(o[-1], W, b, f, out))
+        return o
+
+    def train_step(self, X: Any, Y: Any, lr: float, momentum: float = 0.0, loss_out: Any = None) -> Any:
+        """One SGD step on the batch (X, Y) (device arrays of this model's dtype).
+
+        Returns the (1,) device array holding the loss summed over the batch,
+        ``loss_out`` when given; reading it is left to the caller, so a GPU
+        step never waits for the host.
+        """
+        ops, batch = self.ops, X.shape[0]
+        buf = self._batch_buffers(batch)
+        o = self.forward(X)
+        delta = [None] + buf.deltas  # delta[k] is the error at o[k]'s pre-activation
+        loss_out = buf.loss if loss_out is None else loss_out
+        ops.output_delta(o[-1], Y, self.output, self.loss, delta[-1], loss_out)
+        vel_w, vel_b = self._momentum_buffers() if momentum else ([None] * len(self.weights),) * 2
+        step = lr / batch
+        for k in reversed(range(len(self.weights))):
+            if k > 0:  # uses W[k] before its update
+                ops.propagate(delta[k + 1], self.weights[k], o[k], self.activations[k - 1], delta[k])
+            ops.sgd_update(o[k], delta[k + 1], self.weights[k], self.biases[k], step, momentum,
+                           vel_w[k], vel_b[k])
+        return loss_out
+
+    def _momentum_buffers(self) -> tuple[list, list]:
+        if self._velocity is None:
+            xp = self.xp
+            self._velocity = ([xp.zeros_like(W) for W in self.weights],
+                              [xp.zeros_like(b) for b in self.biases])
+        return self._velocity
+
+    # -- training and inference ----------------------------------------------
+    def fit(self, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: float = 0.1,
+            momentum: float = 0.0, shuffle: bool = True, validation_data: tuple | None = None,
+            progress: bool = False, seed: int | None = None):
+        """Train with mini-batch SGD; returns a :class:`~gpu_backprop.train.History`.
+
+        ``y``: integer class labels (1-D) for classification, or a 2-D array of
+        targets (regression, or targets already one-hot).
+        """
+        from .train import fit
+
+        return fit(self, X, y, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                   shuffle=shuffle, validation_data=validation_data, progress=progress, seed=seed)
+
+    def _inputs(self, X: Any, name: str = "X") -> Any:
+        X = data_mod.check_features(X, self.sizes[0], name=name)
+        return self.device.asarray(X, self.dtype)
+
+    def _chunks(self, X: Any, chunk: int = 4096):
+        for start in range(0, X.shape[0], chunk):
+            yield start, self.forward(X[start:start + chunk])[-1]
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Network outputs y_hat for X, as a NumPy array."""
+        X = self._inputs(X)
+        out = np.empty((X.shape[0], self.sizes[-1]), dtype=self.dtype)
+        for start, y_hat in self._chunks(X):
+            out[start:start + y_hat.shape[0]] = to_host(y_hat)
+        return out
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Class labels (classification) or outputs (regression)."""
+        y_hat = self.predict_proba(X)
+        if self.task == "regression":
+            return y_hat
+        return data_mod.labels_from_outputs(y_hat)
+
+    def evaluate(self, X: Any, y: Any) -> dict[str, float | None]:
+        """Mean loss and accuracy (None for regression) over (X, y)."""
+        X = self._inputs(X)
+        Y, labels = data_mod.targets(y, self.sizes[-1], self.task, self.dtype, n_rows=X.shape[0])
+        Y = self.device.asarray(Y, self.dtype)
+        total_loss, correct = 0.0, 0
+        for start, y_hat in self._chunks(X):
+            rows = slice(start, start + y_hat.shape[0])
+            buf = self._batch_buffers(y_hat.shape[0])
+            self.ops.output_delta(y_hat, Y[rows], self.output, self.loss, buf.deltas[-1], buf.loss)
+            total_loss += float(buf.loss[0])
+            if labels is not None:
+                correct += int(np.sum(data_mod.labels_from_outputs(to_host(y_hat)) == labels[rows]))
+        n = X.shape[0]
+        return {"loss": total_loss / n, "accuracy": None if labels is None else correct / n}
+
+    # -- persistence ----------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        return {"sizes": self.sizes, "activation": self.activation, "output": self.output,
+                "loss": self.loss, "dtype": self.dtype.name, "seed": self.seed, "task": self.task}
+
+    def save(self, path: "str | os.PathLike", **extra: np.ndarray) -> Path:
+        """Write parameters and architecture to ``path`` (.npz) atomically: a temporary
+        file in the same folder, renamed over ``path`` only once fully written."""
+        path = Path(path)
+        arrays = {**{f"extra_{k}": np.asarray(to_host(v)) for k, v in extra.items()}, **self.get_params()}
+        header = {"format": FORMAT_VERSION, **self.config()}
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, config=np.array(json.dumps(header)), **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: "str | os.PathLike", device: "str | Device | None" = None) -> "MLP":
+        """Read a model written by :meth:`save`; extra arrays land in ``model.extra``."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                contents = {k: f[k] for k in f.files}
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"model: cannot read {str(path)!r} as a gpu_backprop .npz: {exc}") from None
+        if "config" not in contents:
+            raise ValueError(f"model: {str(path)!r} has no 'config' entry; not written by MLP.save")
+        header = json.loads(str(contents.pop("config")))
+        if header.get("format") != FORMAT_VERSION:
+            raise ValueError(f"model: {str(path)!r} has format {header.get('format')}, expected {FORMAT_VERSION}")
+        model = cls(header["sizes"], header["activation"], header["output"], header["loss"],
+                    device=device, dtype=header["dtype"], seed=header["seed"])
+        model.task = header.get("task", "classification")
+        model.set_params(contents)
+        model.extra = {k[len("extra_"):]: v for k, v in contents.items() if k.startswith("extra_")}
+        return model
+
+    def __repr__(self) -> str:
+        sizes = "-".join(map(str, self.sizes))
+        return (f"MLP({sizes}, activation={self.activation!r}, output={self.output!r}, "
+                f"loss={self.loss!r}, device={self.device.name!r}, dtype={self.dtype.name!r})")
+
+
+def _check_sizes(sizes: Sequence[int]) -> list[int]:
+    try:
+        out = [int(s) for s in sizes]
+    except (TypeError, ValueError):
+        raise ValueError(f"sizes: expected a list of layer widths like [64, 32, 10], got {sizes!r}") from None
+    if len(out) < 2 or any(s < 1 for s in out) or any(float(s) != s for s in sizes):
+        raise ValueError(f"sizes: expected at least two positive integer widths, got {list(sizes)!r}")
+    return out
+
+
+def _check_dtype(dtype: Any) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"dtype: expected float32 or float64, got {dtype!r}")
+    return dt

@@ -1,0 +1,23 @@
+"""Fused operations: each one's math as a NumPy twin (reference.py), the CUDA
+launchers of the same functions (cuda.py), and the choice between them."""
+from __future__ import annotations
+
+from typing import Any
+
+from .reference import ArrayOps, NumpyOps
+
+
+def make_ops(device: Any, fused: bool = True) -> ArrayOps:
+    """The operations for ``device``: NumPy twin, fused CUDA kernels, or unfused CuPy."""
+    if device.kind == "cpu":
+        return NumpyOps()
+    import cupyx.scipy.special
+
+    if not fused:
+        return ArrayOps(device.xp, cupyx.scipy.special)
+    from .cuda import CudaOps, cupy_loader
+
+    return CudaOps(device.xp, cupyx.scipy.special, cupy_loader(device))
+
+
+__all__ = ["ArrayOps", "NumpyOps", "make_ops"]

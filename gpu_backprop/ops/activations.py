@@ -1,0 +1,77 @@
+"""Activations and their derivatives written from the saved output.
+
+The backward pass never needs ``z``: each derivative is a function of
+``o = f(z)`` (sigmoid ``o(1-o)``, tanh ``1-o^2``, ReLU ``[o>0]``, identity 1),
+which is what lets the CUDA kernels fuse it into a GEMM epilogue.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+# Codes shared with kernels/common.cuh (enum Activation).
+CODES = {"identity": 0, "sigmoid": 1, "tanh": 2, "relu": 3}
+HIDDEN = tuple(CODES)
+OUTPUT = HIDDEN + ("softmax",)
+LOSSES = ("mse", "cross_entropy")
+
+
+def check_activation(name: str, allowed: tuple[str, ...] = HIDDEN, what: str = "activation") -> str:
+    if name not in allowed:
+        raise ValueError(f"{what}: expected one of {', '.join(allowed)}, got {name!r}")
+    return name
+
+
+def check_loss(loss: str, output: str) -> str:
+    if loss not in LOSSES:
+        raise ValueError(f"loss: expected one of {', '.join(LOSSES)}, got {loss!r}")
+    if (output == "softmax") != (loss == "cross_entropy"):
+        raise ValueError(f"loss: {loss!r} with output {output!r} is not supported; "
+                         "use output='softmax' with loss='cross_entropy', "
+                         "or an elementwise output activation with loss='mse'")
+    return loss
+
+
+def activate(xp: Any, special: Any, name: str, z: Any, out: Any) -> Any:
+    """out = f(z), in place allowed (``out is z``). Sigmoid through expit: no overflow."""
+    if name == "sigmoid":
+        return special.expit(z, out=out)
+    if name == "tanh":
+        return xp.tanh(z, out=out)
+    if name == "relu":
+        return xp.maximum(z, 0, out=out)
+    if name == "softmax":  # row-wise, shifted by the row max so exp never overflows
+        xp.subtract(z, z.max(axis=1, keepdims=True), out=out)
+        xp.exp(out, out=out)
+        out /= out.sum(axis=1, keepdims=True)
+        return out
+    if out is not z:
+        out[...] = z
+    return out
+
+
+def derivative(xp: Any, name: str, o: Any, out: Any) -> Any:
+    """out = f'(z) written from o = f(z)."""
+    if name == "sigmoid":
+        xp.subtract(1, o, out=out)
+        out *= o
+    elif name == "tanh":
+        xp.multiply(o, o, out=out)
+        xp.subtract(1, out, out=out)
+    elif name == "relu":
+        xp.greater(o, 0, out=out)
+    else:
+        out.fill(1)
+    return out
+
+
+def multiply_derivative(xp: Any, name: str, o: Any, inout: Any, scratch: Any) -> Any:
+    """inout *= f'(o), using ``scratch`` (same shape) where a second buffer is needed."""
+    if name == "identity":
+        return inout
+    if name == "relu":  # [o > 0] is a mask: no multiply needed
+        xp.greater(o, 0, out=scratch)
+        inout *= scratch
+        return inout
+    derivative(xp, name, o, scratch)
+    inout *= scratch
+    return inout

@@ -1,0 +1,157 @@
+"""The math of every fused kernel, written once over an array module.
+
+With NumPy this is the CPU path and the oracle the CUDA kernels are tested
+against; with CuPy it is the unfused GPU path (``fused=False``): elementwise
+kernels + cuBLAS + ``sum``, the sequence the fused kernels replace.
+
+Every operation writes into buffers the caller owns, so a training step
+allocates nothing after its first call (scratch space is cached per shape).
+Names follow MATH.md: ``o`` a layer's input (the previous output), ``W``
+(n_in x n_out), ``delta`` the error at a layer's pre-activation.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from . import activations as act
+
+
+class ArrayOps:
+    """Unfused reference operations over ``xp`` (numpy or cupy)."""
+
+    fused = False
+
+    def __init__(self, xp: Any, special: Any):
+        self.xp = xp
+        self.special = special
+        self._scratch_cache: dict = {}
+
+    def _scratch(self, tag: str, shape: tuple, dtype: Any) -> Any:
+        key = (tag, tuple(shape), dtype)
+        buf = self._scratch_cache.get(key)
+        if buf is None:
+            buf = self._scratch_cache[key] = self.xp.empty(shape, dtype=dtype)
+        return buf
+
+    # -- GEMM ---------------------------------------------------------------
+    def gemm(self, a: Any, b: Any, out: Any, *, alpha: float = 1.0, beta: float = 0.0,
+             trans_a: bool = False, trans_b: bool = False) -> Any:
+        """out = alpha * op(a) @ op(b) + beta * out."""
+        a = a.T if trans_a else a
+        b = b.T if trans_b else b
+        if alpha == 1.0 and beta == 0.0:
+            return self.xp.matmul(a, b, out=out)
+        product = self._scratch("gemm", out.shape, out.dtype)
+        self.xp.matmul(a, b, out=product)
+        if alpha != 1.0:
+            product *= alpha
+        if beta == 0.0:
+            out[...] = product
+        else:
+            if beta != 1.0:
+                out *= beta
+            out += product
+        return out
+
+    # -- forward ------------------------------------------------------------
+    def forward(self, o: Any, W: Any, b: Any, activation: str, out: Any) -> Any:
+        """out = f(o W + b)."""
+        self.gemm(o, W, out)
+        out += b
+        return act.activate(self.xp, self.special, activation, out, out)
+
+    # -- deltas -------------------------------------------------------------
+    def output_delta(self, y_hat: Any, y: Any, activation: str, loss: str, out: Any,
+                     loss_out: Any) -> Any:
+        """delta at the output and, in ``loss_out[0]``, the loss summed over the batch.
+
+        mse:           delta = (y_hat - y) * f'(y_hat),  loss = 1/2 sum (y_hat - y)^2
+        cross_entropy: delta = y_hat - y (softmax),      loss = -sum y log y_hat
+        """
+        xp = self.xp
+        xp.subtract(y_hat, y, out=out)
+        if loss == "mse":
+            loss_out[0] = 0.5 * self._sum_squares(out)
+            act.multiply_derivative(xp, activation, y_hat, out, self._scratch("delta", out.shape, out.dtype))
+        else:
+            logs = self._scratch("delta", out.shape, out.dtype)
+            xp.maximum(y_hat, xp.finfo(out.dtype).tiny, out=logs)
+            xp.log(logs, out=logs)
+            logs *= y
+            loss_out[0] = -logs.sum()
+        return out
+
+    def _sum_squares(self, x: Any) -> Any:
+        return self.xp.vdot(x, x)
+
+    def hidden_delta(self, err: Any, o: Any, activation: str, out: Any) -> Any:
+        """delta = err * f'(o), f' from the saved output."""
+        if out is not err:
+            out[...] = err
+        return act.multiply_derivative(self.xp, activation, o, out, self._scratch("delta", out.shape, out.dtype))
+
+    # -- backward GEMMs -----------------------------------------------------
+    def propagate(self, delta: Any, W: Any, o: Any, activation: str, out: Any) -> Any:
+        """The error one layer down, times its derivative: out = (delta W^T) * f'(o)."""
+        self.gemm(delta, W, out, trans_b=True)
+        return act.multiply_derivative(self.xp, activation, o, out, self._scratch("propagate", out.shape, out.dtype))
+
+    def _prologue(self, delta: Any, o_next: Any, activation: str, delta_out: Any) -> Any:
+        """With ``o_next`` given, ``delta`` holds err and the true delta is err * f'(o_next)."""
+        if o_next is None:
+            return delta
+        if delta_out is None:
+            raise ValueError("delta_out: required when o_next is given (the prologue writes delta)")
+        return self.hidden_delta(delta, o_next, activation, delta_out)
+
+    def weight_grad(self, o: Any, delta: Any, grad_w: Any, grad_b: Any, *, o_next: Any = None,
+                    activation: str = "identity", delta_out: Any = None) -> tuple[Any, Any]:
+        """grad_w = o^T delta, grad_b = sum over the batch of delta (sums, not means)."""
+        delta = self._prologue(delta, o_next, activation, delta_out)
+        self.gemm(o, delta, grad_w, trans_a=True)
+        delta.sum(axis=0, out=grad_b)
+        return grad_w, grad_b
+
+    def sgd_update(self, o: Any, delta: Any, W: Any, b: Any, step: float, momentum: float = 0.0,
+                   vel_w: Any = None, vel_b: Any = None, *, o_next: Any = None,
+                   activation: str = "identity", delta_out: Any = None) -> None:
+        """The SGD step from this layer's gradient, in place; ``step`` = lr / batch size.
+
+        momentum == 0: W -= step * o^T delta,  b -= step * sum(delta)
+        momentum  > 0: v = momentum v - step * o^T delta;  W += v  (same for b)
+        """
+        delta = self._prologue(delta, o_next, activation, delta_out)
+        grad_b = self._scratch("grad_b", b.shape, b.dtype)
+        delta.sum(axis=0, out=grad_b)
+        if momentum:
+            self.gemm(o, delta, vel_w, alpha=-step, beta=momentum, trans_a=True)
+            W += vel_w
+            vel_b *= momentum
+            grad_b *= step
+            vel_b -= grad_b
+            b += vel_b
+        else:
+            self.gemm(o, delta, W, alpha=-step, beta=1.0, trans_a=True)
+            grad_b *= step
+            b -= grad_b
+
+
+class NumpyOps(ArrayOps):
+    """The CPU path: the reference math with every GEMM through SciPy's BLAS."""
+
+    def __init__(self) -> None:
+        import numpy as np
+        import scipy.special
+
+        super().__init__(np, scipy.special)
+
+    def gemm(self, a: Any, b: Any, out: Any, *, alpha: float = 1.0, beta: float = 0.0,
+             trans_a: bool = False, trans_b: bool = False) -> Any:
+        from .blas import gemm
+
+        return gemm(a, b, out, alpha=alpha, beta=beta, trans_a=trans_a, trans_b=trans_b)
+
+    def _sum_squares(self, x: Any) -> Any:
+        from .blas import sum_squares
+
+        return sum_squares(x)
