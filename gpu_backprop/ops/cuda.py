@@ -1,0 +1,243 @@
+"""Launchers of the fused CUDA kernels in kernels/*.cu, behind the ArrayOps interface.
+
+A *loader* supplies the compiled kernels: :func:`cupy_loader` compiles them
+with NVRTC through ``cupy.RawModule`` (once per process, cached on disk by
+CuPy); the test suite's CUDA-on-CPU harness supplies the same kernels built
+with g++ and run on threads, so everything below (argument checks, tile
+choice, grid sizes, argument order) is exercised without a GPU.
+
+Every launch is preceded by a check of each argument's type, device,
+contiguity, dtype and shape, with an error naming the argument.
+"""
+from __future__ import annotations
+
+import re
+from importlib import resources
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import activations as act
+from .reference import ArrayOps
+
+BLOCK = 256  # threads per block of the elementwise kernels
+# name: (BM, BN, BK, TM, TN); both give 256 threads per block.
+CONFIGS = {"small": (64, 64, 16, 4, 4), "large": (128, 128, 8, 8, 8)}
+CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+LOSS_CODES = {"mse": 0, "cross_entropy": 1}
+WRITE_GRADIENT, SGD, SGD_MOMENTUM = 0, 1, 2
+GEMM_FILES = {"forward": "forward.cu", "propagate": "propagate.cu", "weight_grad": "weight_grad.cu"}
+
+
+def gemm_name(kernel: str, dtype: Any, config: str) -> str:
+    return f"{kernel}<{CTYPES[np.dtype(dtype)]}, {', '.join(map(str, CONFIGS[config]))}>"
+
+
+def names_in(file: str) -> list[str]:
+    """Every instantiation of a file's kernels (NVRTC name expressions)."""
+    if file == "delta.cu":
+        return [f"{k}<{t}>" for k in ("output_delta", "hidden_delta") for t in CTYPES.values()]
+    kernel = {v: k for k, v in GEMM_FILES.items()}[file]
+    return [gemm_name(kernel, dt, c) for dt in CTYPES for c in CONFIGS]
+
+
+KERNEL_FILES = ("delta.cu", *GEMM_FILES.values())
+_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.M)
+
+
+def kernel_source(file: str, _seen: set | None = None) -> str:
+    """A kernel file with its quoted #includes inlined (read from the installed
+    package), so NVRTC needs no include path and CuPy's cache key sees headers."""
+    seen = set() if _seen is None else _seen
+    text = resources.files("gpu_backprop.kernels").joinpath(file).read_text()
+
+    def inline(match: re.Match) -> str:
+        name = match.group(1)
+        if name in seen:
+            return ""
+        seen.add(name)
+        return kernel_source(name, seen)
+
+    return _INCLUDE.sub(inline, text.replace("#pragma once", ""))
+
+
+class CupyLoader:
+    """Kernels compiled by NVRTC through cupy.RawModule, one module per file."""
+
+    def __init__(self, cupy: Any, device_index: int):
+        self.xp = cupy
+        self.device_index = device_index
+        props = cupy.cuda.runtime.getDeviceProperties(device_index)
+        self.sm_count = int(props["multiProcessorCount"])
+        self._modules: dict = {}
+
+    def function(self, file: str, name: str, all_names: Sequence[str]) -> Any:
+        module = self._modules.get(file)
+        if module is None:
+            module = self._modules[file] = self.xp.RawModule(
+                code=kernel_source(file), options=("-std=c++17",), name_expressions=list(all_names))
+        return module.get_function(name)
+
+    def check_device(self, name: str, array: Any) -> None:
+        if not isinstance(array, self.xp.ndarray):
+            raise TypeError(f"{name}: expected a CuPy array on cuda:{self.device_index}, "
+                            f"got {type(array).__module__}.{type(array).__name__}")
+        if array.device.id != self.device_index:
+            raise ValueError(f"{name}: expected an array on cuda:{self.device_index}, got one on cuda:{array.device.id}")
+
+
+def cupy_loader(device: Any) -> CupyLoader:
+    return CupyLoader(device.xp, device.index)
+
+
+class CudaOps(ArrayOps):
+    """The fused kernels: 1 launch per forward layer, 1 for the output delta, and per
+    layer backward 1 error-propagation GEMM plus 1 weight-gradient GEMM with the update."""
+
+    fused = True
+
+    def __init__(self, xp: Any, special: Any, loader: Any):
+        super().__init__(xp, special)
+        self.loader = loader
+        self.max_blocks = 8 * int(loader.sm_count)  # grid cap of the elementwise kernels
+        self._ticket = xp.zeros(1, dtype=np.uint32)
+
+    # -- plumbing -------------------------------------------------------------
+    def _kernel(self, file: str, name: str) -> Any:
+        return self.loader.function(file, name, names_in(file))
+
+    def _check(self, name: str, array: Any, shape: tuple, dtype: Any) -> None:
+        self.loader.check_device(name, array)
+        if array.dtype != dtype:
+            raise TypeError(f"{name}: expected dtype {np.dtype(dtype).name}, got {array.dtype}")
+        if tuple(array.shape) != tuple(shape):
+            raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(array.shape)}")
+        if not array.flags.c_contiguous:
+            raise ValueError(f"{name}: expected a C-contiguous array (use xp.ascontiguousarray)")
+
+    @staticmethod
+    def _dtype_of(name: str, array: Any) -> np.dtype:
+        dtype = np.dtype(array.dtype)
+        if dtype not in CTYPES:
+            raise TypeError(f"{name}: expected float32 or float64, got {dtype}")
+        return dtype
+
+    def gemm_config(self, M: int, N: int) -> str:
+        """The large tile when it still gives every SM a block, else the small one."""
+        bm, bn = CONFIGS["large"][:2]
+        return "large" if -(-M // bm) * -(-N // bn) >= self.loader.sm_count else "small"
+
+    def _gemm(self, kernel: str, dtype: Any, M: int, N: int, config: str | None, args: list) -> None:
+        config = config or self.gemm_config(M, N)
+        if config not in CONFIGS:
+            raise ValueError(f"config: expected one of {', '.join(CONFIGS)}, got {config!r}")
+        bm, bn = CONFIGS[config][:2]
+        grid = (-(-N // bn), -(-M // bm), 1)
+        self._kernel(GEMM_FILES[kernel], gemm_name(kernel, dtype, config))(grid, (BLOCK, 1, 1), args)
+
+    def _grid_1d(self, n: int) -> tuple[int, int, int]:
+        return (max(1, min(-(-n // BLOCK), self.max_blocks)), 1, 1)
+
+    # -- forward --------------------------------------------------------------
+    def forward(self, o: Any, W: Any, b: Any, activation: str, out: Any, config: str | None = None) -> Any:
+        """out = f(o W + b): one GEMM with bias and activation in its epilogue."""
+        dtype = self._dtype_of("o", o)
+        batch, n_in = o.shape
+        n_out = W.shape[1] if W.ndim == 2 else -1
+        self._check("o", o, (batch, n_in), dtype)
+        self._check("W", W, (n_in, n_out), dtype)
+        self._check("b", b, (n_out,), dtype)
+        self._check("out", out, (batch, n_out), dtype)
+        elementwise = "identity" if activation == "softmax" else act.check_activation(activation, act.HIDDEN)
+        self._gemm("forward", dtype, batch, n_out, config,
+                   [o, W, b, out, np.int32(act.CODES[elementwise]), np.int64(batch), np.int64(n_out), np.int64(n_in)])
+        if activation == "softmax":  # a row-wise reduction: CuPy's kernels, after the GEMM
+            act.activate(self.xp, self.special, "softmax", out, out)
+        return out
+
+    # -- deltas ---------------------------------------------------------------
+    def output_delta(self, y_hat: Any, y: Any, activation: str, loss: str, out: Any, loss_out: Any) -> Any:
+        dtype = self._dtype_of("y_hat", y_hat)
+        for name, array in (("y", y), ("out", out)):
+            self._check(name, array, y_hat.shape, dtype)
+        self._check("y_hat", y_hat, y_hat.shape, dtype)
+        self._check("loss_out", loss_out, (1,), dtype)
+        if loss not in LOSS_CODES:
+            raise ValueError(f"loss: expected one of {', '.join(LOSS_CODES)}, got {loss!r}")
+        code = 0 if loss == "cross_entropy" else act.CODES[act.check_activation(activation, act.HIDDEN)]
+        n = int(y_hat.size)
+        grid = self._grid_1d(n)
+        partials = self._scratch("partials", (self.max_blocks,), dtype)
+        self._kernel("delta.cu", f"output_delta<{CTYPES[dtype]}>")(
+            grid, (BLOCK, 1, 1),
+            [y_hat, y, out, np.int32(code), np.int32(LOSS_CODES[loss]), np.int64(n), partials, self._ticket,
+             loss_out])
+        return out
+
+    def hidden_delta(self, err: Any, o: Any, activation: str, out: Any) -> Any:
+        dtype = self._dtype_of("err", err)
+        for name, array in (("err", err), ("o", o), ("out", out)):
+            self._check(name, array, err.shape, dtype)
+        n = int(err.size)
+        self._kernel("delta.cu", f"hidden_delta<{CTYPES[dtype]}>")(
+            self._grid_1d(n), (BLOCK, 1, 1),
+            [err, o, out, np.int32(act.CODES[act.check_activation(activation)]), np.int64(n)])
+        return out
+
+    # -- backward GEMMs -------------------------------------------------------
+    def propagate(self, delta: Any, W: Any, o: Any, activation: str, out: Any, config: str | None = None) -> Any:
+        """out = (delta W^T) * f'(o): the derivative in the GEMM epilogue."""
+        dtype = self._dtype_of("delta", delta)
+        batch, n_out = delta.shape
+        n_in = W.shape[0]
+        self._check("delta", delta, (batch, n_out), dtype)
+        self._check("W", W, (n_in, n_out), dtype)
+        self._check("o", o, (batch, n_in), dtype)
+        self._check("out", out, (batch, n_in), dtype)
+        self._gemm("propagate", dtype, batch, n_in, config,
+                   [delta, W, o, out, np.int32(act.CODES[act.check_activation(activation)]),
+                    np.int64(batch), np.int64(n_in), np.int64(n_out)])
+        return out
+
+    def _weight_grad(self, o: Any, g: Any, W: Any, b: Any, mode: int, step: float, momentum: float,
+                     vel_w: Any, vel_b: Any, o_next: Any, activation: str, delta_out: Any,
+                     config: str | None) -> None:
+        dtype = self._dtype_of("o", o)
+        batch, n_in = o.shape
+        n_out = g.shape[1] if g.ndim == 2 else -1
+        self._check("o", o, (batch, n_in), dtype)
+        self._check("delta", g, (batch, n_out), dtype)
+        self._check("W" if mode else "grad_w", W, (n_in, n_out), dtype)
+        self._check("b" if mode else "grad_b", b, (n_out,), dtype)
+        if o_next is not None:
+            if delta_out is None:
+                raise ValueError("delta_out: required when o_next is given (the prologue writes delta)")
+            self._check("o_next", o_next, (batch, n_out), dtype)
+            self._check("delta_out", delta_out, (batch, n_out), dtype)
+        if mode == SGD_MOMENTUM:
+            self._check("vel_w", vel_w, (n_in, n_out), dtype)
+            self._check("vel_b", vel_b, (n_out,), dtype)
+        scalar = dtype.type
+        # Unused pointer arguments get a valid array of the right dtype (never dereferenced).
+        self._gemm("weight_grad", dtype, n_in, n_out, config, [
+            o, g, np.int32(o_next is not None), g if o_next is None else o_next,
+            g if delta_out is None else delta_out, np.int32(act.CODES[act.check_activation(activation)]),
+            W, b, W if vel_w is None else vel_w, b if vel_b is None else vel_b, np.int32(mode),
+            scalar(step), scalar(momentum), np.int64(n_in), np.int64(n_out), np.int64(batch)])
+
+    def weight_grad(self, o: Any, delta: Any, grad_w: Any, grad_b: Any, *, o_next: Any = None,
+                    activation: str = "identity", delta_out: Any = None,
+                    config: str | None = None) -> tuple[Any, Any]:
+        """grad_w = o^T delta, grad_b = column sums of delta, in one launch
+        (with ``o_next``: delta = err * f'(o_next) computed in the prologue)."""
+        self._weight_grad(o, delta, grad_w, grad_b, WRITE_GRADIENT, 0.0, 0.0, None, None,
+                          o_next, activation, delta_out, config)
+        return grad_w, grad_b
+
+    def sgd_update(self, o: Any, delta: Any, W: Any, b: Any, step: float, momentum: float = 0.0,
+                   vel_w: Any = None, vel_b: Any = None, *, o_next: Any = None,
+                   activation: str = "identity", delta_out: Any = None, config: str | None = None) -> None:
+        """The SGD step applied to W and b in the weight-gradient GEMM's epilogue."""
+        mode = SGD_MOMENTUM if momentum else SGD
+        self._weight_grad(o, delta, W, b, mode, step, momentum, vel_w, vel_b, o_next, activation,
+                          delta_out, config)

@@ -1,0 +1,1 @@
+"""CUDA C++ sources of gpu_backprop's RawKernels (shipped in the wheel as package data)."""

@@ -1,0 +1,57 @@
+// Shared by every kernel: activation codes, derivatives from the saved output,
+// and a deterministic block sum. Compiles under NVRTC (no host headers) and,
+// through tests/emulator/cuda_shim.h, under g++ for the CUDA-on-CPU harness.
+#pragma once
+
+typedef long long index_t;  // products of sizes can pass 2^31
+
+// Codes shared with gpu_backprop/ops/activations.py (CODES).
+enum Activation { ACT_IDENTITY = 0, ACT_SIGMOID = 1, ACT_TANH = 2, ACT_RELU = 3 };
+
+// f(z); the sigmoid takes exp of -|z| only, so it never overflows.
+template <typename T>
+__device__ __forceinline__ T activate(int act, T z) {
+    switch (act) {
+        case ACT_SIGMOID: {
+            T e = exp(-fabs(z));
+            return z >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
+        }
+        case ACT_TANH: return tanh(z);
+        case ACT_RELU: return z > T(0) ? z : T(0);
+        default: return z;
+    }
+}
+
+// f'(z) written from o = f(z): sigmoid o(1-o), tanh 1-o^2, ReLU [o>0], identity 1.
+template <typename T>
+__device__ __forceinline__ T derivative(int act, T o) {
+    switch (act) {
+        case ACT_SIGMOID: return o * (T(1) - o);
+        case ACT_TANH: return T(1) - o * o;
+        case ACT_RELU: return o > T(0) ? T(1) : T(0);
+        default: return T(1);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+// Sum over the block in a fixed order (deterministic); the result is valid in
+// thread 0. blockDim.x must be a multiple of 32, at most 1024.
+template <typename T>
+__device__ T block_sum(T v) {
+    __shared__ T warp_sums[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    v = warp_sum(v);
+    if (lane == 0) warp_sums[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < (int)(blockDim.x / 32) ? warp_sums[lane] : T(0);
+        v = warp_sum(v);
+    }
+    __syncthreads();  // warp_sums may be reused by the next call
+    return v;
+}

@@ -1,0 +1,139 @@
+"""Builds kernels/*.cu against cuda_shim.h into shared libraries and calls them
+through ctypes with the call shape of a CuPy RawKernel: ``kernel(grid, block, args)``.
+
+Libraries are cached by a hash of the sources, the shim, the instantiated
+names and the compiler flags, so an unchanged kernel is compiled once.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+KERNELS = ROOT / "kernels"
+SHIM = HERE / "cuda_shim.h"
+CXX = os.environ.get("CXX", "g++")
+FLAGS = ("-std=c++20", "-O1", "-fPIC", "-pthread", "-w")
+CACHE = Path(os.environ.get("GPU_BACKPROP_EMU_CACHE", Path(tempfile.gettempdir()) / "gpu_backprop_emulator"))
+_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"', re.M)
+
+
+def sources_of(path: Path, seen: set | None = None) -> list[Path]:
+    """The file and every quoted #include it pulls in, recursively."""
+    seen = set() if seen is None else seen
+    out = [path]
+    for name in _INCLUDE.findall(path.read_text()):
+        dep = (path.parent / name).resolve()
+        if dep not in seen:
+            seen.add(dep)
+            out += sources_of(dep, seen)
+    return out
+
+
+def wrapper_source(cu_file: Path, names: Sequence[str]) -> str:
+    lines = [f'#include "{SHIM}"', f'#include "{cu_file}"']
+    for i, name in enumerate(names):
+        lines.append(
+            f'extern "C" void emu_launch_{i}(const unsigned* g, const unsigned* b, void** args) '
+            f"{{ emu::launch_packed(&{name}, dim3{{g[0], g[1], g[2]}}, dim3{{b[0], b[1], b[2]}}, args); }}")
+    return "\n".join(lines) + "\n"
+
+
+def build(cu_file: Path, names: Sequence[str], extra_flags: Sequence[str] = (), output: Path | None = None,
+          shared: bool = True) -> Path:
+    """Compile ``cu_file`` with the shim; returns the cached library (or executable)."""
+    cu_file = Path(cu_file).resolve()
+    source = wrapper_source(cu_file, names) if shared else cu_file.read_text()
+    digest = hashlib.sha256()
+    for part in [source, CXX, *FLAGS, *extra_flags, SHIM.read_text()] + [p.read_text() for p in sources_of(cu_file)]:
+        digest.update(part.encode())
+    suffix = ".so" if shared else ".exe"
+    target = output or CACHE / f"{cu_file.stem}-{digest.hexdigest()[:16]}{suffix}"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "wrapper.cpp"
+        src.write_text(source)
+        built = Path(tmp) / f"out{suffix}"
+        cmd = [CXX, *FLAGS, *extra_flags, f"-I{cu_file.parent}", f"-I{KERNELS}", f"-I{HERE}",
+               "-x", "c++", str(src), "-o", str(built)]
+        if shared:
+            cmd.insert(1, "-shared")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"g++ failed on {cu_file.name}:\n{proc.stderr[-4000:]}")
+        os.replace(built, target)  # atomic: a half-written library is never cached
+    return target
+
+
+class EmuKernel:
+    """One instantiated kernel, called like cupy.RawKernel: ``k(grid, block, args)``."""
+
+    def __init__(self, fn: Any, name: str):
+        self._fn, self.name = fn, name
+        self.launches = 0
+
+    def __call__(self, grid: Sequence[int], block: Sequence[int], args: Sequence[Any], shared_mem: int = 0) -> None:
+        keep, pointers = [], (ctypes.c_void_p * len(args))()
+        for i, arg in enumerate(args):
+            if isinstance(arg, np.ndarray):
+                if not arg.flags.c_contiguous:
+                    raise ValueError(f"{self.name}: argument {i} is not C-contiguous")
+                holder = ctypes.c_void_p(arg.ctypes.data)
+                keep.append(holder)
+                pointers[i] = ctypes.addressof(holder)
+            elif isinstance(arg, np.generic):
+                holder = np.array(arg)
+                keep.append(holder)
+                pointers[i] = holder.ctypes.data
+            else:
+                raise TypeError(f"{self.name}: argument {i} must be an ndarray or a NumPy scalar "
+                                f"(as CuPy requires), got {type(arg).__name__}")
+        g = (ctypes.c_uint * 3)(*(tuple(grid) + (1, 1))[:3])
+        b = (ctypes.c_uint * 3)(*(tuple(block) + (1, 1))[:3])
+        self.launches += 1
+        self._fn(g, b, pointers)
+
+
+class EmuLoader:
+    """Stands in for the CuPy loader of gpu_backprop.ops.cuda: NumPy arrays, kernels on threads."""
+
+    xp = np
+    sm_count = 4  # small, so the launchers' grid caps are exercised
+
+    def __init__(self, kernels_dir: Path = KERNELS, extra_flags: Sequence[str] = ()):
+        self.kernels_dir = Path(kernels_dir)
+        self.extra_flags = tuple(extra_flags)
+        self._libs: dict = {}
+        self.kernels: dict[str, EmuKernel] = {}
+
+    def function(self, file: str, name: str, all_names: Sequence[str]) -> EmuKernel:
+        key = (file, name)
+        if key not in self.kernels:
+            names = list(all_names)
+            lib_key = (file, tuple(names))
+            if lib_key not in self._libs:
+                path = build(self.kernels_dir / file, names, self.extra_flags)
+                self._libs[lib_key] = ctypes.CDLL(str(path))
+            fn = getattr(self._libs[lib_key], f"emu_launch_{names.index(name)}")
+            fn.restype = None
+            self.kernels[key] = EmuKernel(fn, name)
+        return self.kernels[key]
+
+    def check_device(self, name: str, array: Any) -> None:
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"{name}: expected a NumPy array in the emulator, got {type(array).__name__}")
+
+    @property
+    def launches(self) -> int:
+        return sum(k.launches for k in self.kernels.values())

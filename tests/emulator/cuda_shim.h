@@ -1,0 +1,118 @@
+// CUDA-on-CPU shim: compile kernels/*.cu with g++ (C++20) and run them on threads.
+//
+// Every CUDA thread of a block is a std::thread; __syncthreads() is a
+// std::barrier over the block; warp shuffles go through a per-warp exchange
+// buffer between two arrivals at a per-warp barrier (so all 32 lanes must take
+// part, as on the GPU). Blocks run one after another on the same threads, so
+// __shared__ storage (a function-local static here) is per block, as in CUDA.
+// threadIdx/blockIdx/blockDim/gridDim are thread_local.
+#pragma once
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstddef>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __shared__ static
+// Dynamic shared memory cannot be "extern static": kernels that need it use this macro.
+#define DYNAMIC_SHARED(T, name) static T name[emu_dynamic_shared_max / sizeof(T)]
+
+using std::exp;
+using std::fabs;
+using std::log;
+using std::tanh;
+
+struct dim3 {
+    unsigned int x = 1, y = 1, z = 1;
+};
+
+namespace emu {
+inline constexpr std::size_t dynamic_shared_max = 48 * 1024;
+
+struct Warp {
+    std::barrier<> barrier;
+    alignas(8) unsigned char slot[32][8];
+    explicit Warp(std::ptrdiff_t lanes) : barrier(lanes) {}
+};
+
+inline thread_local std::barrier<>* block_barrier = nullptr;
+inline thread_local Warp* warp = nullptr;
+inline thread_local int lane = 0;
+}  // namespace emu
+
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+inline constexpr std::size_t emu_dynamic_shared_max = emu::dynamic_shared_max;
+
+inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
+template <typename T>
+inline T __shfl_down_sync(unsigned int /*mask*/, T value, int delta) {
+    static_assert(sizeof(T) <= 8, "shuffle of more than 8 bytes");
+    emu::Warp& w = *emu::warp;
+    std::memcpy(w.slot[emu::lane], &value, sizeof(T));
+    w.barrier.arrive_and_wait();
+    T result = value;
+    if (emu::lane + delta < 32) std::memcpy(&result, w.slot[emu::lane + delta], sizeof(T));
+    w.barrier.arrive_and_wait();
+    return result;
+}
+
+inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
+    return std::atomic_ref<unsigned int>(*address).fetch_add(value);
+}
+
+namespace emu {
+// Run kernel<<<grid, block>>>(args...): block.x*block.y*block.z threads, blocks in order.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
+    const unsigned int threads = block.x * block.y * block.z;
+    const unsigned int n_warps = (threads + 31) / 32;
+    std::barrier<> barrier(threads);
+    std::vector<std::unique_ptr<Warp>> warps;
+    for (unsigned int w = 0; w < n_warps; ++w)
+        warps.emplace_back(new Warp(w + 1 < n_warps ? 32 : threads - 32 * w));
+    std::vector<std::thread> pool;
+    pool.reserve(threads);
+    for (unsigned int t = 0; t < threads; ++t) {
+        pool.emplace_back([&, t] {
+            threadIdx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+            blockDim = block;
+            gridDim = grid;
+            block_barrier = &barrier;
+            warp = warps[t / 32].get();
+            lane = t % 32;
+            for (unsigned int z = 0; z < grid.z; ++z)
+                for (unsigned int y = 0; y < grid.y; ++y)
+                    for (unsigned int x = 0; x < grid.x; ++x) {
+                        blockIdx = {x, y, z};
+                        kernel(args...);
+                        barrier.arrive_and_wait();  // the whole block is done before the next starts
+                    }
+        });
+    }
+    for (auto& th : pool) th.join();
+}
+
+// cudaLaunchKernel's calling convention: args[i] points at the i-th argument.
+template <typename... Params, std::size_t... I>
+void launch_packed(void (*kernel)(Params...), dim3 grid, dim3 block, void** args, std::index_sequence<I...>) {
+    launch(kernel, grid, block, *static_cast<std::remove_cv_t<std::remove_reference_t<Params>>*>(args[I])...);
+}
+
+template <typename... Params>
+void launch_packed(void (*kernel)(Params...), dim3 grid, dim3 block, void** args) {
+    launch_packed(kernel, grid, block, args, std::index_sequence_for<Params...>{});
+}
+}  // namespace emu
