@@ -259,7 +259,7 @@ def _check_sizes(sizes: Sequence[int]) -> list[int]:
         out = [int(s) for s in sizes]
     except (TypeError, ValueError):
         raise ValueError(f"sizes: expected a list of layer widths like [64, 32, 10], got {sizes!r}") from None
-    if len(out) < 2 or any(s < 1 for s in out) or any(float(s) != s for s in sizes):
+    if len(out) < 2 or any(s < 1 for s in out) or any(i != s for i, s in zip(out, sizes)):
         raise ValueError(f"sizes: expected at least two positive integer widths, got {list(sizes)!r}")
     return out
 

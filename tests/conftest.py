@@ -1,0 +1,43 @@
+import os
+
+import numpy as np
+import pytest
+
+from gpu_backprop.device import probe_cuda
+
+
+def _gpu_reason() -> str:
+    cupy, why_not = probe_cuda(0)
+    return "" if cupy is not None else why_not
+
+
+def pytest_collection_modifyitems(config, items):
+    # CuPy's own `gpu` mark does not skip by itself; ours does, with the reason.
+    reason = None
+    for item in items:
+        if "gpu" in item.keywords:
+            if reason is None:
+                reason = _gpu_reason()
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=f"needs a CUDA GPU: {reason}"))
+
+
+@pytest.fixture
+def rng():
+    """Fresh random inputs every run (the seed is printed on failure)."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"rng seed {seed}")
+    return np.random.default_rng(seed)
+
+
+def rel_error(actual, expected) -> float:
+    """||actual - expected|| / ||expected|| in float64; NaN never passes."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if not np.all(np.isfinite(actual)):
+        return float("inf")
+    denom = max(np.linalg.norm(expected), np.finfo(np.float64).tiny)
+    return float(np.linalg.norm(actual - expected) / denom)
+
+
+TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}

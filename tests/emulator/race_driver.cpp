@@ -1,0 +1,43 @@
+// ThreadSanitizer driver: runs every shared-memory kernel once on odd shapes
+// under the CUDA-on-CPU shim. Built with -fsanitize=thread by tests/test_races.py;
+// a missing __syncthreads() shows up as a data race on the __shared__ tiles.
+#include <cstdio>
+#include <vector>
+
+#include "cuda_shim.h"
+#include "delta.cu"
+#include "forward.cu"
+#include "propagate.cu"
+#include "weight_grad.cu"
+
+static std::vector<float> filled(std::size_t n, float scale) {
+    std::vector<float> v(n);
+    for (std::size_t i = 0; i < n; ++i) v[i] = scale * float((i * 2654435761u) % 1000) / 1000.0f;
+    return v;
+}
+
+static unsigned int tiles(index_t n, int t) { return (unsigned int)((n + t - 1) / t); }
+
+int main() {
+    const index_t B = 37, M = 70, N = 19;  // batch, width below, width above: none a tile multiple
+    auto o = filled(B * M, 1.0f), err = filled(B * N, 0.5f), o_next = filled(B * N, 1.0f);
+    auto W = filled(M * N, 0.1f), b = filled(N, 0.1f), vel_w = filled(M * N, 0.0f), vel_b = filled(N, 0.0f);
+    std::vector<float> delta(B * N), below(B * M), out(B * N), partials(8), loss(1);
+    std::vector<unsigned int> ticket(1, 0);
+    const dim3 block{256, 1, 1};
+
+    emu::launch(&forward<float, 64, 64, 16, 4, 4>, dim3{tiles(N, 64), tiles(B, 64), 1}, block, o.data(), W.data(),
+                b.data(), out.data(), (int)ACT_SIGMOID, B, N, M);
+    emu::launch(&output_delta<float>, dim3{3, 1, 1}, block, out.data(), o_next.data(), delta.data(), (int)ACT_SIGMOID,
+                (int)LOSS_MSE, B * N, partials.data(), ticket.data(), loss.data());
+    emu::launch(&propagate<float, 64, 64, 16, 4, 4>, dim3{tiles(M, 64), tiles(B, 64), 1}, block, delta.data(),
+                W.data(), o.data(), below.data(), (int)ACT_TANH, B, M, N);
+    emu::launch(&weight_grad<float, 64, 64, 16, 4, 4>, dim3{tiles(N, 64), tiles(M, 64), 1}, block, o.data(),
+                err.data(), 1, o_next.data(), delta.data(), (int)ACT_SIGMOID, W.data(), b.data(), vel_w.data(),
+                vel_b.data(), (int)SGD_MOMENTUM, 0.01f, 0.9f, M, N, B);
+    double checksum = loss[0];
+    for (float x : W) checksum += x;
+    for (float x : below) checksum += x;
+    std::printf("checksum %.6f\n", checksum);
+    return 0;
+}
