@@ -41,3 +41,18 @@ def rel_error(actual, expected) -> float:
 
 
 TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The ptxas resource report of the compile checks, one line per kernel."""
+    import importlib
+
+    try:
+        report = importlib.import_module("tests.test_compile").REPORT
+    except ImportError:
+        return
+    if report:
+        write = terminalreporter.write_line
+        write("ptxas report (compiler arch kernel: registers, shared memory, spill/stack bytes)")
+        for compiler, arch, kernel, registers, smem, spill in report:
+            write(f"  {compiler:5} {arch} {kernel:40} {registers:4} regs {smem:6} B smem {spill} B spill")

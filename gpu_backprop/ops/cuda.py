@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from importlib import resources
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -45,11 +46,19 @@ KERNEL_FILES = ("delta.cu", *GEMM_FILES.values())
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.M)
 
 
+def kernels_dir() -> Any:
+    """The CUDA sources: package data of an install, or kernels/ of a source checkout."""
+    try:
+        return resources.files("gpu_backprop.kernels")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "kernels"
+
+
 def kernel_source(file: str, _seen: set | None = None) -> str:
     """A kernel file with its quoted #includes inlined (read from the installed
     package), so NVRTC needs no include path and CuPy's cache key sees headers."""
     seen = set() if _seen is None else _seen
-    text = resources.files("gpu_backprop.kernels").joinpath(file).read_text()
+    text = kernels_dir().joinpath(file).read_text()
 
     def inline(match: re.Match) -> str:
         name = match.group(1)
@@ -115,8 +124,8 @@ class CudaOps(ArrayOps):
         if not array.flags.c_contiguous:
             raise ValueError(f"{name}: expected a C-contiguous array (use xp.ascontiguousarray)")
 
-    @staticmethod
-    def _dtype_of(name: str, array: Any) -> np.dtype:
+    def _dtype_of(self, name: str, array: Any) -> np.dtype:
+        self.loader.check_device(name, array)
         dtype = np.dtype(array.dtype)
         if dtype not in CTYPES:
             raise TypeError(f"{name}: expected float32 or float64, got {dtype}")

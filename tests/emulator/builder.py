@@ -27,15 +27,18 @@ CACHE = Path(os.environ.get("GPU_BACKPROP_EMU_CACHE", Path(tempfile.gettempdir()
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"', re.M)
 
 
-def sources_of(path: Path, seen: set | None = None) -> list[Path]:
-    """The file and every quoted #include it pulls in, recursively."""
+def sources_of(path: Path, include_dirs: Sequence[Path], seen: set | None = None) -> list[Path]:
+    """The file and every quoted #include it pulls in, recursively (as the compiler finds them)."""
     seen = set() if seen is None else seen
     out = [path]
     for name in _INCLUDE.findall(path.read_text()):
-        dep = (path.parent / name).resolve()
+        candidates = [Path(d) / name for d in (path.parent, *include_dirs)]
+        dep = next((c.resolve() for c in candidates if c.exists()), None)
+        if dep is None:
+            raise FileNotFoundError(f"{path.name}: #include \"{name}\" not found in {[str(d) for d in include_dirs]}")
         if dep not in seen:
             seen.add(dep)
-            out += sources_of(dep, seen)
+            out += sources_of(dep, include_dirs, seen)
     return out
 
 
@@ -49,12 +52,14 @@ def wrapper_source(cu_file: Path, names: Sequence[str]) -> str:
 
 
 def build(cu_file: Path, names: Sequence[str], extra_flags: Sequence[str] = (), output: Path | None = None,
-          shared: bool = True) -> Path:
-    """Compile ``cu_file`` with the shim; returns the cached library (or executable)."""
+          shared: bool = True, include_dirs: Sequence[Path] = (KERNELS,)) -> Path:
+    """Compile ``cu_file`` with the shim (a library exporting emu_launch_i for each
+    name, or with ``shared=False`` an executable of a file with its own main)."""
     cu_file = Path(cu_file).resolve()
+    include_dirs = [Path(d).resolve() for d in (*include_dirs, HERE)]
     source = wrapper_source(cu_file, names) if shared else cu_file.read_text()
     digest = hashlib.sha256()
-    for part in [source, CXX, *FLAGS, *extra_flags, SHIM.read_text()] + [p.read_text() for p in sources_of(cu_file)]:
+    for part in [source, CXX, *FLAGS, *extra_flags, SHIM.read_text()] + [p.read_text() for p in sources_of(cu_file, include_dirs)]:
         digest.update(part.encode())
     suffix = ".so" if shared else ".exe"
     target = output or CACHE / f"{cu_file.stem}-{digest.hexdigest()[:16]}{suffix}"
@@ -65,7 +70,7 @@ def build(cu_file: Path, names: Sequence[str], extra_flags: Sequence[str] = (), 
         src = Path(tmp) / "wrapper.cpp"
         src.write_text(source)
         built = Path(tmp) / f"out{suffix}"
-        cmd = [CXX, *FLAGS, *extra_flags, f"-I{cu_file.parent}", f"-I{KERNELS}", f"-I{HERE}",
+        cmd = [CXX, *FLAGS, *extra_flags, f"-I{cu_file.parent}", *(f"-I{d}" for d in include_dirs),
                "-x", "c++", str(src), "-o", str(built)]
         if shared:
             cmd.insert(1, "-shared")
@@ -123,7 +128,7 @@ class EmuLoader:
             names = list(all_names)
             lib_key = (file, tuple(names))
             if lib_key not in self._libs:
-                path = build(self.kernels_dir / file, names, self.extra_flags)
+                path = build(self.kernels_dir / file, names, self.extra_flags, include_dirs=[self.kernels_dir])
                 self._libs[lib_key] = ctypes.CDLL(str(path))
             fn = getattr(self._libs[lib_key], f"emu_launch_{names.index(name)}")
             fn.restype = None

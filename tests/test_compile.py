@@ -1,0 +1,84 @@
+"""Every kernel source compiles for sm_80 and sm_90, with nvcc and with NVRTC (what
+cupy.RawModule uses), with no register spills. The ptxas report is printed (-s)."""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from gpu_backprop.ops.cuda import KERNEL_FILES, kernel_source, names_in
+
+from . import nvrtc
+
+ARCHS = ["sm_80", "sm_90"]
+REPORT: list = []  # (compiler, arch, kernel, registers, smem, spill bytes) printed at the end of the run
+
+
+def _require(found: bool, what: str) -> None:
+    if not found:
+        if os.environ.get("CI"):
+            pytest.fail(f"{what} is required in CI")
+        pytest.skip(f"{what} not found")
+
+
+def check_report(report: str, names, compiler: str, arch: str) -> None:
+    entries = re.findall(r"Compiling entry function '(\w+)'", report)
+    assert len(entries) == len(names), report
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    usage = re.findall(r"Used (\d+) registers([^\n]*)", report)
+    for entry, frame, (registers, rest) in zip(entries, frames, usage):
+        smem = re.search(r"(\d+) bytes smem", rest)
+        REPORT.append((compiler, arch, demangle(entry), int(registers), int(smem.group(1)) if smem else 0,
+                       sum(map(int, frame))))
+    assert frames and all(f == ("0", "0", "0") for f in frames), f"local memory or spills:\n{report}"
+
+
+def demangle(symbol: str) -> str:
+    """_Z7forwardIfLi128ELi128ELi8ELi8ELi8EE... -> forward<float,128,128,8,8,8>"""
+    match = re.match(r"_Z\d+(\w+?)I([fd])((?:Li\d+E)*)E", symbol)
+    if not match:
+        return symbol
+    dims = re.findall(r"Li(\d+)E", match.group(3))
+    return f"{match.group(1)}<{ {'f': 'float', 'd': 'double'}[match.group(2)]}{''.join(',' + d for d in dims)}>"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("file", KERNEL_FILES)
+def test_nvcc_compiles(tmp_path, file, arch):
+    nvcc = shutil.which("nvcc")
+    _require(nvcc is not None, "nvcc")
+    names = names_in(file)
+    # The exact text NVRTC gets, plus references that instantiate every name expression.
+    source = kernel_source(file) + "\nstatic void* const instances[] = {\n" + \
+        ",\n".join(f"    (void*)&{name}" for name in names) + "\n};\n"
+    (tmp_path / file).write_text(source)
+    proc = subprocess.run([nvcc, "-std=c++17", "-cubin", f"-arch={arch}", "-Xptxas", "-v",
+                           "-o", str(tmp_path / "out.cubin"), str(tmp_path / file)], capture_output=True, text=True)
+    print(proc.stderr)
+    assert proc.returncode == 0, proc.stderr
+    check_report(proc.stderr, names, "nvcc", arch)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("file", KERNEL_FILES)
+def test_nvrtc_compiles_name_expressions(file, arch):
+    _require(nvrtc.find_library() is not None, "libnvrtc (pip install nvidia-cuda-nvrtc)")
+    names = names_in(file)
+    lowered, log = nvrtc.compile_cubin(kernel_source(file), names, arch)
+    print(log)
+    assert set(lowered) == set(names) and all(v.startswith("_Z") for v in lowered.values())
+    check_report(log, names, "nvrtc", arch)
+
+
+def test_nvrtc_reports_errors():
+    _require(nvrtc.find_library() is not None, "libnvrtc")
+    with pytest.raises(RuntimeError, match="NVRTC failed"):
+        nvrtc.compile_cubin("__global__ void k() { undeclared(); }", [], "sm_90")
+
+
+def test_sources_inline_their_headers():
+    for file in KERNEL_FILES:
+        text = kernel_source(file)
+        assert '#include "' not in text and "enum Activation" in text
+        assert text.count("enum Activation") == 1  # each header once

@@ -1,0 +1,219 @@
+"""The CUDA kernels of kernels/*.cu, run on the CPU through the CUDA-on-CPU shim
+(tests/emulator), against the NumPy twins, on odd shapes, float32 and float64.
+
+Outputs are poisoned with NaN before each launch, so an element a kernel
+fails to write fails the comparison. The launchers under test are the ones
+the GPU uses (gpu_backprop.ops.cuda.CudaOps); only the loader differs.
+"""
+import numpy as np
+import pytest
+import scipy.special
+
+from gpu_backprop import MLP
+from gpu_backprop.ops import NumpyOps
+from gpu_backprop.ops.cuda import CONFIGS, CudaOps
+
+from .conftest import rel_error
+from .emulator.builder import EmuLoader
+
+DTYPES = [np.float32, np.float64]
+TOL = {np.dtype(np.float32): 2e-6, np.dtype(np.float64): 1e-14}
+ACTS = ["sigmoid", "tanh", "relu", "identity"]
+# (batch, n_in, n_out): 1, 7, 33, 129 and one under/over the tile edges 64 and 128 (and BK 8/16)
+SHAPES = [(1, 1, 1), (7, 33, 1), (1, 129, 7), (33, 63, 65), (129, 65, 127), (17, 127, 63), (15, 9, 129)]
+twin = NumpyOps()
+
+
+@pytest.fixture(scope="module")
+def loader():
+    return EmuLoader()
+
+
+@pytest.fixture(scope="module")
+def emu(loader):
+    return CudaOps(np, scipy.special, loader)
+
+
+def nan(shape, dtype):
+    return np.full(shape, np.nan, dtype=dtype)
+
+
+def inputs(rng, dtype, batch, n_in, n_out, act):
+    o = rng.standard_normal((batch, n_in)).astype(dtype)
+    if act != "identity":
+        o = twin.forward(o, np.eye(n_in, dtype=dtype), np.zeros(n_in, dtype), act, np.empty_like(o))
+    W = (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(dtype)
+    return o, W
+
+
+def close(actual, expected, dtype, factor=1.0):
+    err = rel_error(actual, expected)
+    assert err < factor * TOL[np.dtype(dtype)] * max(1, np.sqrt(expected.size)), err
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index,shape", list(enumerate(SHAPES)))
+def test_forward(emu, rng, config, dtype, index, shape):
+    batch, n_in, n_out = shape
+    act = ACTS[index % 4]
+    o, W = inputs(rng, dtype, batch, n_in, n_out, "identity")
+    b = rng.standard_normal(n_out).astype(dtype)
+    out = nan((batch, n_out), dtype)
+    emu.forward(o, W, b, act, out, config=config)
+    close(out, twin.forward(o.astype(np.float64), W.astype(np.float64), b.astype(np.float64), act,
+                            np.empty(out.shape)), dtype)
+
+
+def test_forward_softmax(emu, rng):
+    o, W = inputs(rng, np.float64, 9, 5, 4, "identity")
+    b, out = rng.standard_normal(4), nan((9, 4), np.float64)
+    emu.forward(o, W, b, "softmax", out)
+    close(out, twin.forward(o, W, b, "softmax", np.empty((9, 4))), np.float64)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index,shape", list(enumerate(SHAPES)))
+def test_propagate(emu, rng, config, dtype, index, shape):
+    batch, n_in, n_out = shape
+    act = ACTS[(index + 1) % 4]
+    o, W = inputs(rng, dtype, batch, n_in, n_out, act)
+    delta = rng.standard_normal((batch, n_out)).astype(dtype)
+    out = nan((batch, n_in), dtype)
+    emu.propagate(delta, W, o, act, out, config=config)
+    f64 = [a.astype(np.float64) for a in (delta, W, o)]
+    close(out, twin.propagate(*f64[:2], f64[2], act, np.empty(out.shape)), dtype)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index,shape", list(enumerate(SHAPES)))
+@pytest.mark.parametrize("prologue", [False, True])
+def test_weight_grad(emu, rng, config, dtype, index, shape, prologue):
+    batch, n_in, n_out = shape
+    act = ACTS[index % 4]
+    o, _ = inputs(rng, dtype, batch, n_in, n_out, "sigmoid")
+    g = rng.standard_normal((batch, n_out)).astype(dtype)
+    o_next, _ = inputs(rng, dtype, batch, n_out, 1, act)
+    grad_w, grad_b = nan((n_in, n_out), dtype), nan(n_out, dtype)
+    kwargs = dict(o_next=o_next, activation=act, delta_out=nan(g.shape, dtype)) if prologue else {}
+    emu.weight_grad(o, g, grad_w, grad_b, config=config, **kwargs)
+    f64 = dict(o_next=o_next.astype(np.float64), activation=act, delta_out=np.empty(g.shape)) if prologue else {}
+    exp_w, exp_b = twin.weight_grad(o.astype(np.float64), g.astype(np.float64), np.empty(grad_w.shape),
+                                    np.empty(n_out), **f64)
+    close(grad_w, exp_w, dtype)
+    close(grad_b, exp_b, dtype)
+    if prologue:
+        close(kwargs["delta_out"], f64["delta_out"], dtype)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (33, 65, 63), (129, 7, 129)])
+def test_sgd_epilogue(emu, rng, config, dtype, momentum, shape):
+    batch, n_in, n_out = shape
+    o, W = inputs(rng, dtype, batch, n_in, n_out, "relu")
+    b = rng.standard_normal(n_out).astype(dtype)
+    err = rng.standard_normal((batch, n_out)).astype(dtype)
+    o_next, _ = inputs(rng, dtype, batch, n_out, 1, "sigmoid")
+    vel_w, vel_b = (rng.standard_normal(W.shape).astype(dtype), rng.standard_normal(n_out).astype(dtype))
+    step = 0.3 / batch
+    expected = [a.astype(np.float64) for a in (W, b, vel_w, vel_b)]
+    twin.sgd_update(o.astype(np.float64), err.astype(np.float64), *expected[:2], step, momentum, *expected[2:],
+                    o_next=o_next.astype(np.float64), activation="sigmoid", delta_out=np.empty(err.shape))
+    delta_out = nan(err.shape, dtype)
+    emu.sgd_update(o, err, W, b, step, momentum, vel_w if momentum else None, vel_b if momentum else None,
+                   o_next=o_next, activation="sigmoid", delta_out=delta_out, config=config)
+    close(W, expected[0], dtype)
+    close(b, expected[1], dtype)
+    if momentum:
+        close(vel_w, expected[2], dtype)
+        close(vel_b, expected[3], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 7, 33, 255, 257, 9001])  # 9001 > 32 blocks x 256: grid-stride + many partials
+@pytest.mark.parametrize("loss,act", [("mse", "sigmoid"), ("mse", "tanh"), ("mse", "identity"),
+                                      ("cross_entropy", "softmax")])
+def test_output_delta_and_loss(emu, rng, dtype, n, loss, act):
+    cols = 1 if n < 33 else 33 if n % 33 == 0 else n
+    shape = (n // cols, cols)
+    y_hat = rng.random(shape).astype(dtype)
+    y = rng.random(shape).astype(dtype) if loss == "mse" else (rng.random(shape) < 0.3).astype(dtype)
+    out, loss_out = nan(shape, dtype), nan(1, dtype)
+    emu.output_delta(y_hat, y, act, loss, out, loss_out)
+    exp_out, exp_loss = np.empty(shape), np.empty(1)
+    twin.output_delta(y_hat.astype(np.float64), y.astype(np.float64), act, loss, exp_out, exp_loss)
+    close(out, exp_out, dtype)
+    close(loss_out, exp_loss, dtype, factor=4)
+    assert emu._ticket[0] == 0  # the last block resets the ticket for the next launch
+    again = nan(1, dtype)
+    emu.output_delta(y_hat, y, act, loss, out, again)
+    assert again[0] == loss_out[0]  # fixed-order reduction: bit-identical
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (129, 65)])
+def test_hidden_delta(emu, rng, dtype, act, shape):
+    err = rng.standard_normal(shape).astype(dtype)
+    o, _ = inputs(rng, dtype, shape[0], shape[1], 1, act)
+    out = nan(shape, dtype)
+    emu.hidden_delta(err, o, act, out)
+    close(out, twin.hidden_delta(err.astype(np.float64), o.astype(np.float64), act, np.empty(shape)), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_training_steps_match_the_numpy_twin(loader, dtype, momentum):
+    """Whole steps through the fused launchers == the CPU path (weights after 3 steps)."""
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((20, 13))
+    y = rng.integers(0, 5, 20)
+    models = []
+    for fused in (False, True):
+        model = MLP([13, 9, 7, 5], activation="tanh", device="cpu", dtype=dtype, seed=3)
+        if fused:
+            model.ops = CudaOps(np, scipy.special, loader)
+        model.fit(X, y, epochs=3, batch_size=7, lr=0.5, momentum=momentum)
+        models.append(model.get_params())
+    for key in models[0]:
+        close(models[1][key], models[0][key].astype(np.float64), dtype, factor=10)
+
+
+def test_launches_per_step(loader):
+    """Fused: per layer 1 forward GEMM + 1 propagate + 1 weight-grad/update; plus the output delta."""
+    model = MLP([13, 9, 7, 5], device="cpu", seed=0)
+    model.ops = CudaOps(np, scipy.special, loader)
+    X = np.zeros((4, 13), np.float32)
+    Y = np.zeros((4, 5), np.float32)
+    model.train_step(X, Y, 0.1)  # compile and warm
+    before = loader.launches
+    model.train_step(X, Y, 0.1)
+    layers = len(model.weights)
+    launches = loader.launches - before
+    print(f"fused kernels: {launches} launches per step for {layers} layers")
+    assert launches == 3 * layers  # L forward + 1 output delta + (L-1) propagate + L weight-grad
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda ops, a: ops.forward(a["o"].astype(np.float64), a["W"], a["b"], "sigmoid", a["out"]),
+     "W: expected dtype float64, got float32"),
+    (lambda ops, a: ops.forward(a["o"], a["W"][:3], a["b"], "sigmoid", a["out"]), r"W: expected shape \(4, 3\)"),
+    (lambda ops, a: ops.forward(a["o"], a["W"], a["b"], "sigmoid", a["out"][:, :2]), r"out: expected shape"),
+    (lambda ops, a: ops.forward(np.asfortranarray(a["o"]), a["W"], a["b"], "sigmoid", a["out"]),
+     "o: expected a C-contiguous array"),
+    (lambda ops, a: ops.forward(a["o"], a["W"], a["b"], "swish", a["out"]), "activation: expected one of"),
+    (lambda ops, a: ops.forward(a["o"].astype(np.int32), a["W"], a["b"], "sigmoid", a["out"]),
+     "o: expected float32 or float64"),
+    (lambda ops, a: ops.forward(a["o"].tolist(), a["W"], a["b"], "sigmoid", a["out"]),
+     "o: expected a NumPy array in the emulator, got list"),
+    (lambda ops, a: ops.weight_grad(a["o"], a["out"], a["W"], a["b"], o_next=a["out"]), "delta_out: required"),
+])
+def test_launch_arguments_are_checked(emu, call, match):
+    a = dict(o=np.ones((5, 4), np.float32), W=np.ones((4, 3), np.float32), b=np.ones(3, np.float32),
+             out=np.ones((5, 3), np.float32))
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(emu, a)

@@ -1,0 +1,110 @@
+"""The fused kernels on a real GPU through CuPy, against the NumPy twins.
+Skipped (with the reason) where no CUDA device is usable."""
+import numpy as np
+import pytest
+
+from gpu_backprop import MLP, data, get_device
+from gpu_backprop.ops import NumpyOps
+from gpu_backprop.ops.cuda import CONFIGS
+
+from .conftest import rel_error
+
+pytestmark = pytest.mark.gpu
+TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+SHAPES = [(1, 1, 1), (7, 33, 1), (33, 63, 65), (129, 65, 127), (257, 1025, 129), (4096, 784, 1024)]
+twin = NumpyOps()
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    device = get_device("cuda")
+    return device, device.ops(fused=True)
+
+
+def on(gpu, array):
+    return gpu[0].xp.asarray(array)
+
+
+def nan(gpu, shape, dtype):
+    return gpu[0].xp.full(shape, np.nan, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gemm_kernels(gpu, rng, dtype, config, shape):
+    ops = gpu[1]
+    batch, n_in, n_out = shape
+    o = rng.random((batch, n_in)).astype(dtype)
+    W = (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(dtype)
+    b = rng.standard_normal(n_out).astype(dtype)
+    g = rng.standard_normal((batch, n_out)).astype(dtype)
+    o_next = rng.random((batch, n_out)).astype(dtype)
+    f64 = lambda a: a.astype(np.float64)  # noqa: E731
+
+    out = nan(gpu, (batch, n_out), dtype)
+    ops.forward(on(gpu, o), on(gpu, W), on(gpu, b), "sigmoid", out, config=config)
+    assert rel_error(out.get(), twin.forward(f64(o), f64(W), f64(b), "sigmoid", np.empty((batch, n_out)))) < TOL[np.dtype(dtype)]
+
+    below = nan(gpu, (batch, n_in), dtype)
+    ops.propagate(on(gpu, g), on(gpu, W), on(gpu, o), "sigmoid", below, config=config)
+    assert rel_error(below.get(), twin.propagate(f64(g), f64(W), f64(o), "sigmoid", np.empty((batch, n_in)))) < TOL[np.dtype(dtype)]
+
+    grad_w, grad_b, delta = nan(gpu, W.shape, dtype), nan(gpu, b.shape, dtype), nan(gpu, g.shape, dtype)
+    ops.weight_grad(on(gpu, o), on(gpu, g), grad_w, grad_b, o_next=on(gpu, o_next), activation="sigmoid",
+                    delta_out=delta, config=config)
+    exp_delta = np.empty(g.shape)
+    exp_w, exp_b = twin.weight_grad(f64(o), f64(g), np.empty(W.shape), np.empty(b.shape), o_next=f64(o_next),
+                                    activation="sigmoid", delta_out=exp_delta)
+    for actual, expected in ((grad_w, exp_w), (grad_b, exp_b), (delta, exp_delta)):
+        assert rel_error(actual.get(), expected) < TOL[np.dtype(dtype)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 1000, 1 << 20])
+def test_output_delta(gpu, rng, dtype, n):
+    ops = gpu[1]
+    y_hat, y = rng.random((n, 1)).astype(dtype), rng.random((n, 1)).astype(dtype)
+    out, loss = nan(gpu, (n, 1), dtype), nan(gpu, 1, dtype)
+    ops.output_delta(on(gpu, y_hat), on(gpu, y), "sigmoid", "mse", out, loss)
+    exp_out, exp_loss = np.empty((n, 1)), np.empty(1)
+    twin.output_delta(y_hat.astype(np.float64), y.astype(np.float64), "sigmoid", "mse", exp_out, exp_loss)
+    assert rel_error(out.get(), exp_out) < TOL[np.dtype(dtype)]
+    assert rel_error(loss.get(), exp_loss) < 10 * TOL[np.dtype(dtype)]
+    again = nan(gpu, 1, dtype)
+    ops.output_delta(on(gpu, y_hat), on(gpu, y), "sigmoid", "mse", out, again)
+    assert again.get()[0] == loss.get()[0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_fused_unfused_and_cpu_training_agree(dtype, momentum):
+    ds = data.digits(seed=0)
+    params = {}
+    for name, device, fused in (("cpu", "cpu", True), ("fused", "cuda", True), ("unfused", "cuda", False)):
+        model = MLP([64, 32, 16, 10], activation="tanh", device=device, dtype=dtype, seed=1, fused=fused)
+        model.fit(ds.X_train[:500], ds.y_train[:500], epochs=2, batch_size=33, lr=0.5, momentum=momentum)
+        params[name] = model.get_params()
+    tol = 1e-4 if dtype == "float32" else 1e-10
+    for key in params["cpu"]:
+        assert rel_error(params["fused"][key], params["cpu"][key]) < tol
+        assert rel_error(params["unfused"][key], params["cpu"][key]) < tol
+
+
+def test_digits_on_gpu_matches_cpu_accuracy():
+    ds = data.digits(seed=0)
+    accuracy = {}
+    for device in ("cpu", "cuda"):
+        model = MLP([64, 64, 10], device=device, seed=0)
+        model.fit(ds.X_train, ds.y_train, epochs=30, batch_size=32, lr=2.0)
+        accuracy[device] = model.evaluate(ds.X_test, ds.y_test)["accuracy"]
+    assert accuracy["cuda"] >= 0.95
+    assert abs(accuracy["cuda"] - accuracy["cpu"]) <= 0.01
+
+
+def test_bad_device_arrays_are_refused(gpu):
+    ops = gpu[1]
+    host = np.ones((4, 3), np.float32)
+    with pytest.raises(TypeError, match="o: expected a CuPy array on cuda:0, got numpy.ndarray"):
+        ops.forward(host, on(gpu, np.ones((3, 2), np.float32)), on(gpu, np.ones(2, np.float32)), "sigmoid",
+                    nan(gpu, (4, 2), np.float32))
