@@ -7,7 +7,8 @@
 // f' is taken from the saved output (common.cuh). The loss is reduced in the
 // same launch without float atomics: each block writes a partial sum, the last
 // block to finish (an integer ticket) adds the partials in index order, so the
-// result does not depend on scheduling. Launch with a fixed grid (the launcher
+// result does not depend on scheduling. The loss accumulates in double: a float
+// sum over 2^26 terms would drift by ~1e-4 relative. Launch with a fixed grid (the launcher
 // caps it) and blockDim.x a multiple of 32.
 #include "common.cuh"
 
@@ -15,21 +16,21 @@ enum Loss { LOSS_MSE = 0, LOSS_CROSS_ENTROPY = 1 };
 
 template <typename T>
 __global__ void output_delta(const T* __restrict__ y_hat, const T* __restrict__ y, T* __restrict__ delta,
-                             int act, int loss_kind, index_t n, T* __restrict__ partials,
+                             int act, int loss_kind, index_t n, double* __restrict__ partials,
                              unsigned int* __restrict__ ticket, T* __restrict__ loss_out) {
     __shared__ bool is_last;
-    T loss = T(0);
+    double loss = 0.0;
     const index_t stride = (index_t)gridDim.x * blockDim.x;
     for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const T yh = y_hat[i], target = y[i];
         const T diff = yh - target;
         if (loss_kind == LOSS_MSE) {
-            loss += T(0.5) * diff * diff;
+            loss += 0.5 * (double)diff * (double)diff;
             delta[i] = diff * derivative(act, yh);
         } else {
             // y log(y_hat) with 0 log 0 = 0; y_hat clamped away from 0 so log stays finite.
             const T tiny = sizeof(T) == 4 ? T(1.17549435e-38) : T(2.2250738585072014e-308);
-            if (target != T(0)) loss -= target * log(yh > tiny ? yh : tiny);
+            if (target != T(0)) loss -= (double)(target * log(yh > tiny ? yh : tiny));
             delta[i] = diff;
         }
     }
@@ -42,12 +43,12 @@ __global__ void output_delta(const T* __restrict__ y_hat, const T* __restrict__ 
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    T total = T(0);
-    const volatile T* p = partials;
+    double total = 0.0;
+    const volatile double* p = partials;
     for (unsigned int b = threadIdx.x; b < gridDim.x; b += blockDim.x) total += p[b];
     total = block_sum(total);
     if (threadIdx.x == 0) {
-        loss_out[0] = total;
+        loss_out[0] = (T)total;
         *ticket = 0;  // ready for the next launch
     }
 }

@@ -3,23 +3,6 @@ import os
 import numpy as np
 import pytest
 
-from gpu_backprop.device import probe_cuda
-
-
-def _gpu_reason() -> str:
-    cupy, why_not = probe_cuda(0)
-    return "" if cupy is not None else why_not
-
-
-def pytest_collection_modifyitems(config, items):
-    # CuPy's own `gpu` mark does not skip by itself; ours does, with the reason.
-    reason = None
-    for item in items:
-        if "gpu" in item.keywords:
-            if reason is None:
-                reason = _gpu_reason()
-            if reason:
-                item.add_marker(pytest.mark.skip(reason=f"needs a CUDA GPU: {reason}"))
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import numpy as np
 from scipy.linalg import blas as _blas
 
 _GEMM = {np.dtype(np.float32): _blas.sgemm, np.dtype(np.float64): _blas.dgemm}
-_DOT = {np.dtype(np.float32): _blas.sdot, np.dtype(np.float64): _blas.ddot}
 
 
 def gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, *, alpha: float = 1.0, beta: float = 0.0,
@@ -29,8 +28,3 @@ def gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, *, alpha: float = 1.0, b
         out[...] = result.T
     return out
 
-
-def sum_squares(x: np.ndarray) -> float:
-    """sum(x**2) in one BLAS pass (same library as the GEMMs)."""
-    flat = x.reshape(-1)
-    return float(_DOT[x.dtype](flat, flat))

@@ -176,7 +176,7 @@ class CudaOps(ArrayOps):
         code = 0 if loss == "cross_entropy" else act.CODES[act.check_activation(activation, act.HIDDEN)]
         n = int(y_hat.size)
         grid = self._grid_1d(n)
-        partials = self._scratch("partials", (self.max_blocks,), dtype)
+        partials = self._scratch("partials", (self.max_blocks,), np.float64)
         self._kernel("delta.cu", f"output_delta<{CTYPES[dtype]}>")(
             grid, (BLOCK, 1, 1),
             [y_hat, y, out, np.int32(code), np.int32(LOSS_CODES[loss]), np.int64(n), partials, self._ticket,

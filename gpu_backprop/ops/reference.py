@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import activations as act
+from . import blas
 
 
 class ArrayOps:
@@ -70,25 +71,26 @@ class ArrayOps:
         """
         xp = self.xp
         xp.subtract(y_hat, y, out=out)
+        scratch = self._scratch("delta", out.shape, out.dtype)
+        # The loss sums in float64 (pairwise): a float32 dot over 2^26 terms drifts by ~1e-4.
         if loss == "mse":
-            loss_out[0] = 0.5 * self._sum_squares(out)
-            act.multiply_derivative(xp, activation, y_hat, out, self._scratch("delta", out.shape, out.dtype))
+            xp.square(out, out=scratch)
+            loss_out[0] = 0.5 * scratch.sum(dtype=xp.float64)
+            act.multiply_derivative(xp, activation, y_hat, out, scratch)
         else:
-            logs = self._scratch("delta", out.shape, out.dtype)
-            xp.maximum(y_hat, xp.finfo(out.dtype).tiny, out=logs)
-            xp.log(logs, out=logs)
-            logs *= y
-            loss_out[0] = -logs.sum()
+            xp.maximum(y_hat, xp.finfo(out.dtype).tiny, out=scratch)
+            xp.log(scratch, out=scratch)
+            scratch *= y
+            loss_out[0] = -scratch.sum(dtype=xp.float64)
         return out
-
-    def _sum_squares(self, x: Any) -> Any:
-        return self.xp.vdot(x, x)
 
     def hidden_delta(self, err: Any, o: Any, activation: str, out: Any) -> Any:
         """delta = err * f'(o), f' from the saved output."""
-        if out is not err:
-            out[...] = err
-        return act.multiply_derivative(self.xp, activation, o, out, self._scratch("delta", out.shape, out.dtype))
+        if out is err:
+            return act.multiply_derivative(self.xp, activation, o, out, self._scratch("delta", out.shape, out.dtype))
+        act.derivative(self.xp, activation, o, out)  # f'(o) straight into out: 3 passes, no scratch
+        out *= err
+        return out
 
     # -- backward GEMMs -----------------------------------------------------
     def propagate(self, delta: Any, W: Any, o: Any, activation: str, out: Any) -> Any:
@@ -147,11 +149,10 @@ class NumpyOps(ArrayOps):
 
     def gemm(self, a: Any, b: Any, out: Any, *, alpha: float = 1.0, beta: float = 0.0,
              trans_a: bool = False, trans_b: bool = False) -> Any:
-        from .blas import gemm
+        return blas.gemm(a, b, out, alpha=alpha, beta=beta, trans_a=trans_a, trans_b=trans_b)
 
-        return gemm(a, b, out, alpha=alpha, beta=beta, trans_a=trans_a, trans_b=trans_b)
-
-    def _sum_squares(self, x: Any) -> Any:
-        from .blas import sum_squares
-
-        return sum_squares(x)
+    def forward(self, o: Any, W: Any, b: Any, activation: str, out: Any) -> Any:
+        """out = f(o W + b) with the bias added by the GEMM (beta = 1): one pass fewer."""
+        out[...] = b
+        blas.gemm(o, W, out, beta=1.0)
+        return act.activate(self.xp, self.special, activation, out, out)

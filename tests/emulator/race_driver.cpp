@@ -22,7 +22,8 @@ int main() {
     const index_t B = 37, M = 70, N = 19;  // batch, width below, width above: none a tile multiple
     auto o = filled(B * M, 1.0f), err = filled(B * N, 0.5f), o_next = filled(B * N, 1.0f);
     auto W = filled(M * N, 0.1f), b = filled(N, 0.1f), vel_w = filled(M * N, 0.0f), vel_b = filled(N, 0.0f);
-    std::vector<float> delta(B * N), below(B * M), out(B * N), partials(8), loss(1);
+    std::vector<float> delta(B * N), below(B * M), out(B * N), loss(1);
+    std::vector<double> partials(8);
     std::vector<unsigned int> ticket(1, 0);
     const dim3 block{256, 1, 1};
 

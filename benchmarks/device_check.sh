@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Everything gpu_backprop checks on a real GPU, in one run of under 6 minutes, on an
+# H100/H200 machine without network access (CuPy 14, NumPy, SciPy, scikit-learn,
+# pytest, pytest-benchmark and PyTorch preinstalled):
+#   1. install the package (nothing fetched), record the card and versions;
+#   2. the `gpu` tests (fused kernels vs the NumPy twins, fused vs unfused vs CPU training);
+#   3. compute-sanitizer memcheck and racecheck over a small run of every kernel;
+#   4. digits trained on the GPU and on the CPU: accuracies must match;
+#   5. the GPU benchmark suite -> bench_step.json, bench_kernels.json, bench.md (table),
+#      bench.png (chart); the training step first, each part with its own time limit.
+# Usage: benchmarks/device_check.sh OUTDIR   (at most 8 files are written there)
+set -uo pipefail
+out=${1:?usage: benchmarks/device_check.sh OUTDIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 GPU_BACKPROP_DEVICE=cuda
+log="$out/device_check.log"
+summary="$out/summary.txt"
+: > "$summary"
+status=0
+python=${PYTHON:-python3}
+
+note() { echo "$*" | tee -a "$summary"; }
+section() { echo; echo "===== $* ($(date +%T))" | tee -a "$log"; }
+run() {  # run NAME TIMEOUT CMD...: output to the log, PASS/FAIL to the summary
+    local name=$1 limit=$2; shift 2
+    section "$name: $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" >> "$log" 2>&1
+    local rc=$?
+    if [ $rc -eq 0 ]; then note "PASS $name ($((SECONDS - start)) s)"; else note "FAIL $name (exit $rc, $((SECONDS - start)) s)"; status=1; fi
+    return $rc
+}
+
+section "machine"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv; $python --version;
+  $python -c "import cupy, numpy, torch; print('cupy', cupy.__version__, 'numpy', numpy.__version__, 'torch', torch.__version__)"; } >> "$log" 2>&1
+run install 120 $python -m pip install --no-deps --no-build-isolation -e . || { cat "$summary"; exit 1; }
+$python -m gpu_backprop.cli info >> "$log" 2>&1
+note "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+
+run gpu-tests 150 $python -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider
+
+if command -v compute-sanitizer > /dev/null; then
+    for tool in memcheck racecheck; do
+        run "sanitizer-$tool" 120 compute-sanitizer --tool "$tool" --error-exitcode 9 $python benchmarks/sanitize_run.py
+        grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Device not supported" "$log" | tail -1 | tee -a "$summary"
+    done
+else
+    note "FAIL compute-sanitizer not on PATH"; status=1
+fi
+
+section "digits: GPU vs CPU"
+for device in cuda cpu; do
+    timeout 120 $python -m gpu_backprop.cli train --device "$device" --json > "$out/digits_$device.json" 2>> "$log"
+done
+if $python - "$out" >> "$log" 2>&1 <<'PY'
+import json, sys
+cuda, cpu = (json.load(open(f"{sys.argv[1]}/digits_{d}.json")) for d in ("cuda", "cpu"))
+print(f"digits test accuracy: cuda {cuda['test_accuracy']:.4f} ({cuda['seconds_per_epoch']*1e3:.1f} ms/epoch), "
+      f"cpu {cpu['test_accuracy']:.4f} ({cpu['seconds_per_epoch']*1e3:.1f} ms/epoch)")
+assert cuda["device"].startswith("cuda") and cuda["fused"], cuda
+assert cuda["test_accuracy"] >= 0.95 and abs(cuda["test_accuracy"] - cpu["test_accuracy"]) <= 0.01
+PY
+then note "PASS digits: $(tail -1 "$log")"; else note "FAIL digits: see log"; status=1; fi
+$python -c "import json,sys; print(json.dumps({d: json.load(open(f'$out/digits_{d}.json')) for d in ('cuda','cpu')}, indent=1))" \
+    > "$out/digits.json" 2>> "$log" && rm -f "$out/digits_cuda.json" "$out/digits_cpu.json"
+
+run bench-step 120 $python -m pytest benchmarks/test_train_step.py --bench-device cuda --bench-budget 0.25 -q \
+    -p no:cacheprovider --benchmark-json="$out/bench_step.json" --benchmark-columns=median,rounds
+run bench-kernels 150 $python -m pytest benchmarks/test_kernels.py --bench-device cuda --bench-budget 0.15 -q \
+    -p no:cacheprovider --benchmark-json="$out/bench_kernels.json" --benchmark-columns=median,rounds
+results=$(ls "$out"/bench_step.json "$out"/bench_kernels.json 2> /dev/null)
+if [ -n "$results" ]; then
+    $python -m benchmarks.report $results --png "$out/bench.png" --markdown "$out/bench.md" >> "$log" 2>&1
+fi
+echo; cat "$summary"
+[ -f "$out/bench.md" ] && cat "$out/bench.md"
+exit $status

@@ -1,0 +1,211 @@
+"""The operations under test and every implementation of each (the peers).
+
+"plain" code is the straightforward expression with temporaries, written once
+and run by three peers: NumPy (``numpy``), CuPy (``cupy-unfused``: elementwise
+kernels + cuBLAS + ``sum``) and PyTorch (``torch-eager``; ``torch-compile``
+compiles the same function). ``ours-numpy`` is gpu_backprop's CPU path (the
+NumPy twins), ``ours-fused`` its CUDA kernels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+from gpu_backprop.ops import NumpyOps
+
+# name: (layer widths, batch). Kernel groups use the widest hidden layer of the net.
+SIZES = {
+    "small": ([64, 128, 10], 64),
+    "typical-B256": ([784, 1024, 1024, 10], 256),
+    "typical-B4096": ([784, 1024, 1024, 10], 4096),
+    "large": ([4096, 4096, 4096, 10], 4096),
+}
+DELTA_SIZES = {**SIZES, "2^26": ([1024, 1024, 10], 1 << 16)}  # 2^26 elements: the bandwidth target
+GEMM_CORE_SIZES = {"4096^3": ([4096, 4096, 10], 4096)}
+COMPILE_SIZES = {"small", "typical-B4096"}  # torch.compile compiles for minutes: the target sizes only
+
+CPU_PEERS = ("numpy", "ours-numpy")
+GPU_PEERS = ("cupy-unfused", "ours-fused")
+TORCH_PEERS = ("torch-eager", "torch-compile")
+PEERS = CPU_PEERS + GPU_PEERS + TORCH_PEERS
+STEP_PEERS = CPU_PEERS + ("cupy-unfused", "ours-fused", "torch-autograd") + TORCH_PEERS
+LR = 0.05
+
+
+def layer(size: str, table: dict = SIZES) -> tuple[int, int, int]:
+    """(batch, n_in, n_out) of the widest hidden layer of a net size."""
+    widths, batch = table[size]
+    return batch, widths[-3], widths[-2]
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+# -- plain expressions (numpy, cupy and torch arrays alike) ---------------------------
+def plain_delta_hidden(s):
+    return {"delta": s["err"] * s["o"] * (1 - s["o"])}
+
+
+def plain_delta_output(s):
+    diff = s["y_hat"] - s["y"]
+    return {"delta": diff * s["y_hat"] * (1 - s["y_hat"]), "loss": 0.5 * (diff * diff).sum()}
+
+
+def plain_weight_grad(s):
+    delta = s["err"] * s["o_next"] * (1 - s["o_next"])
+    return {"grad_w": s["o"].T @ delta, "grad_b": delta.sum(0), "delta": delta}
+
+
+def plain_weight_grad_sgd(s):
+    delta = s["err"] * s["o_next"] * (1 - s["o_next"])
+    s["W"] -= s["step"] * (s["o"].T @ delta)
+    s["b"] -= s["step"] * delta.sum(0)
+    return {"W": s["W"], "b": s["b"], "delta": delta}
+
+
+def plain_gemm_core(s):
+    return {"grad_w": s["o"].T @ s["delta"]}
+
+
+def plain_propagate(s):
+    return {"err": (s["delta"] @ s["W"].T) * s["o"] * (1 - s["o"])}
+
+
+# -- ours -------------------------------------------------------------------------
+def ours(ops: Any, xp: Any, op: str) -> Callable[[dict], dict]:
+    """gpu_backprop's operation for ``op``, writing into buffers made once per set shape."""
+    buffers: dict = {}
+
+    def buf(name: str, shape: tuple, dtype: Any) -> Any:
+        if name not in buffers:
+            buffers[name] = xp.empty(shape, dtype=dtype)
+        return buffers[name]
+
+    def run(s: dict) -> dict:
+        if op == "delta_hidden":
+            return {"delta": ops.hidden_delta(s["err"], s["o"], "sigmoid", buf("delta", s["err"].shape, s["err"].dtype))}
+        if op == "delta_output":
+            delta, loss = buf("delta", s["y"].shape, s["y"].dtype), buf("loss", (1,), s["y"].dtype)
+            ops.output_delta(s["y_hat"], s["y"], "sigmoid", "mse", delta, loss)
+            return {"delta": delta, "loss": loss}
+        if op in ("weight_grad", "weight_grad_sgd"):
+            batch, n_in = s["o"].shape
+            n_out = s["err"].shape[1]
+            delta = buf("delta", (batch, n_out), s["o"].dtype)
+            if op == "weight_grad":
+                grad_w, grad_b = buf("grad_w", (n_in, n_out), s["o"].dtype), buf("grad_b", (n_out,), s["o"].dtype)
+                ops.weight_grad(s["o"], s["err"], grad_w, grad_b, o_next=s["o_next"], activation="sigmoid",
+                                delta_out=delta)
+                return {"grad_w": grad_w, "grad_b": grad_b, "delta": delta}
+            ops.sgd_update(s["o"], s["err"], s["W"], s["b"], s["step"], o_next=s["o_next"], activation="sigmoid",
+                           delta_out=delta)
+            return {"W": s["W"], "b": s["b"], "delta": delta}
+        if op == "gemm_core":
+            n_in, n_out = s["o"].shape[1], s["delta"].shape[1]
+            grad_w, grad_b = buf("grad_w", (n_in, n_out), s["o"].dtype), buf("grad_b", (n_out,), s["o"].dtype)
+            ops.weight_grad(s["o"], s["delta"], grad_w, grad_b)
+            return {"grad_w": grad_w}
+        if op == "propagate":
+            out = buf("err", s["o"].shape, s["o"].dtype)
+            return {"err": ops.propagate(s["delta"], s["W"], s["o"], "sigmoid", out)}
+        raise KeyError(op)
+
+    return run
+
+
+@dataclass
+class Op:
+    """One kernel-level operation: inputs, float64 reference, work counted."""
+
+    name: str
+    plain: Callable[[dict], dict]
+    sizes: dict
+
+    def inputs(self, rng: np.random.Generator, size: str) -> dict:
+        batch, n_in, n_out = layer(size, self.sizes)
+        normal = lambda *shape: rng.standard_normal(shape)  # noqa: E731
+        if self.name == "delta_hidden":
+            return {"err": normal(batch, n_in), "o": sigmoid(normal(batch, n_in))}
+        if self.name == "delta_output":
+            return {"y_hat": sigmoid(normal(batch, n_in)), "y": rng.random((batch, n_in))}
+        if self.name in ("weight_grad", "weight_grad_sgd"):
+            s = {"o": sigmoid(normal(batch, n_in)), "err": normal(batch, n_out), "o_next": sigmoid(normal(batch, n_out))}
+            if self.name == "weight_grad_sgd":
+                s.update(W=normal(n_in, n_out) / np.sqrt(n_in), b=normal(n_out), step=LR / batch)
+            return s
+        if self.name == "gemm_core":
+            return {"o": normal(batch, n_in), "delta": normal(batch, n_out)}
+        if self.name == "propagate":
+            return {"delta": normal(batch, n_out), "W": normal(n_in, n_out) / np.sqrt(n_out),
+                    "o": sigmoid(normal(batch, n_in))}
+        raise KeyError(self.name)
+
+    def reference(self, inputs: dict) -> dict:
+        s = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in inputs.items()}
+        out = self.plain(s)
+        return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+
+    def work(self, size: str, itemsize: int) -> tuple[int, int]:
+        """(bytes that must move: each input read once, each output written once; FLOPs)."""
+        batch, n_in, n_out = layer(size, self.sizes)
+        if self.name in ("delta_hidden", "delta_output"):
+            return 3 * batch * n_in * itemsize, 0
+        if self.name == "weight_grad":
+            elems = batch * n_in + 2 * batch * n_out + batch * n_out + n_in * n_out + n_out
+            return elems * itemsize, 2 * batch * n_in * n_out
+        if self.name == "weight_grad_sgd":
+            elems = batch * n_in + 2 * batch * n_out + batch * n_out + 2 * (n_in * n_out + n_out)
+            return elems * itemsize, 2 * batch * n_in * n_out
+        if self.name == "gemm_core":
+            return (batch * n_in + batch * n_out + n_in * n_out) * itemsize, 2 * batch * n_in * n_out
+        if self.name == "propagate":
+            return (batch * n_out + n_in * n_out + 2 * batch * n_in) * itemsize, 2 * batch * n_in * n_out
+        raise KeyError(self.name)
+
+
+OPS = {
+    "delta_hidden": Op("delta_hidden", plain_delta_hidden, DELTA_SIZES),
+    "delta_output": Op("delta_output", plain_delta_output, DELTA_SIZES),
+    "weight_grad": Op("weight_grad", plain_weight_grad, SIZES),
+    "weight_grad_sgd": Op("weight_grad_sgd", plain_weight_grad_sgd, SIZES),
+    "gemm_core": Op("gemm_core", plain_gemm_core, GEMM_CORE_SIZES),
+    "propagate": Op("propagate", plain_propagate, SIZES),
+}
+
+
+# -- PyTorch ------------------------------------------------------------------------
+def torch_or_skip(backend: Any) -> Any:
+    torch = pytest.importorskip("torch", reason="PyTorch not installed")
+    if backend.kind == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("PyTorch has no CUDA device")
+        # fp32 means fp32: no TF32 on either side
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+    return torch
+
+
+def torch_device(backend: Any) -> str:
+    return "cuda" if backend.kind == "cuda" else "cpu"
+
+
+def torch_sync(torch: Any, backend: Any) -> Callable[[], None]:
+    return torch.cuda.synchronize if backend.kind == "cuda" else (lambda: None)
+
+
+def peer_reason(peer: str, backend: Any, size: str) -> str | None:
+    """Why ``peer`` does not run in this session (None when it does)."""
+    if peer in CPU_PEERS and backend.kind != "cpu":
+        return f"{peer} is a CPU peer: run with --bench-device cpu"
+    if peer in ("cupy-unfused", "ours-fused", "ours-unfused") and backend.kind != "cuda":
+        return f"{peer} needs a CUDA GPU (none usable here)"
+    if peer == "torch-compile" and backend.kind != "cuda":
+        return "torch.compile peer runs on CUDA only (CPU inductor compile time would dominate the suite)"
+    if peer == "torch-compile" and size not in COMPILE_SIZES:
+        return f"torch.compile peer limited to {sorted(COMPILE_SIZES)} (minutes of compilation per shape)"
+    return None

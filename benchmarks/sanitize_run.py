@@ -1,0 +1,42 @@
+"""A small run of every fused kernel for compute-sanitizer (memcheck, racecheck):
+odd shapes, both dtypes, both tile configurations, momentum, the delta prologue.
+CuPy's memory pool is switched off so each array is its own cudaMalloc and an
+out-of-bounds access cannot land silently inside a neighbour's allocation."""
+import numpy as np
+
+
+def main() -> None:
+    import cupy
+
+    cupy.cuda.set_allocator(None)
+    from gpu_backprop import MLP, data, get_device
+
+    ds = data.digits(seed=0)
+    for dtype in ("float32", "float64"):
+        for activation, loss in (("sigmoid", "mse"), ("tanh", "cross_entropy"), ("relu", "mse")):
+            model = MLP([64, 33, 17, 10], activation=activation, loss=loss, device="cuda", dtype=dtype, seed=0)
+            model.fit(ds.X_train[:130], ds.y_train[:130], epochs=1, batch_size=33, lr=0.5, momentum=0.9)
+            model.evaluate(ds.X_test[:65], ds.y_test[:65])
+    device = get_device("cuda")
+    ops, xp = device.ops(fused=True), device.xp
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64):
+        for config in ("small", "large"):
+            batch, n_in, n_out = 129, 65, 127
+            o = xp.asarray(rng.random((batch, n_in)), dtype=dtype)
+            err = xp.asarray(rng.standard_normal((batch, n_out)), dtype=dtype)
+            o_next = xp.asarray(rng.random((batch, n_out)), dtype=dtype)
+            grad_w, grad_b = xp.empty((n_in, n_out), dtype), xp.empty(n_out, dtype)
+            delta = xp.empty((batch, n_out), dtype)
+            ops.weight_grad(o, err, grad_w, grad_b, o_next=o_next, activation="sigmoid", delta_out=delta,
+                            config=config)
+            below = xp.empty((batch, n_in), dtype)
+            ops.propagate(delta, grad_w, o, "tanh", below, config=config)
+            ops.forward(o, grad_w, grad_b, "relu", xp.empty((batch, n_out), dtype), config=config)
+            ops.hidden_delta(err, o_next, "sigmoid", delta)
+    xp.cuda.runtime.deviceSynchronize()
+    print("sanitize_run: ok")
+
+
+if __name__ == "__main__":
+    main()

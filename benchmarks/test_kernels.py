@@ -1,0 +1,48 @@
+"""Each fused kernel against its peers: sigmoid delta (output and hidden forms),
+weight-gradient GEMM (delta prologue + bias gradient, with and without the SGD
+epilogue), the GEMM core alone, and error propagation with the derivative epilogue."""
+import numpy as np
+import pytest
+
+from gpu_backprop import get_device
+from gpu_backprop.ops import NumpyOps
+
+from .conftest import CPU_SKIPPED_SIZES
+from .harness import rotation
+from .measure import run_benchmark
+from .peers import OPS, PEERS, ours, peer_reason, torch_device, torch_or_skip, torch_sync
+
+CASES = [(op, size) for op in OPS for size in OPS[op].sizes]
+
+
+@pytest.mark.parametrize("peer", [p for p in PEERS if p != "torch-compile"])
+@pytest.mark.parametrize("op,size", CASES)
+def test_kernel(benchmark, backend, ceilings, budget, op, size, peer):
+    reason = peer_reason(peer, backend, size)
+    if reason:
+        pytest.skip(reason)
+    if backend.kind == "cpu" and size in CPU_SKIPPED_SIZES:
+        pytest.skip(f"{size} takes seconds per call on the CPU: GPU runs only")
+    spec = OPS[op]
+    host = spec.inputs(np.random.default_rng(0), size)
+    reference = spec.reference(host)
+    work = spec.work(size, 4)
+    n_sets = rotation(work[0], backend)
+    if peer.startswith("torch"):
+        torch = torch_or_skip(backend)
+        device = torch_device(backend)
+        convert = lambda a: torch.from_numpy(a.astype(np.float32)).to(device)  # noqa: E731
+        sync = torch_sync(torch, backend)
+    else:
+        convert = lambda a: backend.asarray(a.astype(np.float32))  # noqa: E731
+        sync = backend.sync
+    # distinct buffers (same values) so that the sets together exceed the cache
+    sets = [{k: convert(v) if isinstance(v, np.ndarray) else v for k, v in host.items()} for _ in range(n_sets)]
+    if peer == "ours-numpy":
+        fn = ours(NumpyOps(), np, op)
+    elif peer == "ours-fused":
+        fn = ours(get_device("cuda").ops(fused=True), backend.xp, op)
+    else:
+        fn = spec.plain
+    run_benchmark(benchmark, backend=backend, ceilings=ceilings, peer=peer, group=op, size=size, fn=fn,
+                  sets=sets, sync=sync, reference=reference, work=work, budget=budget)

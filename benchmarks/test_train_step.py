@@ -1,0 +1,135 @@
+"""The whole training step (forward, backward, SGD update) of the seed's network:
+sigmoid hidden and output layers, MSE loss, float32, one mini-batch."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpu_backprop import MLP
+
+from .conftest import CPU_SKIPPED_SIZES
+from .harness import rotation
+from .measure import run_benchmark, to_host
+from .peers import LR, SIZES, STEP_PEERS, peer_reason, torch_device, torch_or_skip, torch_sync
+
+
+def plain_step(params: dict, X, Y, sigmoid) -> dict:
+    """Textbook backprop with temporaries (MATH.md), for NumPy, CuPy and PyTorch arrays."""
+    weights, biases = params["W"], params["b"]
+    o = [X]
+    for W, b in zip(weights, biases):
+        o.append(sigmoid(o[-1] @ W + b))
+    step = LR / X.shape[0]
+    delta = (o[-1] - Y) * o[-1] * (1 - o[-1])
+    for k in reversed(range(len(weights))):
+        grad_w, grad_b = o[k].T @ delta, delta.sum(0)
+        if k > 0:
+            delta_below = (delta @ weights[k].T) * o[k] * (1 - o[k])
+        weights[k] -= step * grad_w
+        biases[k] -= step * grad_b
+        if k > 0:
+            delta = delta_below
+    return params
+
+
+def initial(size: str, rng: np.random.Generator) -> tuple[list, list, np.ndarray, np.ndarray]:
+    widths, batch = SIZES[size]
+    model = MLP(widths, device="cpu", dtype="float64", seed=0)
+    weights, biases = list(model.weights), [rng.standard_normal(b.shape) * 0.1 for b in model.biases]
+    X = rng.standard_normal((batch, widths[0]))
+    Y = np.eye(widths[-1])[rng.integers(0, widths[-1], batch)]
+    return weights, biases, X, Y
+
+
+def numpy_sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+@pytest.mark.parametrize("peer", STEP_PEERS)
+@pytest.mark.parametrize("size", list(SIZES))
+def test_train_step(benchmark, backend, ceilings, budget, size, peer):
+    reason = peer_reason(peer if peer != "torch-autograd" else "torch-eager", backend, size)
+    if reason:
+        pytest.skip(reason)
+    if backend.kind == "cpu" and size in CPU_SKIPPED_SIZES:
+        pytest.skip(f"{size} takes seconds per step on the CPU: GPU runs only")
+    weights, biases, X, Y = initial(size, np.random.default_rng(0))
+    with np.errstate(over="ignore"):
+        ref = plain_step({"W": [w.copy() for w in weights], "b": [b.copy() for b in biases]}, X, Y, numpy_sigmoid)
+    reference = {f"W{k}": w for k, w in enumerate(ref["W"])} | {f"b{k}": b for k, b in enumerate(ref["b"])}
+    widths, batch = SIZES[size]
+    params = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+    flops = 6 * batch * params  # forward GEMMs 2BP, backward 4BP (the first layer's error is not propagated,
+    flops -= 2 * batch * widths[0] * widths[1]  # so 2 B n0 n1 fewer)
+    n_sets = rotation(4 * batch * (widths[0] + widths[-1]), backend)
+    batches = [(X.astype(np.float32), Y.astype(np.float32)) for _ in range(n_sets)]
+
+    if peer.startswith("torch"):
+        torch = torch_or_skip(backend)
+        device = torch_device(backend)
+        tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(device)  # noqa: E731
+        sets = [(tensor(x), tensor(y)) for x, y in batches]
+        sync = torch_sync(torch, backend)
+        if peer == "torch-autograd":
+            layers = []
+            for W, b in zip(weights, biases):
+                linear = torch.nn.Linear(*W.shape).to(device)
+                with torch.no_grad():
+                    linear.weight.copy_(tensor(W.T))
+                    linear.bias.copy_(tensor(b))
+                layers += [linear, torch.nn.Sigmoid()]
+            net = torch.nn.Sequential(*layers)
+            optimizer = torch.optim.SGD(net.parameters(), lr=LR)
+
+            def fn(s):
+                x, y = s
+                optimizer.zero_grad(set_to_none=True)
+                loss = 0.5 * ((net(x) - y) ** 2).sum() / x.shape[0]  # batch mean of 1/2 sum (y - y_hat)^2
+                loss.backward()
+                optimizer.step()
+                return net
+
+            linears = [m for m in net if isinstance(m, torch.nn.Linear)]
+
+            def outputs(_):
+                return {f"W{k}": to_host(m.weight.T) for k, m in enumerate(linears)} | \
+                       {f"b{k}": to_host(m.bias) for k, m in enumerate(linears)}
+        else:
+            state = {"W": [tensor(w) for w in weights], "b": [tensor(b) for b in biases]}
+            step = plain_step
+            if peer == "torch-compile":
+                step = torch.compile(plain_step)
+
+            def fn(s):
+                with torch.no_grad():
+                    return step(state, s[0], s[1], torch.sigmoid)
+
+            def outputs(_):
+                return {f"W{k}": to_host(w) for k, w in enumerate(state["W"])} | \
+                       {f"b{k}": to_host(b) for k, b in enumerate(state["b"])}
+    elif peer == "numpy":
+        sets, sync = batches, backend.sync
+        state = {"W": [w.astype(np.float32) for w in weights], "b": [b.astype(np.float32) for b in biases]}
+
+        def fn(s):
+            with np.errstate(over="ignore"):
+                return plain_step(state, s[0], s[1], numpy_sigmoid)
+
+        def outputs(_):
+            return {f"W{k}": w for k, w in enumerate(state["W"])} | {f"b{k}": b for k, b in enumerate(state["b"])}
+    else:  # gpu_backprop: ours-numpy, cupy-unfused (fused=False), ours-fused
+        device = "cpu" if peer == "ours-numpy" else "cuda"
+        model = MLP(widths, device=device, dtype="float32", seed=0, fused=peer != "cupy-unfused")
+        model.set_params({f"W{k}": w for k, w in enumerate(weights)} | {f"b{k}": b for k, b in enumerate(biases)})
+        sets = [(model.device.asarray(x), model.device.asarray(y)) for x, y in batches]
+        sync = backend.sync
+
+        def fn(s):
+            return model.train_step(s[0], s[1], LR)
+
+        def outputs(_):
+            return model.get_params()
+
+    run_benchmark(benchmark, backend=backend, ceilings=ceilings, peer=peer, group="train_step", size=size,
+                  fn=fn, sets=sets, sync=sync, reference=reference, outputs=outputs, work=(0, flops),
+                  budget=budget, tol=1e-4)
