@@ -38,6 +38,9 @@ section "machine"
 run install 120 $python -m pip install --no-deps --no-build-isolation -e . || { cat "$summary"; exit 1; }
 $python -m gpu_backprop.cli info >> "$log" 2>&1
 note "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+# Without a usable GPU every later step would skip and look green: stop here instead.
+run cuda-usable 60 $python -c "from gpu_backprop import get_device; print(get_device('cuda'))" || { cat "$summary"; exit 1; }
+export GPU_BACKPROP_REQUIRE_GPU=1  # the gpu tests fail instead of skipping
 
 run gpu-tests 150 $python -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider
 
