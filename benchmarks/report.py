@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ORDER = ["ours-fused", "ours-numpy", "cupy-unfused", "numpy", "torch-eager", "torch-autograd", "torch-compile"]
+ORDER = ["ours-graph", "ours-fused", "ours-numpy", "cupy-unfused", "numpy", "torch-eager", "torch-autograd", "torch-compile"]
 
 
 def load(*paths: "str | Path") -> dict:
@@ -113,7 +113,7 @@ def chart(data: dict, path: "str | Path") -> Path:
         def time_of(size: str, peer: str) -> float:
             return next((r["time_s"] for r in sub if r["size"] == size and r["peer"] == peer), np.nan)
 
-        ours = [next((time_of(s, p) for p in ("ours-fused", "ours-numpy") if not np.isnan(time_of(s, p))), np.nan)
+        ours = [next((time_of(s, p) for p in ("ours-graph", "ours-fused", "ours-numpy") if not np.isnan(time_of(s, p))), np.nan)
                 for s in sizes]
         for i, peer in enumerate(peers):
             relative = np.array([time_of(s, peer) for s in sizes]) / np.array(ours)

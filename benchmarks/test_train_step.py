@@ -117,7 +117,7 @@ def test_train_step(benchmark, backend, ceilings, budget, size, peer):
 
         def outputs(_):
             return {f"W{k}": w for k, w in enumerate(state["W"])} | {f"b{k}": b for k, b in enumerate(state["b"])}
-    else:  # gpu_backprop: ours-numpy, cupy-unfused (fused=False), ours-fused
+    else:  # gpu_backprop: ours-numpy, cupy-unfused (fused=False), ours-fused, ours-graph (captured)
         device = "cpu" if peer == "ours-numpy" else "cuda"
         model = MLP(widths, device=device, dtype="float32", seed=0, fused=peer != "cupy-unfused")
         model.set_params({f"W{k}": w for k, w in enumerate(weights)} | {f"b{k}": b for k, b in enumerate(biases)})
@@ -127,9 +127,23 @@ def test_train_step(benchmark, backend, ceilings, budget, size, peer):
         def fn(s):
             return model.train_step(s[0], s[1], LR)
 
+        if peer == "ours-graph":  # as fit does it: copy the batch into fixed buffers, replay the graph
+            from gpu_backprop.train import StepRunner
+
+            stream = model.device.stream()
+            runner = StepRunner(model, LR, 0.0, model.device.capture)
+            xb, yb = backend.xp.empty_like(sets[0][0]), backend.xp.empty_like(sets[0][1])
+            sync = stream.synchronize
+
+            def fn(s):
+                with stream:
+                    xb[...] = s[0]
+                    yb[...] = s[1]
+                    return runner(xb, yb)
+
         def outputs(_):
             return model.get_params()
 
     run_benchmark(benchmark, backend=backend, ceilings=ceilings, peer=peer, group="train_step", size=size,
                   fn=fn, sets=sets, sync=sync, reference=reference, outputs=outputs, work=(0, flops),
-                  budget=budget, tol=1e-4)
+                  budget=budget, tol=1e-4, use_events=False)  # whole steps: host clock, launch costs included

@@ -6,12 +6,13 @@ outside this module asks whether a GPU exists.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -38,7 +39,7 @@ class Device:
     index: int | None
     xp: ModuleType
     reason: str = ""
-    _ops_cache: dict = field(default_factory=dict, compare=False, repr=False)
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -51,11 +52,11 @@ class Device:
         """The operations for this device: the NumPy twin on the CPU, the fused
         CUDA kernels on a GPU (or the unfused CuPy path when ``fused=False``)."""
         key = bool(fused)
-        if key not in self._ops_cache:
+        if key not in self._cache:
             from .ops import make_ops
 
-            self._ops_cache[key] = make_ops(self, fused=key)
-        return self._ops_cache[key]
+            self._cache[key] = make_ops(self, fused=key)
+        return self._cache[key]
 
     def asarray(self, x: Any, dtype: Any = None) -> Any:
         """``x`` on this device as a C-contiguous array (no copy when it already is one).
@@ -68,6 +69,35 @@ class Device:
     def synchronize(self) -> None:
         if self.kind == "cuda":
             self.xp.cuda.get_current_stream().synchronize()
+
+    def stream(self) -> Any:
+        """Context in which training runs: on CUDA a non-blocking stream of our own
+        (graphs cannot be captured on the default stream, and replays must be
+        ordered after the batch copies issued before them), nothing on the CPU."""
+        if self.kind != "cuda":
+            return contextlib.nullcontext()
+        if "stream" not in self._cache:
+            with self.xp.cuda.Device(self.index):
+                self._cache["stream"] = self.xp.cuda.Stream(non_blocking=True)
+        return self._cache["stream"]
+
+    def capture(self, fn: Callable[[], Any]) -> Callable[[], None] | None:
+        """Record the kernels ``fn`` launches into a CUDA graph (nothing runs now) and
+        return a function that replays them; None on the CPU, where there are no graphs.
+
+        Must be called inside :meth:`stream`; every buffer ``fn`` touches must
+        outlive the graph, which bakes in their addresses.
+        """
+        if self.kind != "cuda":
+            return None
+        stream = self.stream()
+        with stream:
+            stream.begin_capture()
+            try:
+                fn()
+            finally:
+                graph = stream.end_capture()
+        return lambda: graph.launch(stream)
 
     def __enter__(self) -> "Device":
         if self.kind == "cuda":

@@ -154,16 +154,18 @@ class MLP:
     # -- training and inference ----------------------------------------------
     def fit(self, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: float = 0.1,
             momentum: float = 0.0, shuffle: bool = True, validation_data: tuple | None = None,
-            progress: bool = False, seed: int | None = None):
+            progress: bool = False, seed: int | None = None, graphs: bool | None = None):
         """Train with mini-batch SGD; returns a :class:`~gpu_backprop.train.History`.
 
         ``y``: integer class labels (1-D) for classification, or a 2-D array of
-        targets (regression, or targets already one-hot).
+        targets (regression, or targets already one-hot). ``graphs``: on CUDA,
+        replay each step from a captured CUDA graph (default on; no effect on the CPU).
         """
         from .train import fit
 
         return fit(self, X, y, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-                   shuffle=shuffle, validation_data=validation_data, progress=progress, seed=seed)
+                   shuffle=shuffle, validation_data=validation_data, progress=progress, seed=seed,
+                   graphs=graphs)
 
     def _inputs(self, X: Any, name: str = "X") -> Any:
         X = data_mod.check_features(X, self.sizes[0], name=name)

@@ -108,3 +108,19 @@ def test_bad_device_arrays_are_refused(gpu):
     with pytest.raises(TypeError, match="o: expected a CuPy array on cuda:0, got numpy.ndarray"):
         ops.forward(host, on(gpu, np.ones((3, 2), np.float32)), on(gpu, np.ones(2, np.float32)), "sigmoid",
                     nan(gpu, (4, 2), np.float32))
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_captured_steps_equal_plain_steps(momentum):
+    ds = data.digits(seed=0)
+    params, runners = [], []
+    for graphs in (False, True):
+        model = MLP([64, 33, 10], device="cuda", seed=2)
+        model.fit(ds.X_train[:300], ds.y_train[:300], epochs=3, batch_size=64, lr=0.5, momentum=momentum,
+                  graphs=graphs)
+        params.append(model.get_params())
+        runners.append(model.last_steps)
+    assert runners[0].captured == 0
+    assert runners[1].captured == 2 and runners[1].replayed == 3 * 5 - 2  # 300 = 4 x 64 + 44
+    for key in params[0]:
+        np.testing.assert_array_equal(params[1][key], params[0][key])
