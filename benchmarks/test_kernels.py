@@ -40,8 +40,14 @@ def test_kernel(benchmark, backend, ceilings, budget, op, size, peer):
     sets = [{k: convert(v) if isinstance(v, np.ndarray) else v for k, v in host.items()} for _ in range(n_sets)]
     if peer == "ours-numpy":
         fn = ours(NumpyOps(), np, op)
-    elif peer == "ours-fused":
-        fn = ours(get_device("cuda").ops(fused=True), backend.xp, op)
+    elif peer == "ours-fused":  # our kernels themselves: no autotuned switch to cuBLAS here
+        import cupyx.scipy.special
+
+        from gpu_backprop.ops.autotune import Tuner
+        from gpu_backprop.ops.cuda import CudaOps, cupy_loader
+
+        ops = CudaOps(backend.xp, cupyx.scipy.special, cupy_loader(get_device("cuda")), tuner=Tuner(enabled=False))
+        fn = ours(ops, backend.xp, op)
     else:
         fn = spec.plain
     run_benchmark(benchmark, backend=backend, ceilings=ceilings, peer=peer, group=op, size=size, fn=fn,

@@ -33,6 +33,23 @@ __device__ __forceinline__ T derivative(int act, T o) {
     }
 }
 
+// What a gradient kernel does with the gradient g of a parameter p (velocity v):
+// WRITE_GRADIENT: p = g;  SGD: p -= step g;  SGD_MOMENTUM: v = momentum v - step g, p += v.
+enum UpdateMode { WRITE_GRADIENT = 0, SGD = 1, SGD_MOMENTUM = 2 };
+
+template <typename T>
+__device__ __forceinline__ void apply_update(int mode, T* p, T* v, index_t i, T g, T step, T momentum) {
+    if (mode == WRITE_GRADIENT) {
+        p[i] = g;
+    } else if (mode == SGD) {
+        p[i] -= step * g;
+    } else {
+        const T velocity = momentum * v[i] - step * g;
+        v[i] = velocity;
+        p[i] += velocity;
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
     for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);

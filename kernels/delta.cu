@@ -53,9 +53,9 @@ __global__ void output_delta(const T* __restrict__ y_hat, const T* __restrict__ 
     }
 }
 
+// err and delta may be the same array (in place after a cuBLAS GEMM): no __restrict__ on them.
 template <typename T>
-__global__ void hidden_delta(const T* __restrict__ err, const T* __restrict__ o, T* __restrict__ delta,
-                             int act, index_t n) {
+__global__ void hidden_delta(const T* err, const T* __restrict__ o, T* delta, int act, index_t n) {
     const index_t stride = (index_t)gridDim.x * blockDim.x;
     for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
         delta[i] = err[i] * derivative(act, o[i]);

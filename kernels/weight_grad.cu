@@ -5,17 +5,15 @@
 //              otherwise g already is delta); written once to delta_out
 //   GEMM:      dW = o^T delta             o: K x M (K = batch), delta: K x N
 //   bias:      db = sum over the batch of delta   (fixed order: deterministic)
-//   epilogue:  mode 0: W = dW, b = db                       (gradients out)
-//              mode 1: W -= step dW, b -= step db            (SGD, step = lr / B)
-//              mode 2: v = momentum v - step dW; W += v      (momentum; same for b)
+//   epilogue:  apply_update (common.cuh) to W and b:
+//              WRITE_GRADIENT: W = dW, b = db;  SGD: W -= step dW (step = lr / B);
+//              SGD_MOMENTUM: v = momentum v - step dW, W += v (same for b)
 //
 // Both operands are k-major (a batch row is contiguous), so tiles load
 // coalesced without a transpose. Blocks in the first row of tiles
 // (blockIdx.y == 0) see every delta element of their columns exactly once:
 // they write delta_out and sum the bias gradient.
 #include "gemm_tile.cuh"
-
-enum WeightGradMode { WRITE_GRADIENT = 0, SGD = 1, SGD_MOMENTUM = 2 };
 
 template <typename T, int BM, int BN, int BK, int TM, int TN>
 __global__ void weight_grad(const T* __restrict__ o, const T* __restrict__ g, int has_prologue,
@@ -59,29 +57,8 @@ __global__ void weight_grad(const T* __restrict__ o, const T* __restrict__ g, in
 #pragma unroll
         for (int j = 0; j < TN; ++j) {
             const index_t n = n0 + tx + j * S::COL_STEP;
-            if (n >= N) continue;
-            const index_t w = m * N + n;
-            if (mode == WRITE_GRADIENT) {
-                W[w] = acc[i][j];
-            } else if (mode == SGD) {
-                W[w] -= step * acc[i][j];
-            } else {
-                const T v = momentum * vel_w[w] - step * acc[i][j];
-                vel_w[w] = v;
-                W[w] += v;
-            }
+            if (n < N) apply_update(mode, W, vel_w, m * N + n, acc[i][j], step, momentum);
         }
     }
-    if (bias_block && tid < BN && n0 + tid < N) {
-        const index_t n = n0 + tid;
-        if (mode == WRITE_GRADIENT) {
-            b[n] = bias_acc;
-        } else if (mode == SGD) {
-            b[n] -= step * bias_acc;
-        } else {
-            const T v = momentum * vel_b[n] - step * bias_acc;
-            vel_b[n] = v;
-            b[n] += v;
-        }
-    }
+    if (bias_block && tid < BN && n0 + tid < N) apply_update(mode, b, vel_b, n0 + tid, bias_acc, step, momentum);
 }

@@ -11,7 +11,8 @@ import scipy.special
 
 from gpu_backprop import MLP
 from gpu_backprop.ops import NumpyOps
-from gpu_backprop.ops.cuda import CONFIGS, CudaOps
+from gpu_backprop.ops.autotune import Tuner
+from gpu_backprop.ops.cuda import PATHS, CudaOps
 
 from .conftest import rel_error
 from .emulator.builder import EmuLoader
@@ -29,9 +30,25 @@ def loader():
     return EmuLoader()
 
 
+class Always(Tuner):
+    """A tuner that picks one path for every shape."""
+
+    def __init__(self, path):
+        super().__init__(enabled=False)
+        self.fixed = path
+
+    def choose(self, key, candidates, trial, default):
+        return self.fixed
+
+
+def fused_ops(loader, path=None):
+    """The launchers as on a GPU; autotuning off, or one path forced everywhere."""
+    return CudaOps(np, scipy.special, loader, tuner=Always(path) if path else Tuner(enabled=False))
+
+
 @pytest.fixture(scope="module")
 def emu(loader):
-    return CudaOps(np, scipy.special, loader)
+    return fused_ops(loader)
 
 
 def nan(shape, dtype):
@@ -51,7 +68,7 @@ def close(actual, expected, dtype, factor=1.0):
     assert err < factor * TOL[np.dtype(dtype)] * max(1, np.sqrt(expected.size)), err
 
 
-@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("config", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("index,shape", list(enumerate(SHAPES)))
 def test_forward(emu, rng, config, dtype, index, shape):
@@ -72,7 +89,7 @@ def test_forward_softmax(emu, rng):
     close(out, twin.forward(o, W, b, "softmax", np.empty((9, 4))), np.float64)
 
 
-@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("config", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("index,shape", list(enumerate(SHAPES)))
 def test_propagate(emu, rng, config, dtype, index, shape):
@@ -86,7 +103,7 @@ def test_propagate(emu, rng, config, dtype, index, shape):
     close(out, twin.propagate(*f64[:2], f64[2], act, np.empty(out.shape)), dtype)
 
 
-@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("config", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("index,shape", list(enumerate(SHAPES)))
 @pytest.mark.parametrize("prologue", [False, True])
@@ -108,7 +125,7 @@ def test_weight_grad(emu, rng, config, dtype, index, shape, prologue):
         close(kwargs["delta_out"], f64["delta_out"], dtype)
 
 
-@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("config", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (33, 65, 63), (129, 7, 129)])
@@ -167,8 +184,9 @@ def test_hidden_delta(emu, rng, dtype, act, shape):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_training_steps_match_the_numpy_twin(loader, dtype, momentum):
-    """Whole steps through the fused launchers == the CPU path (weights after 3 steps)."""
+@pytest.mark.parametrize("path", [None, "cublas"])
+def test_training_steps_match_the_numpy_twin(loader, dtype, momentum, path):
+    """Whole steps through the CUDA launchers == the CPU path (weights after 3 epochs of 3 steps)."""
     rng = np.random.default_rng(5)
     X = rng.standard_normal((20, 13))
     y = rng.integers(0, 5, 20)
@@ -176,7 +194,7 @@ def test_training_steps_match_the_numpy_twin(loader, dtype, momentum):
     for fused in (False, True):
         model = MLP([13, 9, 7, 5], activation="tanh", device="cpu", dtype=dtype, seed=3)
         if fused:
-            model.ops = CudaOps(np, scipy.special, loader)
+            model.ops = fused_ops(loader, path)
         model.fit(X, y, epochs=3, batch_size=7, lr=0.5, momentum=momentum)
         models.append(model.get_params())
     for key in models[0]:
@@ -186,7 +204,7 @@ def test_training_steps_match_the_numpy_twin(loader, dtype, momentum):
 def test_launches_per_step(loader):
     """Fused: per layer 1 forward GEMM + 1 propagate + 1 weight-grad/update; plus the output delta."""
     model = MLP([13, 9, 7, 5], device="cpu", seed=0)
-    model.ops = CudaOps(np, scipy.special, loader)
+    model.ops = fused_ops(loader)
     X = np.zeros((4, 13), np.float32)
     Y = np.zeros((4, 5), np.float32)
     model.train_step(X, Y, 0.1)  # compile and warm
@@ -196,6 +214,25 @@ def test_launches_per_step(loader):
     launches = loader.launches - before
     print(f"fused kernels: {launches} launches per step for {layers} layers")
     assert launches == 3 * layers  # L forward + 1 output delta + (L-1) propagate + L weight-grad
+
+
+def test_launches_per_step_on_the_cublas_path(loader):
+    """cuBLAS path: per layer 1 GEMM + 1 elementwise kernel each for forward, propagate and update."""
+    model = MLP([13, 9, 7, 5], device="cpu", seed=0)
+    model.ops = fused_ops(loader, "cublas")
+    calls = []
+    real_gemm = loader.gemm
+    loader.gemm = lambda *a, **k: calls.append(1) or real_gemm(*a, **k)
+    try:
+        X, Y = np.zeros((4, 13), np.float32), np.zeros((4, 5), np.float32)
+        model.train_step(X, Y, 0.1)
+        before, calls[:] = loader.launches, []
+        model.train_step(X, Y, 0.1)
+    finally:
+        loader.gemm = real_gemm
+    layers = len(model.weights)
+    print(f"cuBLAS path: {len(calls)} GEMMs + {loader.launches - before} kernels per step for {layers} layers")
+    assert len(calls) == 3 * layers - 1 and loader.launches - before == 3 * layers
 
 
 @pytest.mark.parametrize("call,match", [

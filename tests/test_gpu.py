@@ -5,7 +5,7 @@ import pytest
 
 from gpu_backprop import MLP, data, get_device
 from gpu_backprop.ops import NumpyOps
-from gpu_backprop.ops.cuda import CONFIGS
+from gpu_backprop.ops.cuda import PATHS
 
 from .conftest import rel_error
 
@@ -30,7 +30,7 @@ def nan(gpu, shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("config", PATHS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_gemm_kernels(gpu, rng, dtype, config, shape):
     ops = gpu[1]

@@ -24,7 +24,8 @@ def test_kernels_run_clean_under_tsan(tmp_path):
 
 
 @pytest.mark.parametrize("file,marker", [("weight_grad.cu", "sync: tile consumed"),
-                                         ("propagate.cu", "sync: tile loaded")])
+                                         ("propagate.cu", "sync: tile loaded"),
+                                         ("bias.cu", "__syncthreads();")])
 def test_missing_syncthreads_is_reported(tmp_path, file, marker):
     planted = tmp_path / "kernels"
     shutil.copytree(KERNELS, planted)

@@ -19,15 +19,19 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import activations as act
+from .autotune import Tuner
 from .reference import ArrayOps
 
 BLOCK = 256  # threads per block of the elementwise kernels
 # name: (BM, BN, BK, TM, TN); both give 256 threads per block.
 CONFIGS = {"small": (64, 64, 16, 4, 4), "large": (128, 128, 8, 8, 8)}
+# GEMM paths: our fused kernels with either tile, or cuBLAS with our elementwise kernels (bias.cu, delta.cu)
+PATHS = (*CONFIGS, "cublas")
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 LOSS_CODES = {"mse": 0, "cross_entropy": 1}
 WRITE_GRADIENT, SGD, SGD_MOMENTUM = 0, 1, 2
 GEMM_FILES = {"forward": "forward.cu", "propagate": "propagate.cu", "weight_grad": "weight_grad.cu"}
+ELEMENTWISE_FILES = {"delta.cu": ("output_delta", "hidden_delta"), "bias.cu": ("bias_activation", "bias_update")}
 
 
 def gemm_name(kernel: str, dtype: Any, config: str) -> str:
@@ -36,13 +40,13 @@ def gemm_name(kernel: str, dtype: Any, config: str) -> str:
 
 def names_in(file: str) -> list[str]:
     """Every instantiation of a file's kernels (NVRTC name expressions)."""
-    if file == "delta.cu":
-        return [f"{k}<{t}>" for k in ("output_delta", "hidden_delta") for t in CTYPES.values()]
+    if file in ELEMENTWISE_FILES:
+        return [f"{k}<{t}>" for k in ELEMENTWISE_FILES[file] for t in CTYPES.values()]
     kernel = {v: k for k, v in GEMM_FILES.items()}[file]
     return [gemm_name(kernel, dt, c) for dt in CTYPES for c in CONFIGS]
 
 
-KERNEL_FILES = ("delta.cu", *GEMM_FILES.values())
+KERNEL_FILES = ("delta.cu", "bias.cu", *GEMM_FILES.values())
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.M)
 
 
@@ -79,6 +83,29 @@ class CupyLoader:
         props = cupy.cuda.runtime.getDeviceProperties(device_index)
         self.sm_count = int(props["multiProcessorCount"])
         self._modules: dict = {}
+        name = props["name"]
+        self.name = name.decode() if isinstance(name, bytes) else str(name)
+
+    def gemm(self, a: Any, b: Any, out: Any, *, alpha: float = 1.0, beta: float = 0.0,
+             trans_a: bool = False, trans_b: bool = False) -> Any:
+        """out = alpha op(a) op(b) + beta out through cuBLAS (row-major arrays, no copies)."""
+        from cupy import cublas
+
+        return cublas.gemm("T" if trans_a else "N", "T" if trans_b else "N", a, b, out=out, alpha=alpha, beta=beta)
+
+    def time(self, fn: Any, repeats: int = 5) -> float:
+        """Median seconds of ``fn`` by CUDA events, after one warm-up call."""
+        cuda = self.xp.cuda
+        fn()
+        times = []
+        for _ in range(repeats):
+            start, stop = cuda.Event(), cuda.Event()
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(cuda.get_elapsed_time(start, stop) / 1e3)
+        return float(np.median(times))
 
     def function(self, file: str, name: str, all_names: Sequence[str]) -> Any:
         module = self._modules.get(file)
@@ -105,9 +132,10 @@ class CudaOps(ArrayOps):
 
     fused = True
 
-    def __init__(self, xp: Any, special: Any, loader: Any):
+    def __init__(self, xp: Any, special: Any, loader: Any, tuner: Tuner | None = None):
         super().__init__(xp, special)
         self.loader = loader
+        self.tuner = tuner if tuner is not None else Tuner(loader.name, loader.time)
         self.max_blocks = 8 * int(loader.sm_count)  # grid cap of the elementwise kernels
         self._ticket = xp.zeros(1, dtype=np.uint32)
 
@@ -136,10 +164,17 @@ class CudaOps(ArrayOps):
         bm, bn = CONFIGS["large"][:2]
         return "large" if -(-M // bm) * -(-N // bn) >= self.loader.sm_count else "small"
 
-    def _gemm(self, kernel: str, dtype: Any, M: int, N: int, config: str | None, args: list) -> None:
-        config = config or self.gemm_config(M, N)
-        if config not in CONFIGS:
-            raise ValueError(f"config: expected one of {', '.join(CONFIGS)}, got {config!r}")
+    def gemm_path(self, kind: str, dtype: Any, M: int, N: int, K: int, config: str | None,
+                  trial: Any) -> str:
+        """``config`` when given, else the tuned (or default) path for this shape."""
+        if config is not None:
+            if config not in PATHS:
+                raise ValueError(f"config: expected one of {', '.join(PATHS)}, got {config!r}")
+            return config
+        key = f"{kind}|{np.dtype(dtype).name}|{M}x{N}x{K}"
+        return self.tuner.choose(key, PATHS, trial, default=self.gemm_config(M, N))
+
+    def _gemm(self, kernel: str, dtype: Any, M: int, N: int, config: str, args: list) -> None:
         bm, bn = CONFIGS[config][:2]
         grid = (-(-N // bn), -(-M // bm), 1)
         self._kernel(GEMM_FILES[kernel], gemm_name(kernel, dtype, config))(grid, (BLOCK, 1, 1), args)
@@ -158,8 +193,18 @@ class CudaOps(ArrayOps):
         self._check("b", b, (n_out,), dtype)
         self._check("out", out, (batch, n_out), dtype)
         elementwise = "identity" if activation == "softmax" else act.check_activation(activation, act.HIDDEN)
-        self._gemm("forward", dtype, batch, n_out, config,
-                   [o, W, b, out, np.int32(act.CODES[elementwise]), np.int64(batch), np.int64(n_out), np.int64(n_in)])
+        code = np.int32(act.CODES[elementwise])
+
+        def run(path: str) -> None:
+            if path == "cublas":
+                self.loader.gemm(o, W, out)
+                self._kernel("bias.cu", f"bias_activation<{CTYPES[dtype]}>")(
+                    self._grid_1d(out.size), (BLOCK, 1, 1), [out, b, code, np.int64(batch), np.int64(n_out)])
+            else:
+                self._gemm("forward", dtype, batch, n_out, path,
+                           [o, W, b, out, code, np.int64(batch), np.int64(n_out), np.int64(n_in)])
+
+        run(self.gemm_path("forward", dtype, batch, n_out, n_in, config, run))
         if activation == "softmax":  # a row-wise reduction: CuPy's kernels, after the GEMM
             act.activate(self.xp, self.special, "softmax", out, out)
         return out
@@ -187,10 +232,12 @@ class CudaOps(ArrayOps):
         dtype = self._dtype_of("err", err)
         for name, array in (("err", err), ("o", o), ("out", out)):
             self._check(name, array, err.shape, dtype)
+        return self._hidden_delta(err, o, out, np.int32(act.CODES[act.check_activation(activation)]))
+
+    def _hidden_delta(self, err: Any, o: Any, out: Any, code: np.int32) -> Any:
         n = int(err.size)
-        self._kernel("delta.cu", f"hidden_delta<{CTYPES[dtype]}>")(
-            self._grid_1d(n), (BLOCK, 1, 1),
-            [err, o, out, np.int32(act.CODES[act.check_activation(activation)]), np.int64(n)])
+        self._kernel("delta.cu", f"hidden_delta<{CTYPES[np.dtype(err.dtype)]}>")(
+            self._grid_1d(n), (BLOCK, 1, 1), [err, o, out, code, np.int64(n)])
         return out
 
     # -- backward GEMMs -------------------------------------------------------
@@ -203,9 +250,17 @@ class CudaOps(ArrayOps):
         self._check("W", W, (n_in, n_out), dtype)
         self._check("o", o, (batch, n_in), dtype)
         self._check("out", out, (batch, n_in), dtype)
-        self._gemm("propagate", dtype, batch, n_in, config,
-                   [delta, W, o, out, np.int32(act.CODES[act.check_activation(activation)]),
-                    np.int64(batch), np.int64(n_in), np.int64(n_out)])
+        code = np.int32(act.CODES[act.check_activation(activation)])
+
+        def run(path: str) -> None:
+            if path == "cublas":
+                self.loader.gemm(delta, W, out, trans_b=True)
+                self._hidden_delta(out, o, out, code)  # in place: err * f'(o)
+            else:
+                self._gemm("propagate", dtype, batch, n_in, path,
+                           [delta, W, o, out, code, np.int64(batch), np.int64(n_in), np.int64(n_out)])
+
+        run(self.gemm_path("propagate", dtype, batch, n_in, n_out, config, run))
         return out
 
     def _weight_grad(self, o: Any, g: Any, W: Any, b: Any, mode: int, step: float, momentum: float,
@@ -227,12 +282,37 @@ class CudaOps(ArrayOps):
             self._check("vel_w", vel_w, (n_in, n_out), dtype)
             self._check("vel_b", vel_b, (n_out,), dtype)
         scalar = dtype.type
-        # Unused pointer arguments get a valid array of the right dtype (never dereferenced).
-        self._gemm("weight_grad", dtype, n_in, n_out, config, [
-            o, g, np.int32(o_next is not None), g if o_next is None else o_next,
-            g if delta_out is None else delta_out, np.int32(act.CODES[act.check_activation(activation)]),
-            W, b, W if vel_w is None else vel_w, b if vel_b is None else vel_b, np.int32(mode),
-            scalar(step), scalar(momentum), np.int64(n_in), np.int64(n_out), np.int64(batch)])
+        code = np.int32(act.CODES[act.check_activation(activation)])
+        ctype = CTYPES[dtype]
+
+        def launch(path: str, mode: int, W: Any, b: Any, vel_w: Any, vel_b: Any, prologue: bool) -> None:
+            # Unused pointer arguments get a valid array of the right dtype (never dereferenced).
+            vel_w = W if vel_w is None else vel_w
+            vel_b = b if vel_b is None else vel_b
+            if path != "cublas":
+                self._gemm("weight_grad", dtype, n_in, n_out, path, [
+                    o, g, np.int32(prologue), o_next if prologue else g, delta_out if prologue else g, code,
+                    W, b, vel_w, vel_b, np.int32(mode), scalar(step), scalar(momentum),
+                    np.int64(n_in), np.int64(n_out), np.int64(batch)])
+                return
+            delta = self._hidden_delta(g, o_next, delta_out, code) if prologue else g
+            if mode == SGD_MOMENTUM:
+                self.loader.gemm(o, delta, vel_w, alpha=-step, beta=momentum, trans_a=True)
+                W += vel_w
+            elif mode == SGD:
+                self.loader.gemm(o, delta, W, alpha=-step, beta=1.0, trans_a=True)
+            else:
+                self.loader.gemm(o, delta, W, trans_a=True)
+            self._kernel("bias.cu", f"bias_update<{ctype}>")(
+                (-(-n_out // 32), 1, 1), (32, 8, 1),
+                [delta, b, vel_b, np.int32(mode), scalar(step), scalar(momentum), np.int64(batch), np.int64(n_out)])
+
+        def trial(path: str) -> None:  # same GEMM, gradient written to scratch: W and b stay untouched
+            launch(path, WRITE_GRADIENT, self._scratch("tune_w", (n_in, n_out), dtype),
+                   self._scratch("tune_b", (n_out,), dtype), None, None, False)
+
+        path = self.gemm_path("weight_grad", dtype, n_in, n_out, batch, config, trial)
+        launch(path, mode, W, b, vel_w, vel_b, o_next is not None)
 
     def weight_grad(self, o: Any, delta: Any, grad_w: Any, grad_b: Any, *, o_next: Any = None,
                     activation: str = "identity", delta_out: Any = None,

@@ -115,6 +115,7 @@ class EmuLoader:
 
     xp = np
     sm_count = 4  # small, so the launchers' grid caps are exercised
+    name = "emulator"
 
     def __init__(self, kernels_dir: Path = KERNELS, extra_flags: Sequence[str] = ()):
         self.kernels_dir = Path(kernels_dir)
@@ -134,6 +135,21 @@ class EmuLoader:
             fn.restype = None
             self.kernels[key] = EmuKernel(fn, name)
         return self.kernels[key]
+
+    def gemm(self, a: Any, b: Any, out: Any, **kwargs: Any) -> Any:
+        """The cuBLAS stand-in: the CPU path's BLAS GEMM, same signature as CupyLoader.gemm."""
+        from gpu_backprop.ops.blas import gemm
+
+        return gemm(a, b, out, **kwargs)
+
+    def time(self, fn: Any, repeats: int = 3) -> float:
+        import time
+
+        fn()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - start) / repeats
 
     def check_device(self, name: str, array: Any) -> None:
         if not isinstance(array, np.ndarray):

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "cuda_shim.h"
+#include "bias.cu"
 #include "delta.cu"
 #include "forward.cu"
 #include "propagate.cu"
@@ -36,6 +37,9 @@ int main() {
     emu::launch(&weight_grad<float, 64, 64, 16, 4, 4>, dim3{tiles(N, 64), tiles(M, 64), 1}, block, o.data(),
                 err.data(), 1, o_next.data(), delta.data(), (int)ACT_SIGMOID, W.data(), b.data(), vel_w.data(),
                 vel_b.data(), (int)SGD_MOMENTUM, 0.01f, 0.9f, M, N, B);
+    emu::launch(&bias_update<float>, dim3{tiles(N, 32), 1, 1}, dim3{32, 8, 1}, delta.data(), b.data(),
+                vel_b.data(), (int)SGD_MOMENTUM, 0.01f, 0.9f, B, N);
+    emu::launch(&bias_activation<float>, dim3{2, 1, 1}, block, out.data(), b.data(), (int)ACT_TANH, B, N);
     double checksum = loss[0];
     for (float x : W) checksum += x;
     for (float x : below) checksum += x;

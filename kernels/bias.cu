@@ -1,0 +1,34 @@
+// The elementwise halves of the cuBLAS path (ops/cuda.py picks it per shape when
+// cuBLAS's GEMM beats ours): what our GEMM kernels do in their epilogues.
+//
+// bias_activation:  out = f(out + b)      in place, after cuBLAS wrote out = o W
+// bias_update:      db = sum over the batch of delta (fixed order: deterministic),
+//                   then apply_update (common.cuh) to b: write db, SGD or momentum
+//
+// bias_update runs 32 columns per block (blockDim 32 x 8): each of 8 row slices sums
+// every 8th row of its column, then thread row 0 adds the 8 partials in order.
+#include "common.cuh"
+
+template <typename T>
+__global__ void bias_activation(T* __restrict__ out, const T* __restrict__ b, int act, index_t rows, index_t cols) {
+    const index_t n = rows * cols, stride = (index_t)gridDim.x * blockDim.x;
+    for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        out[i] = activate(act, out[i] + b[i % cols]);
+}
+
+template <typename T>
+__global__ void bias_update(const T* __restrict__ delta, T* __restrict__ b, T* __restrict__ vel_b, int mode,
+                            T step, T momentum, index_t rows, index_t cols) {
+    __shared__ T partial[8][33];
+    const index_t col = (index_t)blockIdx.x * 32 + threadIdx.x;
+    T sum = T(0);
+    if (col < cols)
+        for (index_t r = threadIdx.y; r < rows; r += 8) sum += delta[r * cols + col];
+    partial[threadIdx.y][threadIdx.x] = sum;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < cols) {
+        T total = T(0);
+        for (int s = 0; s < 8; ++s) total += partial[s][threadIdx.x];
+        apply_update(mode, b, vel_b, col, total, step, momentum);
+    }
+}
