@@ -26,7 +26,7 @@ def run_benchmark(benchmark: Any, *, backend: Backend, ceilings: Ceilings, peer:
     benchmark.group = f"{group} {size}"
     result = fn(sets[0])
     sync()
-    got = outputs(result) if outputs else {k: to_host(v) for k, v in result.items()}
+    got = {k: to_host(v) for k, v in (outputs(result) if outputs else result).items()}
     check(peer, {k: np.asarray(v).reshape(np.shape(reference[k])) for k, v in got.items()}, reference, tol)
 
     counter = itertools.count(1)

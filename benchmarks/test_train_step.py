@@ -13,13 +13,13 @@ from .measure import run_benchmark, to_host
 from .peers import LR, SIZES, STEP_PEERS, peer_reason, torch_device, torch_or_skip, torch_sync
 
 
-def plain_step(params: dict, X, Y, sigmoid) -> dict:
+def plain_step(params: dict, X, Y, sigmoid, lr: float = LR) -> dict:
     """Textbook backprop with temporaries (MATH.md), for NumPy, CuPy and PyTorch arrays."""
     weights, biases = params["W"], params["b"]
     o = [X]
     for W, b in zip(weights, biases):
         o.append(sigmoid(o[-1] @ W + b))
-    step = LR / X.shape[0]
+    step = lr / X.shape[0]
     delta = (o[-1] - Y) * o[-1] * (1 - o[-1])
     for k in reversed(range(len(weights))):
         grad_w, grad_b = o[k].T @ delta, delta.sum(0)
@@ -41,6 +41,13 @@ def initial(size: str, rng: np.random.Generator) -> tuple[list, list, np.ndarray
     return weights, biases, X, Y
 
 
+def step_flops(widths: list, batch: int) -> int:
+    """GEMM FLOPs of one step: 2BP forward, 4BP backward, less the first layer's
+    error propagation, which nobody computes (2 B n0 n1)."""
+    params = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+    return 6 * batch * params - 2 * batch * widths[0] * widths[1]
+
+
 def numpy_sigmoid(z):
     return 1.0 / (1.0 + np.exp(-z))
 
@@ -58,9 +65,7 @@ def test_train_step(benchmark, backend, ceilings, budget, size, peer):
         ref = plain_step({"W": [w.copy() for w in weights], "b": [b.copy() for b in biases]}, X, Y, numpy_sigmoid)
     reference = {f"W{k}": w for k, w in enumerate(ref["W"])} | {f"b{k}": b for k, b in enumerate(ref["b"])}
     widths, batch = SIZES[size]
-    params = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
-    flops = 6 * batch * params  # forward GEMMs 2BP, backward 4BP (the first layer's error is not propagated,
-    flops -= 2 * batch * widths[0] * widths[1]  # so 2 B n0 n1 fewer)
+    flops = step_flops(widths, batch)
     n_sets = rotation(4 * batch * (widths[0] + widths[-1]), backend)
     batches = [(X.astype(np.float32), Y.astype(np.float32)) for _ in range(n_sets)]
 
@@ -147,3 +152,89 @@ def test_train_step(benchmark, backend, ceilings, budget, size, peer):
     run_benchmark(benchmark, backend=backend, ceilings=ceilings, peer=peer, group="train_step", size=size,
                   fn=fn, sets=sets, sync=sync, reference=reference, outputs=outputs, work=(0, flops),
                   budget=budget, tol=1e-4, use_events=False)  # whole steps: host clock, launch costs included
+
+
+DIGITS_PEERS = ("ours-numpy", "cupy-unfused", "ours-fused", "ours-graph", "torch-autograd", "torch-eager")
+
+
+@pytest.mark.parametrize("peer", DIGITS_PEERS)
+def test_digits_epoch(benchmark, backend, ceilings, budget, peer):
+    """The main job's epoch: digits, 64-64-10 sigmoid, MSE, B=32 (45 steps, the last one short)."""
+    reason = peer_reason(peer if peer != "torch-autograd" else "torch-eager", backend, "small")
+    if reason:
+        pytest.skip(reason)
+    from gpu_backprop import data
+    from gpu_backprop.train import StepRunner, batch_slices
+
+    ds = data.digits(seed=0)
+    widths, lr = [64, 64, 10], 2.0
+    X, Y = ds.X_train, np.eye(10)[ds.y_train]
+    slices = batch_slices(len(X), 32)
+    model = MLP(widths, device="cpu", dtype="float64", seed=0)
+    weights, biases = list(model.weights), list(model.biases)
+    state64 = {"W": [w.copy() for w in weights], "b": [b.copy() for b in biases]}
+    for rows in slices:
+        plain_step(state64, X[rows], Y[rows], numpy_sigmoid, lr)
+    reference = {f"W{k}": w for k, w in enumerate(state64["W"])} | {f"b{k}": b for k, b in enumerate(state64["b"])}
+
+    if peer.startswith("torch"):
+        torch = torch_or_skip(backend)
+        device = torch_device(backend)
+        tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(device)  # noqa: E731
+        batches = [(tensor(X[r]), tensor(Y[r])) for r in slices]
+        sync = torch_sync(torch, backend)
+        if peer == "torch-autograd":
+            layers = []
+            for W, b in zip(weights, biases):
+                linear = torch.nn.Linear(*W.shape).to(device)
+                with torch.no_grad():
+                    linear.weight.copy_(tensor(W.T))
+                    linear.bias.copy_(tensor(b))
+                layers += [linear, torch.nn.Sigmoid()]
+            net = torch.nn.Sequential(*layers)
+            optimizer = torch.optim.SGD(net.parameters(), lr=lr)
+            linears = [m for m in net if isinstance(m, torch.nn.Linear)]
+
+            def epoch(_):
+                for x, y in batches:
+                    optimizer.zero_grad(set_to_none=True)
+                    (0.5 * ((net(x) - y) ** 2).sum() / x.shape[0]).backward()
+                    optimizer.step()
+                return {f"W{k}": to_host(m.weight.T) for k, m in enumerate(linears)} | \
+                       {f"b{k}": to_host(m.bias) for k, m in enumerate(linears)}
+        else:
+            state = {"W": [tensor(w) for w in weights], "b": [tensor(b) for b in biases]}
+
+            def epoch(_):
+                with torch.no_grad():
+                    for x, y in batches:
+                        plain_step(state, x, y, torch.sigmoid, lr)
+                return {f"W{k}": to_host(w) for k, w in enumerate(state["W"])} | \
+                       {f"b{k}": to_host(b) for k, b in enumerate(state["b"])}
+        outputs = None  # epoch() returns the host arrays itself
+    else:
+        device = "cpu" if peer == "ours-numpy" else "cuda"
+        model = MLP(widths, device=device, dtype="float32", seed=0, fused=peer != "cupy-unfused")
+        batches = [(model.device.asarray(X[r], np.float32), model.device.asarray(Y[r], np.float32)) for r in slices]
+        sync = backend.sync
+        runner = StepRunner(model, lr, 0.0, model.device.capture if peer == "ours-graph" else None)
+        fixed = {xb.shape[0]: (model.xp.empty_like(xb), model.xp.empty_like(yb)) for xb, yb in batches}
+        stream = model.device.stream()
+        if peer == "ours-graph":
+            sync = stream.synchronize
+
+        def epoch(_):
+            with stream:  # as fit does it: each batch into fixed buffers, then the (captured) step
+                for xb, yb in batches:
+                    fx, fy = fixed[xb.shape[0]]
+                    fx[...] = xb
+                    fy[...] = yb
+                    runner(fx, fy)
+            return model
+
+        outputs = lambda m: m.get_params()  # noqa: E731
+    # the first epoch (from the initial weights) is checked, the following ones timed as training goes on
+    run_benchmark(benchmark, backend=backend, ceilings=ceilings, peer=peer, group="digits_epoch", size="64-64-10 B=32",
+                  fn=epoch, sets=[None], sync=sync, reference=reference, outputs=outputs,
+                  work=(0, sum(step_flops(widths, r.stop - r.start) for r in slices)), budget=budget, tol=1e-3,
+                  use_events=False)
