@@ -48,6 +48,34 @@ def step_flops(widths: list, batch: int) -> int:
     return 6 * batch * params - 2 * batch * widths[0] * widths[1]
 
 
+def torch_autograd(torch, tensor, weights, biases, lr):
+    """PyTorch as its users write it: nn.Sequential, autograd, optim.SGD, from our weights.
+    Returns (step(x, y), params(_) -> host arrays named like ours)."""
+    layers = []
+    for W, b in zip(weights, biases):
+        linear = torch.nn.Linear(*W.shape).to(tensor(b).device)
+        with torch.no_grad():
+            linear.weight.copy_(tensor(W.T))
+            linear.bias.copy_(tensor(b))
+        layers += [linear, torch.nn.Sigmoid()]
+    net = torch.nn.Sequential(*layers)
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr)
+    linears = [m for m in net if isinstance(m, torch.nn.Linear)]
+
+    def step(x, y):
+        optimizer.zero_grad(set_to_none=True)
+        loss = 0.5 * ((net(x) - y) ** 2).sum() / x.shape[0]  # batch mean of 1/2 sum (y - y_hat)^2
+        loss.backward()
+        optimizer.step()
+        return net
+
+    def params(_):
+        return {f"W{k}": to_host(m.weight.T) for k, m in enumerate(linears)} | \
+               {f"b{k}": to_host(m.bias) for k, m in enumerate(linears)}
+
+    return step, params
+
+
 def numpy_sigmoid(z):
     return 1.0 / (1.0 + np.exp(-z))
 
@@ -76,29 +104,10 @@ def test_train_step(benchmark, backend, ceilings, budget, size, peer):
         sets = [(tensor(x), tensor(y)) for x, y in batches]
         sync = torch_sync(torch, backend)
         if peer == "torch-autograd":
-            layers = []
-            for W, b in zip(weights, biases):
-                linear = torch.nn.Linear(*W.shape).to(device)
-                with torch.no_grad():
-                    linear.weight.copy_(tensor(W.T))
-                    linear.bias.copy_(tensor(b))
-                layers += [linear, torch.nn.Sigmoid()]
-            net = torch.nn.Sequential(*layers)
-            optimizer = torch.optim.SGD(net.parameters(), lr=LR)
+            torch_step, outputs = torch_autograd(torch, tensor, weights, biases, LR)
 
             def fn(s):
-                x, y = s
-                optimizer.zero_grad(set_to_none=True)
-                loss = 0.5 * ((net(x) - y) ** 2).sum() / x.shape[0]  # batch mean of 1/2 sum (y - y_hat)^2
-                loss.backward()
-                optimizer.step()
-                return net
-
-            linears = [m for m in net if isinstance(m, torch.nn.Linear)]
-
-            def outputs(_):
-                return {f"W{k}": to_host(m.weight.T) for k, m in enumerate(linears)} | \
-                       {f"b{k}": to_host(m.bias) for k, m in enumerate(linears)}
+                return torch_step(*s)
         else:
             state = {"W": [tensor(w) for w in weights], "b": [tensor(b) for b in biases]}
             step = plain_step
@@ -184,24 +193,12 @@ def test_digits_epoch(benchmark, backend, ceilings, budget, peer):
         batches = [(tensor(X[r]), tensor(Y[r])) for r in slices]
         sync = torch_sync(torch, backend)
         if peer == "torch-autograd":
-            layers = []
-            for W, b in zip(weights, biases):
-                linear = torch.nn.Linear(*W.shape).to(device)
-                with torch.no_grad():
-                    linear.weight.copy_(tensor(W.T))
-                    linear.bias.copy_(tensor(b))
-                layers += [linear, torch.nn.Sigmoid()]
-            net = torch.nn.Sequential(*layers)
-            optimizer = torch.optim.SGD(net.parameters(), lr=lr)
-            linears = [m for m in net if isinstance(m, torch.nn.Linear)]
+            torch_step, params = torch_autograd(torch, tensor, weights, biases, lr)
 
             def epoch(_):
                 for x, y in batches:
-                    optimizer.zero_grad(set_to_none=True)
-                    (0.5 * ((net(x) - y) ** 2).sum() / x.shape[0]).backward()
-                    optimizer.step()
-                return {f"W{k}": to_host(m.weight.T) for k, m in enumerate(linears)} | \
-                       {f"b{k}": to_host(m.bias) for k, m in enumerate(linears)}
+                    torch_step(x, y)
+                return params(None)
         else:
             state = {"W": [tensor(w) for w in weights], "b": [tensor(b) for b in biases]}
 

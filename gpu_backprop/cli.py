@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default $GPU_BACKPROP_DEVICE or auto)")
     train.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     train.add_argument("--unfused", action="store_true", help="on CUDA, use the unfused CuPy path")
+    train.add_argument("--no-graphs", action="store_true", help="on CUDA, do not replay steps from CUDA graphs")
     train.add_argument("--save", metavar="MODEL.npz", help="write the trained model here")
     train.add_argument("--plot", metavar="CURVES.png", help="plot loss and accuracy per epoch (needs [plot])")
     train.add_argument("--json", action="store_true", help="print one JSON object with the results, nothing else")
@@ -110,13 +111,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"{model} on {ds.name}: {len(ds.X_train)} train / {len(ds.X_test)} test samples", file=sys.stderr)
     start = time.perf_counter()
     history = model.fit(ds.X_train, ds.y_train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                        momentum=args.momentum, validation_data=(ds.X_test, ds.y_test), progress=not args.json)
+                        momentum=args.momentum, validation_data=(ds.X_test, ds.y_test), progress=not args.json,
+                        graphs=False if args.no_graphs else None)
     seconds = time.perf_counter() - start
     test = model.evaluate(ds.X_test, ds.y_test)
     result = {
         "dataset": ds.name, "sizes": model.sizes, "activation": model.activation, "output": model.output,
         "loss_function": model.loss, "device": model.device.name, "device_reason": model.device.reason,
-        "fused": model.ops.fused, "dtype": model.dtype.name, "epochs": history.epochs,
+        "fused": model.ops.fused, "graphs": bool(getattr(model.last_steps, "captured", 0)), "dtype": model.dtype.name, "epochs": history.epochs,
         "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
         "train_loss": history.loss[-1], "train_accuracy": history.accuracy[-1],
         "test_loss": test["loss"], "test_accuracy": test["accuracy"],

@@ -64,7 +64,7 @@ __device__ T block_sum(T v) {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     v = warp_sum(v);
     if (lane == 0) warp_sums[warp] = v;
-    __syncthreads();
+    __syncthreads();  // sync: warp sums written
     if (warp == 0) {
         v = lane < (int)(blockDim.x / 32) ? warp_sums[lane] : T(0);
         v = warp_sum(v);

@@ -8,8 +8,9 @@
 // Tiles of A and B go through shared memory BK deep; elements outside
 // M x N x K load as zero, so no size needs to be a multiple of a tile.
 //
-// The operands are read through functors load_a(m, k), load_b(k, n) (a prologue
-// can transform elements while the tile is loaded). A_KROWS says A is stored
+// The operands are read through functors load_a(m, k), load_b(n, k) (a prologue
+// can transform elements while the tile is loaded); on_tile(Bs) sees each B tile
+// once it is in shared memory (the bias-gradient sums use it). A_KROWS says A is stored
 // k-major (element (m, k) at k*M + m: consecutive m are adjacent), otherwise
 // m-major (at m*K + k); likewise B_KROWS for B (k-major: (k, n) at k*N + n).
 // The load order follows the layout so that global reads coalesce.
@@ -53,3 +54,47 @@ __device__ __forceinline__ void multiply_tile(T (&acc)[TM][TN], const T (&As)[BK
             for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];
     }
 }
+
+// acc = the block's tile of C = A B, over all of K.
+template <typename T, int BM, int BN, int BK, int TM, int TN, bool A_KROWS, bool B_KROWS, typename LoadA,
+          typename LoadB, typename OnTile>
+__device__ __forceinline__ void gemm_mainloop(T (&acc)[TM][TN], T (&As)[BK][BM + 1], T (&Bs)[BK][BN + 1],
+                                              LoadA load_a, LoadB load_b, OnTile on_tile, index_t m0,
+                                              index_t n0, index_t M, index_t N, index_t K) {
+    typedef TileShape<BM, BN, TM, TN> S;
+    const int tid = threadIdx.x, tx = tid % S::COL_STEP, ty = tid / S::COL_STEP;
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = T(0);
+    for (index_t k0 = 0; k0 < K; k0 += BK) {
+        load_tile<T, BM, BK, A_KROWS>(As, load_a, m0, k0, M, K, tid, S::THREADS);
+        load_tile<T, BN, BK, B_KROWS>(Bs, load_b, n0, k0, N, K, tid, S::THREADS);
+        __syncthreads();  // sync: tile loaded
+        on_tile(Bs);
+        multiply_tile<T, BM, BN, BK, TM, TN>(acc, As, Bs, ty, tx);
+        __syncthreads();  // sync: tile consumed
+    }
+}
+
+// epilogue(m, n, value) for each of this thread's outputs inside M x N.
+template <int BM, int BN, int TM, int TN, typename T, typename Epilogue>
+__device__ __forceinline__ void for_each_output(const T (&acc)[TM][TN], index_t m0, index_t n0, index_t M,
+                                                index_t N, Epilogue epilogue) {
+    typedef TileShape<BM, BN, TM, TN> S;
+    const int tx = threadIdx.x % S::COL_STEP, ty = threadIdx.x / S::COL_STEP;
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+        const index_t m = m0 + ty + i * S::ROW_STEP;
+#pragma unroll
+        for (int j = 0; j < TN; ++j) {
+            const index_t n = n0 + tx + j * S::COL_STEP;
+            if (m < M && n < N) epilogue(m, n, acc[i][j]);
+        }
+    }
+}
+
+struct NoTileHook {
+    template <typename Tile>
+    __device__ __forceinline__ void operator()(const Tile&) const {}
+};

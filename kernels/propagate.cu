@@ -11,33 +11,15 @@
 template <typename T, int BM, int BN, int BK, int TM, int TN>
 __global__ void propagate(const T* __restrict__ delta, const T* __restrict__ W, const T* __restrict__ o,
                           T* __restrict__ out, int act, index_t M, index_t N, index_t K) {
-    typedef TileShape<BM, BN, TM, TN> S;
     __shared__ T As[BK][BM + 1];
     __shared__ T Bs[BK][BN + 1];
-    const int tid = threadIdx.x, tx = tid % S::COL_STEP, ty = tid / S::COL_STEP;
     const index_t m0 = (index_t)blockIdx.y * BM, n0 = (index_t)blockIdx.x * BN;
-    auto load_a = [&](index_t m, index_t k) { return delta[m * K + k]; };
-    auto load_w = [&](index_t n, index_t k) { return W[n * K + k]; };  // B(k, n) = W[n][k]
     T acc[TM][TN];
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = T(0);
-    for (index_t k0 = 0; k0 < K; k0 += BK) {
-        load_tile<T, BM, BK, false>(As, load_a, m0, k0, M, K, tid, S::THREADS);
-        load_tile<T, BN, BK, false>(Bs, load_w, n0, k0, N, K, tid, S::THREADS);
-        __syncthreads();  // sync: tile loaded
-        multiply_tile<T, BM, BN, BK, TM, TN>(acc, As, Bs, ty, tx);
-        __syncthreads();  // sync: tile consumed
-    }
-#pragma unroll
-    for (int i = 0; i < TM; ++i) {
-        const index_t m = m0 + ty + i * S::ROW_STEP;
-        if (m >= M) continue;
-#pragma unroll
-        for (int j = 0; j < TN; ++j) {
-            const index_t n = n0 + tx + j * S::COL_STEP;
-            if (n < N) out[m * N + n] = acc[i][j] * derivative(act, o[m * N + n]);
-        }
-    }
+    gemm_mainloop<T, BM, BN, BK, TM, TN, false, false>(
+        acc, As, Bs, [&](index_t m, index_t k) { return delta[m * K + k]; },
+        [&](index_t n, index_t k) { return W[n * K + k]; },  // B(k, n) = W[n][k]
+        NoTileHook(), m0, n0, M, N, K);
+    for_each_output<BM, BN, TM, TN>(acc, m0, n0, M, N, [&](index_t m, index_t n, T v) {
+        out[m * N + n] = v * derivative(act, o[m * N + n]);
+    });
 }

@@ -23,8 +23,9 @@ def test_kernels_run_clean_under_tsan(tmp_path):
     assert proc.returncode == 0 and proc.stdout.startswith("checksum")
 
 
-@pytest.mark.parametrize("file,marker", [("weight_grad.cu", "sync: tile consumed"),
-                                         ("propagate.cu", "sync: tile loaded"),
+@pytest.mark.parametrize("file,marker", [("gemm_tile.cuh", "sync: tile consumed"),
+                                         ("gemm_tile.cuh", "sync: tile loaded"),
+                                         ("common.cuh", "sync: warp sums written"),
                                          ("bias.cu", "__syncthreads();")])
 def test_missing_syncthreads_is_reported(tmp_path, file, marker):
     planted = tmp_path / "kernels"
