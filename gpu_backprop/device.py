@@ -99,16 +99,6 @@ class Device:
                 graph = stream.end_capture()
         return lambda: graph.launch(stream)
 
-    def __enter__(self) -> "Device":
-        if self.kind == "cuda":
-            self._cuda_ctx = self.xp.cuda.Device(self.index)
-            self._cuda_ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.kind == "cuda":
-            self._cuda_ctx.__exit__(*exc)
-
 
 CPU = Device("cpu", None, np, "requested")
 
@@ -181,14 +171,24 @@ def get_device(spec: "str | Device | None" = None) -> Device:
             raise DeviceError(f"device 'cuda:{index}' unavailable: {why_not}; "
                               f"to train on a GPU: {INSTALL_HINT} on a machine with an NVIDIA GPU, "
                               f"or use device='cpu'")
-        return Device("cuda", index, cupy, "requested")
+        return _cuda_device(cupy, index, "requested")
     if cupy is None:
         device = Device("cpu", None, np, why_not)
     else:
-        name = _gpu_name(cupy, 0)
-        device = Device("cuda", 0, cupy, f"CuPy found {name}")
+        device = _cuda_device(cupy, 0, f"CuPy found {_gpu_name(cupy, 0)}")
     _announce(f"device auto: {device.name} ({device.reason})")
     return device
+
+
+_cuda_devices: dict = {}
+
+
+def _cuda_device(cupy: ModuleType, index: int, reason: str) -> Device:
+    """One Device per GPU and reason, so its compiled kernels, stream and tuning are shared."""
+    key = (index, reason)
+    if key not in _cuda_devices:
+        _cuda_devices[key] = Device("cuda", index, cupy, reason)
+    return _cuda_devices[key]
 
 
 def _announce(message: str) -> None:
