@@ -184,7 +184,8 @@ class CudaOps(ArrayOps):
 
     # -- forward --------------------------------------------------------------
     def forward(self, o: Any, W: Any, b: Any, activation: str, out: Any, config: str | None = None) -> Any:
-        """out = f(o W + b): one GEMM with bias and activation in its epilogue."""
+        """out = f(o W + b): our GEMM with bias and activation in its epilogue, or, where the
+        tuner found it faster for this shape, cuBLAS then one bias-activation kernel."""
         dtype = self._dtype_of("o", o)
         batch, n_in = o.shape
         n_out = W.shape[1] if W.ndim == 2 else -1
@@ -242,7 +243,8 @@ class CudaOps(ArrayOps):
 
     # -- backward GEMMs -------------------------------------------------------
     def propagate(self, delta: Any, W: Any, o: Any, activation: str, out: Any, config: str | None = None) -> Any:
-        """out = (delta W^T) * f'(o): the derivative in the GEMM epilogue."""
+        """out = (delta W^T) * f'(o): the derivative in our GEMM's epilogue (or cuBLAS, then
+        the derivative in place, where tuned faster)."""
         dtype = self._dtype_of("delta", delta)
         batch, n_out = delta.shape
         n_in = W.shape[0]
@@ -326,7 +328,8 @@ class CudaOps(ArrayOps):
     def sgd_update(self, o: Any, delta: Any, W: Any, b: Any, step: float, momentum: float = 0.0,
                    vel_w: Any = None, vel_b: Any = None, *, o_next: Any = None,
                    activation: str = "identity", delta_out: Any = None, config: str | None = None) -> None:
-        """The SGD step applied to W and b in the weight-gradient GEMM's epilogue."""
+        """The SGD step applied to W and b in the weight-gradient GEMM's epilogue (on the cuBLAS
+        path: cuBLAS with alpha = -step, beta = 1 into W, then one bias kernel)."""
         mode = SGD_MOMENTUM if momentum else SGD
         self._weight_grad(o, delta, W, b, mode, step, momentum, vel_w, vel_b, o_next, activation,
                           delta_out, config)
