@@ -31,7 +31,7 @@ CPU_PEERS = ("numpy", "ours-numpy")
 GPU_PEERS = ("cupy-unfused", "ours-fused")
 TORCH_PEERS = ("torch-eager", "torch-compile")
 PEERS = CPU_PEERS + GPU_PEERS + TORCH_PEERS
-STEP_PEERS = CPU_PEERS + ("cupy-unfused", "ours-fused", "ours-graph", "torch-autograd") + TORCH_PEERS
+STEP_PEERS = CPU_PEERS + ("cupy-unfused", "ours-fused", "ours-graph", "ours-tf32", "torch-autograd") + TORCH_PEERS
 LR = 0.05
 
 
@@ -202,7 +202,7 @@ def peer_reason(peer: str, backend: Any, size: str) -> str | None:
     """Why ``peer`` does not run in this session (None when it does)."""
     if peer in CPU_PEERS and backend.kind != "cpu":
         return f"{peer} is a CPU peer: run with --bench-device cpu"
-    if peer in ("cupy-unfused", "ours-fused", "ours-graph") and backend.kind != "cuda":
+    if peer in ("cupy-unfused", "ours-fused", "ours-graph", "ours-tf32") and backend.kind != "cuda":
         return f"{peer} needs a CUDA GPU (none usable here)"
     if peer == "torch-compile" and backend.kind != "cuda":
         return "torch.compile peer runs on CUDA only (CPU inductor compile time would dominate the suite)"

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ORDER = ["ours-graph", "ours-fused", "ours-numpy", "cupy-unfused", "numpy", "torch-eager", "torch-autograd", "torch-compile"]
+ORDER = ["ours-graph", "ours-fused", "ours-tf32", "ours-numpy", "cupy-unfused", "numpy", "torch-eager", "torch-autograd", "torch-compile"]
 
 
 def load(*paths: "str | Path") -> dict:

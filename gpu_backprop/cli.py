@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default $GPU_BACKPROP_DEVICE or auto)")
     train.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    train.add_argument("--precision", default="fp32", choices=["fp32", "tf32"],
+                       help="tf32: float32 GEMMs on the tensor cores (CUDA only)")
     train.add_argument("--unfused", action="store_true", help="on CUDA, use the unfused CuPy path")
     train.add_argument("--no-graphs", action="store_true", help="on CUDA, do not replay steps from CUDA graphs")
     train.add_argument("--save", metavar="MODEL.npz", help="write the trained model here")
@@ -106,7 +108,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     output = args.output or ("identity" if ds.task == "regression" else None)
     device = get_device(args.device)
     model = MLP([ds.X_train.shape[1], *args.hidden, ds.n_outputs], activation=args.activation, output=output,
-                loss=args.loss, device=device, dtype=args.dtype, seed=args.seed, fused=not args.unfused)
+                loss=args.loss, device=device, dtype=args.dtype, seed=args.seed, fused=not args.unfused,
+                precision=args.precision)
     if not args.json:
         print(f"{model} on {ds.name}: {len(ds.X_train)} train / {len(ds.X_test)} test samples", file=sys.stderr)
     start = time.perf_counter()
@@ -118,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = {
         "dataset": ds.name, "sizes": model.sizes, "activation": model.activation, "output": model.output,
         "loss_function": model.loss, "device": model.device.name, "device_reason": model.device.reason,
-        "fused": model.ops.fused, "graphs": bool(getattr(model.last_steps, "captured", 0)), "dtype": model.dtype.name, "epochs": history.epochs,
+        "fused": model.ops.fused, "precision": model.precision, "graphs": bool(getattr(model.last_steps, "captured", 0)), "dtype": model.dtype.name, "epochs": history.epochs,
         "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
         "train_loss": history.loss[-1], "train_accuracy": history.accuracy[-1],
         "test_loss": test["loss"], "test_accuracy": test["accuracy"],

@@ -48,14 +48,14 @@ class Device:
     def __str__(self) -> str:
         return self.name
 
-    def ops(self, fused: bool = True):
+    def ops(self, fused: bool = True, precision: str = "fp32"):
         """The operations for this device: the NumPy twin on the CPU, the fused
         CUDA kernels on a GPU (or the unfused CuPy path when ``fused=False``)."""
-        key = bool(fused)
+        key = ("ops", bool(fused), precision)
         if key not in self._cache:
             from .ops import make_ops
 
-            self._cache[key] = make_ops(self, fused=key)
+            self._cache[key] = make_ops(self, fused=bool(fused), precision=precision)
         return self._cache[key]
 
     def asarray(self, x: Any, dtype: Any = None) -> Any:

@@ -7,6 +7,7 @@ per-sample loss, so the SGD step is ``W -= lr / B * o^T delta``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -45,11 +46,14 @@ class MLP:
     dtype: float32 or float64.
     seed: Glorot initialisation seed; the same seed gives the same weights bit for bit.
     fused: on CUDA, use the fused kernels (True) or the unfused CuPy path.
+    precision: "fp32" (exact float32 products) or "tf32": on CUDA, float32 GEMMs on the
+        tensor cores with TF32 inputs (10-bit mantissa) and float32 sums, relative error
+        near 3e-4; the CPU always computes in full float32.
     """
 
     def __init__(self, sizes: Sequence[int], activation: str = "sigmoid", output: str | None = None,
                  loss: str = "mse", device: "str | Device | None" = None, dtype: Any = "float32",
-                 seed: int = 0, fused: bool = True):
+                 seed: int = 0, fused: bool = True, precision: str = "fp32"):
         self.sizes = _check_sizes(sizes)
         self.activation = act.check_activation(activation)
         if output is None:
@@ -60,7 +64,8 @@ class MLP:
         self.seed = int(seed)
         self.device = get_device(device)
         self.fused = bool(fused)
-        self.ops = self.device.ops(fused=self.fused)
+        self.precision = _check_precision(precision, self.dtype, self.device)
+        self.ops = self.device.ops(fused=self.fused, precision=self.precision)
         self.xp = self.device.xp
         self.task = "classification"
         self.weights, self.biases = self._glorot(self.seed)
@@ -209,7 +214,8 @@ class MLP:
     # -- persistence ----------------------------------------------------------
     def config(self) -> dict[str, Any]:
         return {"sizes": self.sizes, "activation": self.activation, "output": self.output,
-                "loss": self.loss, "dtype": self.dtype.name, "seed": self.seed, "task": self.task}
+                "loss": self.loss, "dtype": self.dtype.name, "seed": self.seed, "task": self.task,
+                "precision": self.precision}
 
     def save(self, path: "str | os.PathLike", **extra: np.ndarray) -> Path:
         """Write parameters and architecture to ``path`` (.npz) atomically: a temporary
@@ -244,7 +250,8 @@ class MLP:
         if header.get("format") != FORMAT_VERSION:
             raise ValueError(f"model: {str(path)!r} has format {header.get('format')}, expected {FORMAT_VERSION}")
         model = cls(header["sizes"], header["activation"], header["output"], header["loss"],
-                    device=device, dtype=header["dtype"], seed=header["seed"])
+                    device=device, dtype=header["dtype"], seed=header["seed"],
+                    precision=header.get("precision", "fp32"))
         model.task = header.get("task", "classification")
         model.set_params(contents)
         model.extra = {k[len("extra_"):]: v for k, v in contents.items() if k.startswith("extra_")}
@@ -252,8 +259,9 @@ class MLP:
 
     def __repr__(self) -> str:
         sizes = "-".join(map(str, self.sizes))
+        precision = "" if self.precision == "fp32" else f", precision={self.precision!r}"
         return (f"MLP({sizes}, activation={self.activation!r}, output={self.output!r}, "
-                f"loss={self.loss!r}, device={self.device.name!r}, dtype={self.dtype.name!r})")
+                f"loss={self.loss!r}, device={self.device.name!r}, dtype={self.dtype.name!r}{precision})")
 
 
 def _check_sizes(sizes: Sequence[int]) -> list[int]:
@@ -264,6 +272,16 @@ def _check_sizes(sizes: Sequence[int]) -> list[int]:
     if len(out) < 2 or any(s < 1 for s in out) or any(i != s for i, s in zip(out, sizes)):
         raise ValueError(f"sizes: expected at least two positive integer widths, got {list(sizes)!r}")
     return out
+
+
+def _check_precision(precision: str, dtype: np.dtype, device: Device) -> str:
+    if precision not in ("fp32", "tf32"):
+        raise ValueError(f"precision: expected 'fp32' or 'tf32', got {precision!r}")
+    if precision == "tf32" and dtype != np.float32:
+        raise ValueError(f"precision: 'tf32' needs dtype float32, got {dtype.name}")
+    if precision == "tf32" and device.kind != "cuda":
+        logging.getLogger("gpu_backprop").info("precision 'tf32' applies on CUDA only: the CPU computes in float32")
+    return precision
 
 
 def _check_dtype(dtype: Any) -> np.dtype:

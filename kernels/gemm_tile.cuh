@@ -1,31 +1,29 @@
-// The tiled GEMM main loop shared by forward.cu, weight_grad.cu and propagate.cu:
+// The tiled GEMM shared by forward.cu, weight_grad.cu and propagate.cu:
 //
-//   acc[i][j] = sum_k A(m, k) * B(k, n)   for the block's BM x BN tile of C
+//   acc = sum_k A(m, k) * B(k, n)   for the block's BM x BN tile of C
 //
-// Each of the THREADS = (BM/TM)*(BN/TN) threads owns TM x TN outputs, at rows
-// ty + i*(BM/TM) and columns tx + j*(BN/TN): strided, so a warp reads
-// consecutive shared-memory words (no bank conflicts) and writes C coalesced.
 // Tiles of A and B go through shared memory BK deep; elements outside
-// M x N x K load as zero, so no size needs to be a multiple of a tile.
+// M x N x K load as zero, so no size needs to be a multiple of a tile. The
+// operands are read through functors load_a(m, k), load_b(n, k) (a prologue
+// can transform elements while the tile is loaded); on_tile(Bs) sees each B
+// tile once it is in shared memory (the bias-gradient sums use it). A_KROWS
+// says A is stored k-major (element (m, k) at k*M + m: consecutive m are
+// adjacent), otherwise m-major (at m*K + k); likewise B_KROWS for B (k-major:
+// (k, n) at k*N + n). The load order follows the layout so global reads coalesce.
 //
-// The operands are read through functors load_a(m, k), load_b(n, k) (a prologue
-// can transform elements while the tile is loaded); on_tile(Bs) sees each B tile
-// once it is in shared memory (the bias-gradient sums use it). A_KROWS says A is stored
-// k-major (element (m, k) at k*M + m: consecutive m are adjacent), otherwise
-// m-major (at m*K + k); likewise B_KROWS for B (k-major: (k, n) at k*N + n).
-// The load order follows the layout so that global reads coalesce.
+// Two cores do the arithmetic, with the same interface (a kernel is written once,
+// templated on its core):
+//   Simt<T, BM, BN, BK, TM, TN>  CUDA cores, float or double. Each thread owns TM x TN
+//       outputs at rows ty + i*(BM/TM), columns tx + j*(BN/TN): strided, so a warp
+//       reads consecutive shared-memory words and writes C coalesced.
+//   Tf32  tensor cores (sm_80+), float in, float accumulate, TF32 products:
+//       mma.sync m16n8k8; 64 x 64 x 16 tiles, 8 warps of 32 x 16 outputs each.
+//       Built only by NVRTC/nvcc (the CPU harness checks the Simt core).
 #pragma once
 #include "common.cuh"
 
-template <int BM, int BN, int TM, int TN>
-struct TileShape {
-    static const int THREADS = (BM / TM) * (BN / TN);
-    static const int ROW_STEP = BM / TM;  // rows of one thread are ROW_STEP apart
-    static const int COL_STEP = BN / TN;
-};
-
-template <typename T, int BM, int BK, bool KROWS, typename Load>
-__device__ __forceinline__ void load_tile(T (&tile)[BK][BM + 1], Load load, index_t m0, index_t k0,
+template <typename T, int BM, int BK, int PAD, bool KROWS, typename Load>
+__device__ __forceinline__ void load_tile(T (&tile)[BK][BM + PAD], Load load, index_t m0, index_t k0,
                                           index_t M, index_t K, int tid, int threads) {
     for (int i = tid; i < BK * BM; i += threads) {
         // k-major storage: consecutive threads take consecutive m; else consecutive k.
@@ -36,63 +34,155 @@ __device__ __forceinline__ void load_tile(T (&tile)[BK][BM + 1], Load load, inde
     }
 }
 
-// One BK-deep step of the product from the tiles in shared memory.
-template <typename T, int BM, int BN, int BK, int TM, int TN>
-__device__ __forceinline__ void multiply_tile(T (&acc)[TM][TN], const T (&As)[BK][BM + 1],
-                                              const T (&Bs)[BK][BN + 1], int ty, int tx) {
-    typedef TileShape<BM, BN, TM, TN> S;
-#pragma unroll
-    for (int kk = 0; kk < BK; ++kk) {
-        T a[TM], b[TN];
-#pragma unroll
-        for (int i = 0; i < TM; ++i) a[i] = As[kk][ty + i * S::ROW_STEP];
-#pragma unroll
-        for (int j = 0; j < TN; ++j) b[j] = Bs[kk][tx + j * S::COL_STEP];
-#pragma unroll
-        for (int i = 0; i < TM; ++i)
-#pragma unroll
-            for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];
-    }
-}
-
-// acc = the block's tile of C = A B, over all of K.
-template <typename T, int BM, int BN, int BK, int TM, int TN, bool A_KROWS, bool B_KROWS, typename LoadA,
-          typename LoadB, typename OnTile>
-__device__ __forceinline__ void gemm_mainloop(T (&acc)[TM][TN], T (&As)[BK][BM + 1], T (&Bs)[BK][BN + 1],
-                                              LoadA load_a, LoadB load_b, OnTile on_tile, index_t m0,
-                                              index_t n0, index_t M, index_t N, index_t K) {
-    typedef TileShape<BM, BN, TM, TN> S;
-    const int tid = threadIdx.x, tx = tid % S::COL_STEP, ty = tid / S::COL_STEP;
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = T(0);
-    for (index_t k0 = 0; k0 < K; k0 += BK) {
-        load_tile<T, BM, BK, A_KROWS>(As, load_a, m0, k0, M, K, tid, S::THREADS);
-        load_tile<T, BN, BK, B_KROWS>(Bs, load_b, n0, k0, N, K, tid, S::THREADS);
+// The main loop both cores share: load both tiles, hook, multiply, repeat over K.
+template <class Core, bool A_KROWS, bool B_KROWS, typename T, typename Acc, typename LoadA, typename LoadB,
+          typename OnTile>
+__device__ __forceinline__ void gemm_mainloop(Acc& acc, T (&As)[Core::BK][Core::BM + Core::PAD],
+                                              T (&Bs)[Core::BK][Core::BN + Core::PAD], LoadA load_a,
+                                              LoadB load_b, OnTile on_tile, index_t m0, index_t n0, index_t M,
+                                              index_t N, index_t K) {
+    const int tid = threadIdx.x;
+    Core::zero(acc);
+    for (index_t k0 = 0; k0 < K; k0 += Core::BK) {
+        load_tile<T, Core::BM, Core::BK, Core::PAD, A_KROWS>(As, load_a, m0, k0, M, K, tid, Core::THREADS);
+        load_tile<T, Core::BN, Core::BK, Core::PAD, B_KROWS>(Bs, load_b, n0, k0, N, K, tid, Core::THREADS);
         __syncthreads();  // sync: tile loaded
         on_tile(Bs);
-        multiply_tile<T, BM, BN, BK, TM, TN>(acc, As, Bs, ty, tx);
+        Core::multiply(acc, As, Bs);
         __syncthreads();  // sync: tile consumed
     }
 }
 
-// epilogue(m, n, value) for each of this thread's outputs inside M x N.
-template <int BM, int BN, int TM, int TN, typename T, typename Epilogue>
-__device__ __forceinline__ void for_each_output(const T (&acc)[TM][TN], index_t m0, index_t n0, index_t M,
-                                                index_t N, Epilogue epilogue) {
-    typedef TileShape<BM, BN, TM, TN> S;
-    const int tx = threadIdx.x % S::COL_STEP, ty = threadIdx.x / S::COL_STEP;
+template <typename T, int BM_, int BN_, int BK_, int TM, int TN>
+struct Simt {
+    static const int BM = BM_, BN = BN_, BK = BK_, PAD = 1;
+    static const int THREADS = (BM / TM) * (BN / TN);
+    static const int ROW_STEP = BM / TM;  // rows of one thread are ROW_STEP apart
+    static const int COL_STEP = BN / TN;
+    typedef T Value;
+    struct Acc {
+        T v[TM][TN];
+    };
+
+    static __device__ __forceinline__ void zero(Acc& acc) {
 #pragma unroll
-    for (int i = 0; i < TM; ++i) {
-        const index_t m = m0 + ty + i * S::ROW_STEP;
+        for (int i = 0; i < TM; ++i)
 #pragma unroll
-        for (int j = 0; j < TN; ++j) {
-            const index_t n = n0 + tx + j * S::COL_STEP;
-            if (m < M && n < N) epilogue(m, n, acc[i][j]);
+            for (int j = 0; j < TN; ++j) acc.v[i][j] = T(0);
+    }
+
+    // One BK-deep step of the product from the tiles in shared memory.
+    static __device__ __forceinline__ void multiply(Acc& acc, const T (&As)[BK][BM + PAD],
+                                                    const T (&Bs)[BK][BN + PAD]) {
+        const int tx = threadIdx.x % COL_STEP, ty = threadIdx.x / COL_STEP;
+#pragma unroll
+        for (int kk = 0; kk < BK; ++kk) {
+            T a[TM], b[TN];
+#pragma unroll
+            for (int i = 0; i < TM; ++i) a[i] = As[kk][ty + i * ROW_STEP];
+#pragma unroll
+            for (int j = 0; j < TN; ++j) b[j] = Bs[kk][tx + j * COL_STEP];
+#pragma unroll
+            for (int i = 0; i < TM; ++i)
+#pragma unroll
+                for (int j = 0; j < TN; ++j) acc.v[i][j] += a[i] * b[j];
         }
     }
-}
+
+    // epilogue(m, n, value) for each of this thread's outputs inside M x N.
+    template <typename Epilogue>
+    static __device__ __forceinline__ void for_each_output(const Acc& acc, index_t m0, index_t n0, index_t M,
+                                                           index_t N, Epilogue epilogue) {
+        const int tx = threadIdx.x % COL_STEP, ty = threadIdx.x / COL_STEP;
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+            const index_t m = m0 + ty + i * ROW_STEP;
+#pragma unroll
+            for (int j = 0; j < TN; ++j) {
+                const index_t n = n0 + tx + j * COL_STEP;
+                if (m < M && n < N) epilogue(m, n, acc.v[i][j]);
+            }
+        }
+    }
+};
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+// Tensor cores: float operands rounded to TF32 (10-bit mantissa), products summed in float.
+// Fragment layouts of mma.sync.m16n8k8 .tf32 (PTX ISA), lane = 4 g + t:
+//   A (16 x 8, row):  a[r] = A(g + 8 (r % 2), t + 4 (r / 2))
+//   B (8 x 8, col):   b[r] = B(t + 4 r, g)
+//   C (16 x 8):       c[r] = C(g + 8 (r / 2), 2 t + r % 2)
+struct Tf32 {
+    static const int BM = 64, BN = 64, BK = 16, PAD = 8;  // PAD 8: the fragment loads hit 32 banks
+    static const int THREADS = 256, WARP_M = 32, WARP_N = 16;  // 8 warps: 2 along m, 4 along n
+    static const int MI = WARP_M / 16, NI = WARP_N / 8;        // mma tiles per warp
+    typedef float Value;
+    struct Acc {
+        float v[MI][NI][4];
+    };
+
+    static __device__ __forceinline__ void zero(Acc& acc) {
+#pragma unroll
+        for (int i = 0; i < MI; ++i)
+#pragma unroll
+            for (int j = 0; j < NI; ++j)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) acc.v[i][j][r] = 0.0f;
+    }
+
+    static __device__ __forceinline__ unsigned to_tf32(float x) {
+        unsigned y;
+        asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(y) : "f"(x));
+        return y;
+    }
+
+    static __device__ __forceinline__ void multiply(Acc& acc, const float (&As)[BK][BM + PAD],
+                                                    const float (&Bs)[BK][BN + PAD]) {
+        const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+        const int wm = (warp / 4) * WARP_M, wn = (warp % 4) * WARP_N;
+#pragma unroll
+        for (int k0 = 0; k0 < BK; k0 += 8) {
+            unsigned a[MI][4], b[NI][2];
+#pragma unroll
+            for (int i = 0; i < MI; ++i)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) a[i][r] = to_tf32(As[k0 + t + 4 * (r / 2)][wm + 16 * i + g + 8 * (r % 2)]);
+#pragma unroll
+            for (int j = 0; j < NI; ++j)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) b[j][r] = to_tf32(Bs[k0 + t + 4 * r][wn + 8 * j + g]);
+#pragma unroll
+            for (int i = 0; i < MI; ++i)
+#pragma unroll
+                for (int j = 0; j < NI; ++j) {
+                    float* c = acc.v[i][j];
+                    asm volatile(
+                        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+                        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                        : "r"(a[i][0]), "r"(a[i][1]), "r"(a[i][2]), "r"(a[i][3]), "r"(b[j][0]), "r"(b[j][1]));
+                }
+        }
+    }
+
+    template <typename Epilogue>
+    static __device__ __forceinline__ void for_each_output(const Acc& acc, index_t m0, index_t n0, index_t M,
+                                                           index_t N, Epilogue epilogue) {
+        const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+        const int wm = (warp / 4) * WARP_M, wn = (warp % 4) * WARP_N;
+#pragma unroll
+        for (int i = 0; i < MI; ++i)
+#pragma unroll
+            for (int j = 0; j < NI; ++j)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const index_t m = m0 + wm + 16 * i + g + 8 * (r / 2);
+                    const index_t n = n0 + wn + 8 * j + 2 * t + r % 2;
+                    if (m < M && n < N) epilogue(m, n, acc.v[i][j][r]);
+                }
+    }
+};
+#endif
 
 struct NoTileHook {
     template <typename Tile>

@@ -8,18 +8,18 @@
 // tanh, ReLU and identity. Both operands are m-/n-major (K contiguous).
 #include "gemm_tile.cuh"
 
-template <typename T, int BM, int BN, int BK, int TM, int TN>
+template <typename T, class Core>
 __global__ void propagate(const T* __restrict__ delta, const T* __restrict__ W, const T* __restrict__ o,
                           T* __restrict__ out, int act, index_t M, index_t N, index_t K) {
-    __shared__ T As[BK][BM + 1];
-    __shared__ T Bs[BK][BN + 1];
-    const index_t m0 = (index_t)blockIdx.y * BM, n0 = (index_t)blockIdx.x * BN;
-    T acc[TM][TN];
-    gemm_mainloop<T, BM, BN, BK, TM, TN, false, false>(
+    __shared__ T As[Core::BK][Core::BM + Core::PAD];
+    __shared__ T Bs[Core::BK][Core::BN + Core::PAD];
+    const index_t m0 = (index_t)blockIdx.y * Core::BM, n0 = (index_t)blockIdx.x * Core::BN;
+    typename Core::Acc acc;
+    gemm_mainloop<Core, false, false>(
         acc, As, Bs, [&](index_t m, index_t k) { return delta[m * K + k]; },
         [&](index_t n, index_t k) { return W[n * K + k]; },  // B(k, n) = W[n][k]
         NoTileHook(), m0, n0, M, N, K);
-    for_each_output<BM, BN, TM, TN>(acc, m0, n0, M, N, [&](index_t m, index_t n, T v) {
+    Core::for_each_output(acc, m0, n0, M, N, [&](index_t m, index_t n, T v) {
         out[m * N + n] = v * derivative(act, o[m * N + n]);
     });
 }

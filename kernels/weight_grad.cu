@@ -15,16 +15,17 @@
 // they write delta_out and sum the bias gradient.
 #include "gemm_tile.cuh"
 
-template <typename T, int BM, int BN, int BK, int TM, int TN>
+template <typename T, class Core>
 __global__ void weight_grad(const T* __restrict__ o, const T* __restrict__ g, int has_prologue,
                             const T* __restrict__ o_next, T* __restrict__ delta_out, int act,
                             T* __restrict__ W, T* __restrict__ b, T* __restrict__ vel_w,
                             T* __restrict__ vel_b, int mode, T step, T momentum,
                             index_t M, index_t N, index_t K) {
-    __shared__ T As[BK][BM + 1];
-    __shared__ T Bs[BK][BN + 1];
+    const int BK = Core::BK, BN = Core::BN;
+    __shared__ T As[Core::BK][Core::BM + Core::PAD];
+    __shared__ T Bs[Core::BK][Core::BN + Core::PAD];
     const int tid = threadIdx.x;
-    const index_t m0 = (index_t)blockIdx.y * BM, n0 = (index_t)blockIdx.x * BN;
+    const index_t m0 = (index_t)blockIdx.y * Core::BM, n0 = (index_t)blockIdx.x * BN;
     const bool bias_block = blockIdx.y == 0;
     auto load_delta = [&](index_t n, index_t k) {
         const index_t i = k * N + n;
@@ -34,14 +35,14 @@ __global__ void weight_grad(const T* __restrict__ o, const T* __restrict__ g, in
         return d;
     };
     T bias_acc = T(0);  // thread tid < BN sums column n0 + tid
-    auto sum_bias = [&](const T (&tile)[BK][BN + 1]) {
+    auto sum_bias = [&](const T (&tile)[Core::BK][Core::BN + Core::PAD]) {
         if (bias_block && tid < BN)
             for (int kk = 0; kk < BK; ++kk) bias_acc += tile[kk][tid];
     };
-    T acc[TM][TN];
-    gemm_mainloop<T, BM, BN, BK, TM, TN, true, true>(
+    typename Core::Acc acc;
+    gemm_mainloop<Core, true, true>(
         acc, As, Bs, [&](index_t m, index_t k) { return o[k * M + m]; }, load_delta, sum_bias, m0, n0, M, N, K);
-    for_each_output<BM, BN, TM, TN>(acc, m0, n0, M, N, [&](index_t m, index_t n, T v) {
+    Core::for_each_output(acc, m0, n0, M, N, [&](index_t m, index_t n, T v) {
         apply_update(mode, W, vel_w, m * N + n, v, step, momentum);
     });
     if (bias_block && tid < BN && n0 + tid < N) apply_update(mode, b, vel_b, n0 + tid, bias_acc, step, momentum);

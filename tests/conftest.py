@@ -38,4 +38,4 @@ def pytest_terminal_summary(terminalreporter):
         write = terminalreporter.write_line
         write("ptxas report (compiler arch kernel: registers, shared memory, spill/stack bytes)")
         for compiler, arch, kernel, registers, smem, spill in report:
-            write(f"  {compiler:5} {arch} {kernel:40} {registers:4} regs {smem:6} B smem {spill} B spill")
+            write(f"  {compiler:5} {arch} {kernel:55} {registers:4} regs {smem:6} B smem {spill} B spill")

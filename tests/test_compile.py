@@ -35,12 +35,12 @@ def check_report(report: str, names, compiler: str, arch: str) -> None:
 
 
 def demangle(symbol: str) -> str:
-    """_Z7forwardIfLi128ELi128ELi8ELi8ELi8EE... -> forward<float,128,128,8,8,8>"""
-    match = re.match(r"_Z\d+(\w+?)I([fd])((?:Li\d+E)*)E", symbol)
-    if not match:
+    """_Z7forwardIf4SimtIfLi64ELi64ELi16ELi4ELi4EEEv... -> forward<float, Simt<float, 64, 64, 16, 4, 4> >"""
+    cxxfilt = shutil.which("c++filt")
+    if cxxfilt is None:
         return symbol
-    dims = re.findall(r"Li(\d+)E", match.group(3))
-    return f"{match.group(1)}<{ {'f': 'float', 'd': 'double'}[match.group(2)]}{''.join(',' + d for d in dims)}>"
+    name = subprocess.run([cxxfilt, symbol], capture_output=True, text=True).stdout.strip()
+    return re.sub(r"\(.*\)$", "", name).replace("void ", "")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

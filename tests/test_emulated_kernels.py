@@ -254,3 +254,17 @@ def test_launch_arguments_are_checked(emu, call, match):
              out=np.ones((5, 3), np.float32))
     with pytest.raises((ValueError, TypeError), match=match):
         call(emu, a)
+
+
+def test_tensor_core_path_selection(loader):
+    ops = CudaOps(np, scipy.special, loader, tuner=Tuner(enabled=False), precision="tf32")
+    run = lambda path: None  # noqa: E731  (never called: no tuning)
+    assert ops.gemm_path("forward", np.float32, 256, 1024, 784, None, run) == "tf32"
+    assert ops.gemm_path("forward", np.float64, 256, 1024, 784, None, run) in ("small", "large")  # fp64: no TF32
+    with pytest.raises(TypeError, match="tf32 needs float32"):
+        ops.gemm_path("forward", np.float64, 4, 4, 4, "tf32", run)
+    with pytest.raises(ValueError, match="precision: expected"):
+        CudaOps(np, scipy.special, loader, precision="fp16")
+    o, W, b = np.ones((5, 4), np.float32), np.ones((4, 3), np.float32), np.ones(3, np.float32)
+    with pytest.raises(ValueError, match="tensor-core kernels do not run in the CPU emulator"):
+        ops.forward(o, W, b, "sigmoid", np.empty((5, 3), np.float32))

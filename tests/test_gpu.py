@@ -124,3 +124,33 @@ def test_captured_steps_equal_plain_steps(momentum):
     assert runners[1].captured == 2 and runners[1].replayed == 3 * 5 - 2  # 300 = 4 x 64 + 44
     for key in params[0]:
         np.testing.assert_array_equal(params[1][key], params[0][key])
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (33, 63, 65), (257, 1025, 129), (4096, 784, 1024)])
+def test_tf32_kernels_against_float64(gpu, rng, shape):
+    """Tensor cores (TF32 products, float32 sums): relative error near 3e-4, not float32's 1e-6."""
+    device = gpu[0]
+    ops = device.ops(fused=True, precision="tf32")
+    batch, n_in, n_out = shape
+    o = rng.random((batch, n_in)).astype(np.float32)
+    W = (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)
+    b = rng.standard_normal(n_out).astype(np.float32)
+    g = rng.standard_normal((batch, n_out)).astype(np.float32)
+    f64 = lambda a: a.astype(np.float64)  # noqa: E731
+    out = nan(gpu, (batch, n_out), np.float32)
+    ops.forward(on(gpu, o), on(gpu, W), on(gpu, b), "identity", out)
+    assert rel_error(out.get(), twin.forward(f64(o), f64(W), f64(b), "identity", np.empty((batch, n_out)))) < 2e-3
+    below = nan(gpu, (batch, n_in), np.float32)
+    ops.propagate(on(gpu, g), on(gpu, W), on(gpu, o), "identity", below)
+    assert rel_error(below.get(), f64(g) @ f64(W).T) < 2e-3
+    grad_w, grad_b = nan(gpu, W.shape, np.float32), nan(gpu, b.shape, np.float32)
+    ops.weight_grad(on(gpu, o), on(gpu, g), grad_w, grad_b)
+    assert rel_error(grad_w.get(), f64(o).T @ f64(g)) < 2e-3
+    assert rel_error(grad_b.get(), f64(g).sum(axis=0)) < 1e-5  # the bias sums stay in float32
+
+
+def test_tf32_training_on_digits():
+    ds = data.digits(seed=0)
+    model = MLP([64, 64, 10], device="cuda", seed=0, precision="tf32")
+    model.fit(ds.X_train, ds.y_train, epochs=30, batch_size=32, lr=2.0)
+    assert model.evaluate(ds.X_test, ds.y_test)["accuracy"] >= 0.95

@@ -194,3 +194,16 @@ def test_divergence_is_reported(small):
     with pytest.raises(FloatingPointError, match="diverged"):
         with np.errstate(all="ignore"):
             model2.fit(X, y, epochs=3, lr=10.0)
+
+
+def test_precision_argument(tmp_path, caplog):
+    with pytest.raises(ValueError, match="precision: expected 'fp32' or 'tf32'"):
+        MLP([4, 3, 2], precision="fp16")
+    with pytest.raises(ValueError, match="precision: 'tf32' needs dtype float32"):
+        MLP([4, 3, 2], dtype="float64", precision="tf32")
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="gpu_backprop"):
+        model = MLP([4, 3, 2], device="cpu", precision="tf32")
+    assert any("applies on CUDA only" in r.getMessage() for r in caplog.records)
+    assert MLP.load(model.save(tmp_path / "m.npz"), device="cpu").precision == "tf32"

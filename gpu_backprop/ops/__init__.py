@@ -7,8 +7,9 @@ from typing import Any
 from .reference import ArrayOps, NumpyOps
 
 
-def make_ops(device: Any, fused: bool = True) -> ArrayOps:
-    """The operations for ``device``: NumPy twin, fused CUDA kernels, or unfused CuPy."""
+def make_ops(device: Any, fused: bool = True, precision: str = "fp32") -> ArrayOps:
+    """The operations for ``device``: NumPy twin, fused CUDA kernels (with tensor cores for
+    precision="tf32"), or unfused CuPy."""
     if device.kind == "cpu":
         return NumpyOps()
     import cupyx.scipy.special
@@ -17,7 +18,7 @@ def make_ops(device: Any, fused: bool = True) -> ArrayOps:
         return ArrayOps(device.xp, cupyx.scipy.special)
     from .cuda import CudaOps, cupy_loader
 
-    return CudaOps(device.xp, cupyx.scipy.special, cupy_loader(device))
+    return CudaOps(device.xp, cupyx.scipy.special, cupy_loader(device), precision=precision)
 
 
 __all__ = ["ArrayOps", "NumpyOps", "make_ops"]

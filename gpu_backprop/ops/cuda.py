@@ -23,10 +23,12 @@ from .autotune import Tuner
 from .reference import ArrayOps
 
 BLOCK = 256  # threads per block of the elementwise kernels
-# name: (BM, BN, BK, TM, TN); both give 256 threads per block.
+# Tiles of the CUDA-core GEMMs (gemm_tile.cuh Simt): name: (BM, BN, BK, TM, TN), 256 threads each.
 CONFIGS = {"small": (64, 64, 16, 4, 4), "large": (128, 128, 8, 8, 8)}
-# GEMM paths: our fused kernels with either tile, or cuBLAS with our elementwise kernels (bias.cu, delta.cu)
+TF32_TILE = (64, 64)  # gemm_tile.cuh Tf32: tensor cores, float32 only, precision="tf32"
+# fp32/fp64 GEMM paths: our fused kernels with either tile, or cuBLAS with our elementwise kernels
 PATHS = (*CONFIGS, "cublas")
+PRECISIONS = ("fp32", "tf32")
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 LOSS_CODES = {"mse": 0, "cross_entropy": 1}
 WRITE_GRADIENT, SGD, SGD_MOMENTUM = 0, 1, 2
@@ -35,7 +37,13 @@ ELEMENTWISE_FILES = {"delta.cu": ("output_delta", "hidden_delta"), "bias.cu": ("
 
 
 def gemm_name(kernel: str, dtype: Any, config: str) -> str:
-    return f"{kernel}<{CTYPES[np.dtype(dtype)]}, {', '.join(map(str, CONFIGS[config]))}>"
+    ctype = CTYPES[np.dtype(dtype)]
+    core = "Tf32" if config == "tf32" else f"Simt<{ctype}, {', '.join(map(str, CONFIGS[config]))}>"
+    return f"{kernel}<{ctype}, {core}>"
+
+
+def tile_of(config: str) -> tuple[int, int]:
+    return TF32_TILE if config == "tf32" else CONFIGS[config][:2]
 
 
 def names_in(file: str) -> list[str]:
@@ -43,7 +51,7 @@ def names_in(file: str) -> list[str]:
     if file in ELEMENTWISE_FILES:
         return [f"{k}<{t}>" for k in ELEMENTWISE_FILES[file] for t in CTYPES.values()]
     kernel = {v: k for k, v in GEMM_FILES.items()}[file]
-    return [gemm_name(kernel, dt, c) for dt in CTYPES for c in CONFIGS]
+    return [gemm_name(kernel, dt, c) for dt in CTYPES for c in CONFIGS] + [gemm_name(kernel, np.float32, "tf32")]
 
 
 KERNEL_FILES = ("delta.cu", "bias.cu", *GEMM_FILES.values())
@@ -132,8 +140,11 @@ class CudaOps(ArrayOps):
 
     fused = True
 
-    def __init__(self, xp: Any, special: Any, loader: Any, tuner: Tuner | None = None):
+    def __init__(self, xp: Any, special: Any, loader: Any, tuner: Tuner | None = None, precision: str = "fp32"):
         super().__init__(xp, special)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
         self.loader = loader
         self.tuner = tuner if tuner is not None else Tuner(loader.name, loader.time)
         self.max_blocks = 8 * int(loader.sm_count)  # grid cap of the elementwise kernels
@@ -166,16 +177,21 @@ class CudaOps(ArrayOps):
 
     def gemm_path(self, kind: str, dtype: Any, M: int, N: int, K: int, config: str | None,
                   trial: Any) -> str:
-        """``config`` when given, else the tuned (or default) path for this shape."""
+        """``config`` when given, the tensor cores for precision="tf32" (float32), else the
+        tuned (or default) path for this shape."""
         if config is not None:
-            if config not in PATHS:
-                raise ValueError(f"config: expected one of {', '.join(PATHS)}, got {config!r}")
+            if config not in (*PATHS, "tf32"):
+                raise ValueError(f"config: expected one of {', '.join(PATHS)}, tf32, got {config!r}")
+            if config == "tf32" and np.dtype(dtype) != np.float32:
+                raise TypeError(f"config: tf32 needs float32 arrays, got {np.dtype(dtype).name}")
             return config
+        if self.precision == "tf32" and np.dtype(dtype) == np.float32:
+            return "tf32"
         key = f"{kind}|{np.dtype(dtype).name}|{M}x{N}x{K}"
         return self.tuner.choose(key, PATHS, trial, default=self.gemm_config(M, N))
 
     def _gemm(self, kernel: str, dtype: Any, M: int, N: int, config: str, args: list) -> None:
-        bm, bn = CONFIGS[config][:2]
+        bm, bn = tile_of(config)
         grid = (-(-N // bn), -(-M // bm), 1)
         self._kernel(GEMM_FILES[kernel], gemm_name(kernel, dtype, config))(grid, (BLOCK, 1, 1), args)
 

@@ -28,13 +28,13 @@ int main() {
     std::vector<unsigned int> ticket(1, 0);
     const dim3 block{256, 1, 1};
 
-    emu::launch(&forward<float, 64, 64, 16, 4, 4>, dim3{tiles(N, 64), tiles(B, 64), 1}, block, o.data(), W.data(),
+    emu::launch(&forward<float, Simt<float, 64, 64, 16, 4, 4>>, dim3{tiles(N, 64), tiles(B, 64), 1}, block, o.data(), W.data(),
                 b.data(), out.data(), (int)ACT_SIGMOID, B, N, M);
     emu::launch(&output_delta<float>, dim3{3, 1, 1}, block, out.data(), o_next.data(), delta.data(), (int)ACT_SIGMOID,
                 (int)LOSS_MSE, B * N, partials.data(), ticket.data(), loss.data());
-    emu::launch(&propagate<float, 64, 64, 16, 4, 4>, dim3{tiles(M, 64), tiles(B, 64), 1}, block, delta.data(),
+    emu::launch(&propagate<float, Simt<float, 64, 64, 16, 4, 4>>, dim3{tiles(M, 64), tiles(B, 64), 1}, block, delta.data(),
                 W.data(), o.data(), below.data(), (int)ACT_TANH, B, M, N);
-    emu::launch(&weight_grad<float, 64, 64, 16, 4, 4>, dim3{tiles(N, 64), tiles(M, 64), 1}, block, o.data(),
+    emu::launch(&weight_grad<float, Simt<float, 64, 64, 16, 4, 4>>, dim3{tiles(N, 64), tiles(M, 64), 1}, block, o.data(),
                 err.data(), 1, o_next.data(), delta.data(), (int)ACT_SIGMOID, W.data(), b.data(), vel_w.data(),
                 vel_b.data(), (int)SGD_MOMENTUM, 0.01f, 0.9f, M, N, B);
     emu::launch(&bias_update<float>, dim3{tiles(N, 32), 1, 1}, dim3{32, 8, 1}, delta.data(), b.data(),
