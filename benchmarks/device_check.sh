@@ -6,8 +6,9 @@
 #   2. the `gpu` tests (fused kernels vs the NumPy twins, fused vs unfused vs CPU training);
 #   3. compute-sanitizer memcheck and racecheck over a small run of every kernel;
 #   4. digits trained on the GPU and on the CPU: accuracies must match;
-#   5. the GPU benchmark suite -> bench_step.json, bench_kernels.json, bench.md (table),
-#      bench.png (chart); the training step first, each part with its own time limit.
+#   5. the GPU benchmark suite -> bench_step.json, bench_kernels.json, bench_compile.json,
+#      bench.md (table), bench.png (chart); the training step first, torch.compile (minutes of
+#      compilation) last, each part with its own time limit so one overrun loses only itself.
 # Usage: benchmarks/device_check.sh OUTDIR   (at most 8 files are written there)
 set -uo pipefail
 out=${1:?usage: benchmarks/device_check.sh OUTDIR}
@@ -46,7 +47,7 @@ run gpu-tests 150 $python -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider
 
 if command -v compute-sanitizer > /dev/null; then
     for tool in memcheck racecheck; do
-        run "sanitizer-$tool" 120 compute-sanitizer --tool "$tool" --error-exitcode 9 $python benchmarks/sanitize_run.py
+        run "sanitizer-$tool" 90 compute-sanitizer --tool "$tool" --error-exitcode 9 $python benchmarks/sanitize_run.py
         grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Device not supported" "$log" | tail -1 | tee -a "$summary"
     done
 else
@@ -69,11 +70,14 @@ then note "PASS digits: $(tail -1 "$log")"; else note "FAIL digits: see log"; st
 $python -c "import json,sys; print(json.dumps({d: json.load(open(f'$out/digits_{d}.json')) for d in ('cuda','cpu')}, indent=1))" \
     > "$out/digits.json" 2>> "$log" && rm -f "$out/digits_cuda.json" "$out/digits_cpu.json"
 
-run bench-step 120 $python -m pytest benchmarks/test_train_step.py --bench-device cuda --bench-budget 0.25 -q \
-    -p no:cacheprovider --benchmark-json="$out/bench_step.json" --benchmark-columns=median,rounds
-run bench-kernels 150 $python -m pytest benchmarks/test_kernels.py --bench-device cuda --bench-budget 0.15 -q \
-    -p no:cacheprovider --benchmark-json="$out/bench_kernels.json" --benchmark-columns=median,rounds
-results=$(ls "$out"/bench_step.json "$out"/bench_kernels.json 2> /dev/null)
+bench() {  # bench NAME LIMIT FILE -k EXPR
+    run "bench-$1" "$2" $python -m pytest "benchmarks/$3" --bench-device cuda --bench-budget 0.15 -q -p no:cacheprovider \
+        -k "$4" --benchmark-json="$out/bench_$1.json" --benchmark-columns=median,rounds
+}
+bench step 100 test_train_step.py "not torch-compile"
+bench kernels 120 test_kernels.py "not large or weight_grad"
+bench compile 80 test_train_step.py "torch-compile"
+results=$(ls "$out"/bench_step.json "$out"/bench_kernels.json "$out"/bench_compile.json 2> /dev/null)
 if [ -n "$results" ]; then
     $python -m benchmarks.report $results --png "$out/bench.png" --markdown "$out/bench.md" >> "$log" 2>&1
 fi

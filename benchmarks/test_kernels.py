@@ -1,6 +1,8 @@
 """Each fused kernel against its peers: sigmoid delta (output and hidden forms),
 weight-gradient GEMM (delta prologue + bias gradient, with and without the SGD
 epilogue), the GEMM core alone, and error propagation with the derivative epilogue."""
+import functools
+
 import numpy as np
 import pytest
 
@@ -15,6 +17,13 @@ from .peers import OPS, PEERS, ours, peer_reason, torch_device, torch_or_skip, t
 CASES = [(op, size) for op in OPS for size in OPS[op].sizes]
 
 
+@functools.lru_cache(maxsize=1)  # the peers of one case run one after another: generate once
+def host_case(op: str, size: str) -> tuple[dict, dict]:
+    """Random float64 inputs (seeded) and the float64 reference outputs of one case."""
+    host = OPS[op].inputs(np.random.default_rng(0), size)
+    return host, OPS[op].reference(host)
+
+
 @pytest.mark.parametrize("peer", [p for p in PEERS if p != "torch-compile"])
 @pytest.mark.parametrize("op,size", CASES)
 def test_kernel(benchmark, backend, ceilings, budget, op, size, peer):
@@ -24,8 +33,7 @@ def test_kernel(benchmark, backend, ceilings, budget, op, size, peer):
     if backend.kind == "cpu" and size in CPU_SKIPPED_SIZES:
         pytest.skip(f"{size} takes seconds per call on the CPU: GPU runs only")
     spec = OPS[op]
-    host = spec.inputs(np.random.default_rng(0), size)
-    reference = spec.reference(host)
+    host, reference = host_case(op, size)
     work = spec.work(size, 4)
     n_sets = rotation(work[0], backend)
     if peer.startswith("torch"):
