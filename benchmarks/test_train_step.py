@@ -174,7 +174,7 @@ def test_digits_epoch(benchmark, backend, ceilings, budget, peer):
     if reason:
         pytest.skip(reason)
     from gpu_backprop import data
-    from gpu_backprop.train import StepRunner, batch_slices
+    from gpu_backprop.train import batch_slices
 
     ds = data.digits(seed=0)
     widths, lr = [64, 64, 10], 2.0
@@ -210,24 +210,18 @@ def test_digits_epoch(benchmark, backend, ceilings, budget, peer):
                 return {f"W{k}": to_host(w) for k, w in enumerate(state["W"])} | \
                        {f"b{k}": to_host(b) for k, b in enumerate(state["b"])}
         outputs = None  # epoch() returns the host arrays itself
-    else:
+    else:  # as fit runs it: gather, step and bookkeeping on the device, one graph per step for ours-graph
+        from gpu_backprop.train import Trainer
+
         device = "cpu" if peer == "ours-numpy" else "cuda"
         model = MLP(widths, device=device, dtype="float32", seed=0, fused=peer != "cupy-unfused")
-        batches = [(model.device.asarray(X[r], np.float32), model.device.asarray(Y[r], np.float32)) for r in slices]
-        sync = backend.sync
-        runner = StepRunner(model, lr, 0.0, model.device.capture if peer == "ours-graph" else None)
-        fixed = {xb.shape[0]: (model.xp.empty_like(xb), model.xp.empty_like(yb)) for xb, yb in batches}
+        trainer = Trainer(model, X, ds.y_train, batch_size=32, lr=lr, shuffle=False, graphs=peer == "ours-graph")
         stream = model.device.stream()
-        if peer == "ours-graph":
-            sync = stream.synchronize
+        sync = stream.synchronize if device == "cuda" else backend.sync
 
         def epoch(_):
-            with stream:  # as fit does it: each batch into fixed buffers, then the (captured) step
-                for xb, yb in batches:
-                    fx, fy = fixed[xb.shape[0]]
-                    fx[...] = xb
-                    fy[...] = yb
-                    runner(fx, fy)
+            with stream:
+                trainer.epoch()
             return model
 
         outputs = lambda m: m.get_params()  # noqa: E731

@@ -32,63 +32,50 @@ class History:
 
 
 log = logging.getLogger("gpu_backprop")
+Capture = Callable[[Callable[[], Any]], "Callable[[], None] | None"]
 
 
 class StepRunner:
-    """Training steps for one fit: the first step at each batch size runs plainly
-    (it allocates every buffer and compiles every kernel); a copy of that step is
-    then captured into a CUDA graph and every later step of that size replays it.
+    """Runs the steps of one fit: the first step of each batch size runs plainly (it
+    allocates every buffer, compiles and tunes every kernel); the same step is then
+    captured into a CUDA graph and every later step of that size replays it.
 
-    The graph bakes in addresses, so the caller must pass the same input buffers
-    for a batch size every time (checked); the last, shorter batch of an epoch
-    gets a graph of its own. ``capture(fn)`` returns a replay function or None
-    (no graphs: the CPU, or ``graphs=False``); a capture that fails falls back to
-    plain steps for that size, with one log line.
+    ``make(batch)`` builds the step for a batch size: a closure over fixed buffers
+    only (a graph bakes in addresses), called with no arguments. The short last
+    batch of an epoch gets a graph of its own. ``capture(fn)`` returns a replay
+    function, or None where there are no graphs (the CPU, ``graphs=False``); a
+    capture that fails falls back to plain steps for that size, with one log line.
     """
 
-    def __init__(self, model: Any, lr: float, momentum: float,
-                 capture: Callable[[Callable[[], Any]], Callable[[], None] | None] | None):
-        self.model, self.lr, self.momentum, self.capture = model, lr, momentum, capture
+    def __init__(self, make: Callable[[int], Callable[[], None]], capture: Capture | None):
+        self.make, self.capture = make, capture
+        self.steps: dict[int, Callable[[], None]] = {}
         self.replays: dict[int, Callable[[], None] | None] = {}
-        self.inputs: dict[int, tuple] = {}
         self.captured = self.replayed = 0
 
-    def __call__(self, xb: Any, yb: Any) -> Any:
-        """One step on (xb, yb); returns the (1,) buffer holding the batch's summed loss."""
-        batch = xb.shape[0]
-        loss = self.model._batch_buffers(batch).loss
-        if batch in self.replays:
-            if self.inputs[batch][0] is not xb or self.inputs[batch][1] is not yb:
-                raise ValueError(f"StepRunner: batch size {batch} came in new buffers; "
-                                 "a captured step reads the buffers it was captured with")
-            replay = self.replays[batch]
-            if replay is not None:
-                replay()
-                self.replayed += 1
-                return loss
-        self.model.train_step(xb, yb, self.lr, self.momentum, loss_out=loss)
+    def __call__(self, batch: int) -> None:
+        replay = self.replays.get(batch)
+        if replay is not None:
+            replay()
+            self.replayed += 1
+            return
+        if batch not in self.steps:
+            self.steps[batch] = self.make(batch)
+        step = self.steps[batch]
+        step()
         if batch not in self.replays and self.capture is not None:
-            self.inputs[batch] = (xb, yb)
             try:
-                self.replays[batch] = self.capture(
-                    lambda: self.model.train_step(xb, yb, self.lr, self.momentum, loss_out=loss))
+                self.replays[batch] = self.capture(step)
                 self.captured += self.replays[batch] is not None
             except Exception as exc:  # e.g. an operation that cannot be captured: run plainly
                 log.info("CUDA graph capture failed at batch size %d (%s: %s); plain steps",
                          batch, type(exc).__name__, exc)
                 self.replays[batch] = None
-        return loss
 
 
 def batch_slices(n: int, batch_size: int) -> list[slice]:
     """Consecutive batches over n samples; the last one is shorter when B does not divide n."""
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-
-
-def count_correct(xp: Any, y_hat: Any, labels: Any) -> Any:
-    """Number of rows whose predicted class equals ``labels`` (a device scalar)."""
-    predicted = y_hat[:, 0] > 0.5 if y_hat.shape[1] == 1 else xp.argmax(y_hat, axis=1)
-    return (predicted == labels).sum()
 
 
 def _check_hyper(epochs: int, batch_size: int, lr: float, momentum: float) -> None:
@@ -102,59 +89,86 @@ def _check_hyper(epochs: int, batch_size: int, lr: float, momentum: float) -> No
         raise ValueError(f"momentum: expected a number in [0, 1), got {momentum!r}")
 
 
+class Trainer:
+    """Epochs of mini-batch SGD with everything on the device.
+
+    The data moves to the device once. Each epoch the host draws a permutation
+    (the same seeded order on every device) and copies it into a fixed buffer;
+    each step then gathers its batch by a device-side counter, trains, and
+    records its loss and hits in device arrays (``ops.gather_batch``,
+    ``ops.finish_batch``), so on CUDA a whole step is one graph replay and the
+    host reads two small arrays per epoch.
+    """
+
+    def __init__(self, model: Any, X: Any, y: Any, batch_size: int = 32, lr: float = 0.1, momentum: float = 0.0,
+                 shuffle: bool = True, seed: int | None = None, graphs: bool | None = None,
+                 capture: Capture | None = None):
+        _check_hyper(1, batch_size, lr, momentum)
+        X = data_mod.check_features(X, model.sizes[0], name="X")
+        model.task = data_mod.infer_task(y) if np.ndim(to_host(y)) == 1 else "regression"
+        Y, self.labels = data_mod.targets(y, model.sizes[-1], model.task, model.dtype, n_rows=X.shape[0])
+        self.model, self.n, self.batch_size, self.shuffle = model, X.shape[0], batch_size, shuffle
+        self.rng = np.random.default_rng(model.seed if seed is None else seed)
+        device, xp, ops = model.device, model.xp, model.ops
+        self.X, self.Y = device.asarray(X, model.dtype), device.asarray(Y, model.dtype)
+        self.slices = batch_slices(self.n, batch_size)
+        self.order = xp.empty(self.n, dtype=np.int64)
+        self.counter = xp.zeros(1, dtype=np.int64)
+        self.losses = xp.zeros(len(self.slices), dtype=model.dtype)
+        self.correct = xp.zeros(len(self.slices), dtype=np.int64)
+
+        def make(batch: int) -> Callable[[], None]:
+            xb = xp.empty((batch, self.X.shape[1]), dtype=model.dtype)
+            yb = xp.empty((batch, self.Y.shape[1]), dtype=model.dtype)
+            buffers = model._batch_buffers(batch)
+            count = self.labels is not None
+
+            def step() -> None:
+                ops.gather_batch(self.X, self.Y, self.order, self.counter, batch_size, xb, yb)
+                model.train_step(xb, yb, lr, momentum, loss_out=buffers.loss)
+                ops.finish_batch(buffers.outputs[-1], yb, buffers.loss, self.losses, self.correct, self.counter,
+                                 count)
+            return step
+
+        self.steps = StepRunner(make, capture or _graph_capture(model, graphs))
+
+    def epoch(self) -> tuple[float, float | None]:
+        """One pass over the data; (mean loss, accuracy or None)."""
+        order = self.rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+        self.order[...] = self.model.device.asarray(order.astype(np.int64))
+        self.counter[...] = 0
+        for rows in self.slices:
+            self.steps(rows.stop - rows.start)
+        # One device-to-host transfer each per epoch: the steps never wait for the host.
+        loss = float(to_host(self.losses).astype(np.float64).sum()) / self.n
+        accuracy = None if self.labels is None else int(to_host(self.correct).sum()) / self.n
+        return loss, accuracy
+
+
 def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: float = 0.1,
         momentum: float = 0.0, shuffle: bool = True, validation_data: tuple | None = None,
         progress: bool = False, seed: int | None = None, graphs: bool | None = None,
-        capture: Callable | None = None) -> History:
-    """Mini-batch SGD on ``model``; see :meth:`gpu_backprop.MLP.fit`.
+        capture: Capture | None = None) -> History:
+    """Mini-batch SGD on ``model`` (see :meth:`gpu_backprop.MLP.fit` and :class:`Trainer`).
 
-    The data moves to the device once. Each batch is gathered with ``take``
-    into fixed buffers, so steps after the first allocate nothing; losses
-    stay on the device until the end of the epoch. On CUDA the steps replay a
-    captured graph (``graphs``, default on; see :class:`StepRunner`);
+    On CUDA the steps replay captured graphs (``graphs``, default on);
     ``capture`` replaces the device's graph capture (tests use it on the CPU).
     """
     _check_hyper(epochs, batch_size, lr, momentum)
-    X = data_mod.check_features(X, model.sizes[0], name="X")
-    model.task = data_mod.infer_task(y) if np.ndim(to_host(y)) == 1 else "regression"
-    Y, labels = data_mod.targets(y, model.sizes[-1], model.task, model.dtype, n_rows=X.shape[0])
     if validation_data is not None:
         if len(validation_data) != 2:
             raise ValueError("validation_data: expected a pair (X_val, y_val)")
         data_mod.check_features(validation_data[0], model.sizes[0], name="validation_data[0]")
-    device, xp = model.device, model.xp
-    X_dev, Y_dev = device.asarray(X, model.dtype), device.asarray(Y, model.dtype)
-    n = X.shape[0]
-    slices = batch_slices(n, batch_size)
-    rng = np.random.default_rng(model.seed if seed is None else seed)
-    batch_x = {s.stop - s.start: xp.empty((s.stop - s.start, X.shape[1]), model.dtype) for s in slices}
-    batch_y = {s.stop - s.start: xp.empty((s.stop - s.start, Y.shape[1]), model.dtype) for s in slices}
-    losses = xp.empty(len(slices), dtype=model.dtype)
-    labels_dev = None if labels is None else device.asarray(labels)
-    correct = xp.zeros(len(slices), dtype=np.int64)
+    trainer = Trainer(model, X, y, batch_size, lr, momentum, shuffle, seed, graphs, capture)
     history = History()
-    runner = StepRunner(model, lr, momentum, capture or _graph_capture(model, graphs))
 
     from tqdm.auto import tqdm
 
     bar = tqdm(range(epochs), disable=not progress, unit="epoch", leave=True, dynamic_ncols=True)
-    with device.stream():  # batch copies and (captured) steps in one stream, in order
+    with model.device.stream():  # the copies and the (captured) steps in one stream, in order
         for epoch in bar:
             start = time.perf_counter()
-            order = rng.permutation(n) if shuffle else np.arange(n)
-            order_dev = device.asarray(order.astype(np.int64))
-            for i, rows in enumerate(slices):
-                idx = order_dev[rows]
-                xb, yb = batch_x[idx.shape[0]], batch_y[idx.shape[0]]
-                xp.take(X_dev, idx, axis=0, out=xb)
-                xp.take(Y_dev, idx, axis=0, out=yb)
-                losses[i:i + 1] = runner(xb, yb)
-                if labels_dev is not None:  # accuracy of this batch's forward pass, before its update
-                    y_hat = model._batch_buffers(idx.shape[0]).outputs[-1]
-                    correct[i] = count_correct(xp, y_hat, labels_dev[idx])
-            # One device-to-host transfer per epoch: the step never waits for the host.
-            loss = float(to_host(losses).astype(np.float64).sum()) / n
-            accuracy = None if labels is None else int(to_host(correct).sum()) / n
+            loss, accuracy = trainer.epoch()
             history.seconds.append(time.perf_counter() - start)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"training diverged in epoch {epoch + 1}: loss is {loss}; "
@@ -171,11 +185,11 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
                 if metrics["accuracy"] is not None:
                     postfix["val_acc"] = f"{metrics['accuracy']:.3f}"
             bar.set_postfix(postfix)
-    model.last_steps = runner  # graph bookkeeping of this fit, for inspection
+    model.last_steps = trainer.steps  # graph bookkeeping of this fit, for inspection
     return history
 
 
-def _graph_capture(model: Any, graphs: bool | None) -> Callable | None:
+def _graph_capture(model: Any, graphs: bool | None) -> Capture | None:
     """The device's capture when graphs are wanted and the step can be captured."""
     if graphs is False or model.device.kind != "cuda":
         return None

@@ -268,3 +268,42 @@ def test_tensor_core_path_selection(loader):
     o, W, b = np.ones((5, 4), np.float32), np.ones((4, 3), np.float32), np.ones(3, np.float32)
     with pytest.raises(ValueError, match="tensor-core kernels do not run in the CPU emulator"):
         ops.forward(o, W, b, "sigmoid", np.empty((5, 3), np.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_out", [1, 3, 10])
+@pytest.mark.parametrize("batch,step", [(1, 0), (7, 2), (33, 1), (300, 0)])
+def test_gather_and_finish_batch(emu, rng, dtype, n_out, batch, step):
+    n = 3 * 33 + 301
+    X, Y = rng.standard_normal((n, 5)).astype(dtype), rng.random((n, n_out)).astype(dtype)
+    Y[::4] = Y[::4].max(axis=1, keepdims=True)  # ties: argmax must take the lowest index, as numpy does
+    order = rng.permutation(n).astype(np.int64)
+    results = []
+    for ops in (twin, emu):
+        counter = np.array([step], np.int64)
+        xb, yb = nan((batch, 5), dtype), nan((batch, n_out), dtype)
+        ops.gather_batch(X, Y, order, counter, 33, xb, yb)
+        y_hat = rng.random((batch, n_out)).astype(dtype) if not results else results[0][2]
+        losses, correct = nan(4, dtype), np.full(4, -1, np.int64)
+        ops.finish_batch(y_hat, yb, np.array([1.5], dtype), losses, correct, counter, True)
+        results.append((xb, yb, y_hat, losses, correct, counter))
+    (xb, yb, _, losses, correct, counter), emulated = results
+    np.testing.assert_array_equal(xb, X[order[step * 33:step * 33 + batch]])
+    for expected, actual in zip(results[0][:2] + results[0][3:], emulated[:2] + emulated[3:]):
+        np.testing.assert_array_equal(actual, expected)
+    assert losses[step] == 1.5 and counter[0] == step + 1 and 0 <= correct[step] <= batch
+
+
+def test_launches_per_fit_step(loader):
+    """A fit step = gather + the 3L kernels of the step + bookkeeping: 3L + 2 launches (one graph on CUDA)."""
+    model = MLP([13, 9, 7, 5], device="cpu", seed=0)
+    model.ops = fused_ops(loader)
+    from gpu_backprop.train import Trainer
+
+    trainer = Trainer(model, np.zeros((8, 13)), np.arange(8) % 5, batch_size=4, lr=0.1)
+    trainer.epoch()  # compile and warm
+    before = loader.launches
+    trainer.epoch()
+    per_step = (loader.launches - before) / 2
+    print(f"fit step, fused, uncaptured: {per_step:.0f} launches for {len(model.weights)} layers")
+    assert per_step == 3 * len(model.weights) + 2

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gpu_backprop import MLP
-from gpu_backprop.train import StepRunner, _graph_capture, fit
+from gpu_backprop.train import StepRunner, Trainer, _graph_capture, fit
 
 
 def replay_capture(fn):
@@ -53,14 +53,37 @@ def test_failed_capture_falls_back_to_plain_steps(caplog):
         np.testing.assert_array_equal(model.get_params()[key], value)
 
 
-def test_replay_refuses_new_buffers():
+def test_each_batch_size_is_built_once_and_replayed():
+    built, ran = [], []
+
+    def make(batch):
+        built.append(batch)
+        return lambda: ran.append(batch)
+
+    runner = StepRunner(make, replay_capture)
+    for batch in (7, 7, 7, 6, 7, 6):
+        runner(batch)
+    assert built == [7, 6] and ran == [7, 7, 7, 6, 7, 6]
+    assert runner.captured == 2 and runner.replayed == 4
+
+
+def test_epoch_bookkeeping_on_the_device_arrays():
+    X, y = data()
     model = MLP([6, 5, 3], device="cpu", seed=1)
-    runner = StepRunner(model, 0.5, 0.0, replay_capture)
-    X, Y = np.ones((4, 6), np.float32), np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]
-    runner(X, Y)
-    runner(X, Y)
-    with pytest.raises(ValueError, match="batch size 4 came in new buffers"):
-        runner(X.copy(), Y)
+    trainer = Trainer(model, X, y, batch_size=7, lr=0.5, shuffle=False)
+    before = model.get_params()
+    loss, accuracy = trainer.epoch()
+    assert trainer.counter[0] == 3  # one count per batch: 7, 7, 6
+    # the recorded per-batch losses are those of the forward passes before each update
+    model.set_params(before)
+    expected = []
+    for rows in (slice(0, 7), slice(7, 14), slice(14, 20)):
+        metrics = model.evaluate(X[rows], y[rows])
+        expected.append(metrics["loss"] * (rows.stop - rows.start))
+        model.train_step(model.device.asarray(X[rows], model.dtype),
+                         model.device.asarray(np.eye(3)[y[rows]], model.dtype), 0.5)
+    np.testing.assert_allclose(trainer.losses, expected, rtol=1e-5)
+    assert abs(loss - sum(expected) / 20) < 1e-6 and 0 <= accuracy <= 1
 
 
 def test_when_graphs_are_used():

@@ -33,7 +33,8 @@ CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 LOSS_CODES = {"mse": 0, "cross_entropy": 1}
 WRITE_GRADIENT, SGD, SGD_MOMENTUM = 0, 1, 2
 GEMM_FILES = {"forward": "forward.cu", "propagate": "propagate.cu", "weight_grad": "weight_grad.cu"}
-ELEMENTWISE_FILES = {"delta.cu": ("output_delta", "hidden_delta"), "bias.cu": ("bias_activation", "bias_update")}
+ELEMENTWISE_FILES = {"delta.cu": ("output_delta", "hidden_delta"), "bias.cu": ("bias_activation", "bias_update"),
+                     "batch.cu": ("gather_batch", "finish_batch")}
 
 
 def gemm_name(kernel: str, dtype: Any, config: str) -> str:
@@ -54,7 +55,7 @@ def names_in(file: str) -> list[str]:
     return [gemm_name(kernel, dt, c) for dt in CTYPES for c in CONFIGS] + [gemm_name(kernel, np.float32, "tf32")]
 
 
-KERNEL_FILES = ("delta.cu", "bias.cu", *GEMM_FILES.values())
+KERNEL_FILES = ("delta.cu", "bias.cu", "batch.cu", *GEMM_FILES.values())
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.M)
 
 
@@ -256,6 +257,34 @@ class CudaOps(ArrayOps):
         self._kernel("delta.cu", f"hidden_delta<{CTYPES[np.dtype(err.dtype)]}>")(
             self._grid_1d(n), (BLOCK, 1, 1), [err, o, out, code, np.int64(n)])
         return out
+
+    # -- the fit loop's per-step bookkeeping -----------------------------------
+    def gather_batch(self, X: Any, Y: Any, order: Any, step: Any, stride: int, xb: Any, yb: Any) -> None:
+        dtype = self._dtype_of("X", X)
+        n, n_x = X.shape
+        batch, n_y = xb.shape[0], Y.shape[1] if Y.ndim == 2 else -1
+        self._check("X", X, (n, n_x), dtype)
+        self._check("Y", Y, (n, n_y), dtype)
+        self._check("order", order, (n,), np.int64)
+        self._check("step", step, (1,), np.int64)
+        self._check("xb", xb, (batch, n_x), dtype)
+        self._check("yb", yb, (batch, n_y), dtype)
+        self._kernel("batch.cu", f"gather_batch<{CTYPES[dtype]}>")(
+            self._grid_1d(batch * (n_x + n_y)), (BLOCK, 1, 1),
+            [X, Y, order, step, xb, yb, np.int64(batch), np.int64(stride), np.int64(n_x), np.int64(n_y)])
+
+    def finish_batch(self, y_hat: Any, yb: Any, loss: Any, losses: Any, correct: Any, step: Any,
+                     count: bool) -> None:
+        dtype = self._dtype_of("y_hat", y_hat)
+        self._check("yb", yb, y_hat.shape, dtype)
+        self._check("loss", loss, (1,), dtype)
+        self._check("losses", losses, losses.shape, dtype)
+        self._check("correct", correct, losses.shape, np.int64)
+        self._check("step", step, (1,), np.int64)
+        batch, n_out = y_hat.shape
+        self._kernel("batch.cu", f"finish_batch<{CTYPES[dtype]}>")(
+            (1, 1, 1), (BLOCK, 1, 1),
+            [y_hat, yb, loss, losses, correct, step, np.int32(bool(count)), np.int64(batch), np.int64(n_out)])
 
     # -- backward GEMMs -------------------------------------------------------
     def propagate(self, delta: Any, W: Any, o: Any, activation: str, out: Any, config: str | None = None) -> Any:

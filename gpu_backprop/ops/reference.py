@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from . import activations as act
 from . import blas
 
@@ -138,11 +140,41 @@ class ArrayOps:
             b -= grad_b
 
 
+    # -- the fit loop's per-step bookkeeping (kernels/batch.cu) -------------
+    def gather_batch(self, X: Any, Y: Any, order: Any, step: Any, stride: int, xb: Any, yb: Any) -> None:
+        """xb, yb = the rows order[step * stride + r] of X, Y; ``step`` is a (1,) int64 counter
+        on the device, so a captured step needs no host work to find its batch."""
+        xp, batch = self.xp, xb.shape[0]
+        rows = self._scratch("rows", (batch,), xp.int64)
+        xp.add(self._arange(batch), step * stride, out=rows)
+        index = self._scratch("index", (batch,), xp.int64)
+        xp.take(order, rows, out=index)
+        xp.take(X, index, axis=0, out=xb)
+        xp.take(Y, index, axis=0, out=yb)
+
+    def finish_batch(self, y_hat: Any, yb: Any, loss: Any, losses: Any, correct: Any, step: Any,
+                     count: bool) -> None:
+        """losses[step] = loss; correct[step] = rows predicted right (if ``count``); step += 1."""
+        losses[step] = loss[0]
+        if count:
+            correct[step] = (self._labels(y_hat) == self._labels(yb)).sum()
+        step += 1
+
+    def _labels(self, y: Any) -> Any:
+        """argmax per row (ties to the lowest index); one output unit: y > 1/2."""
+        return y[:, 0] > 0.5 if y.shape[1] == 1 else self.xp.argmax(y, axis=1)
+
+    def _arange(self, n: int) -> Any:
+        key = ("arange", n)
+        if key not in self._scratch_cache:
+            self._scratch_cache[key] = self.xp.arange(n, dtype=self.xp.int64)
+        return self._scratch_cache[key]
+
+
 class NumpyOps(ArrayOps):
     """The CPU path: the reference math with every GEMM through SciPy's BLAS."""
 
     def __init__(self) -> None:
-        import numpy as np
         import scipy.special
 
         super().__init__(np, scipy.special)
@@ -150,6 +182,21 @@ class NumpyOps(ArrayOps):
     def gemm(self, a: Any, b: Any, out: Any, *, alpha: float = 1.0, beta: float = 0.0,
              trans_a: bool = False, trans_b: bool = False) -> Any:
         return blas.gemm(a, b, out, alpha=alpha, beta=beta, trans_a=trans_a, trans_b=trans_b)
+
+    def gather_batch(self, X: Any, Y: Any, order: Any, step: Any, stride: int, xb: Any, yb: Any) -> None:
+        """As ArrayOps.gather_batch; on the host the counter is read directly (no index arithmetic arrays)."""
+        first = int(step[0]) * stride
+        index = order[first:first + xb.shape[0]]
+        self.xp.take(X, index, axis=0, out=xb)
+        self.xp.take(Y, index, axis=0, out=yb)
+
+    def finish_batch(self, y_hat: Any, yb: Any, loss: Any, losses: Any, correct: Any, step: Any,
+                     count: bool) -> None:
+        s = int(step[0])
+        losses[s] = loss[0]
+        if count:
+            correct[s] = np.count_nonzero(self._labels(y_hat) == self._labels(yb))
+        step[0] = s + 1
 
     def forward(self, o: Any, W: Any, b: Any, activation: str, out: Any) -> Any:
         """out = f(o W + b) with the bias added by the GEMM (beta = 1): one pass fewer."""

@@ -1,0 +1,53 @@
+// The fit loop's per-step bookkeeping on the device, so that a captured step
+// (gather, forward, backward, update, bookkeeping) is one graph launch and the
+// host touches nothing until the epoch ends. `step` is a device counter.
+//
+// gather_batch:  xb[r] = X[order[step * stride + r]], yb[r] = Y[same row]    (r < batch)
+// finish_batch:  losses[step] = loss[0];
+//                correct[step] = #rows whose argmax(y_hat) == argmax(yb)     (if count;
+//                                one output unit: y_hat > 1/2 against yb > 1/2)
+//                step += 1
+// Ties in argmax go to the lowest index, as numpy.argmax. finish_batch runs as
+// one block (blockDim.x a multiple of 32) and sums in a fixed order.
+#include "common.cuh"
+
+template <typename T>
+__global__ void gather_batch(const T* __restrict__ X, const T* __restrict__ Y, const long long* __restrict__ order,
+                             const long long* __restrict__ step, T* __restrict__ xb, T* __restrict__ yb,
+                             index_t batch, index_t stride, index_t n_x, index_t n_y) {
+    const index_t first = step[0] * stride, width = n_x + n_y, total = batch * width;
+    const index_t grid_stride = (index_t)gridDim.x * blockDim.x;
+    for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += grid_stride) {
+        const index_t r = i / width, c = i % width, row = order[first + r];
+        if (c < n_x)
+            xb[r * n_x + c] = X[row * n_x + c];
+        else
+            yb[r * n_y + (c - n_x)] = Y[row * n_y + (c - n_x)];
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ index_t argmax_row(const T* row, index_t n) {
+    if (n == 1) return row[0] > T(0.5) ? 1 : 0;
+    index_t best = 0;
+    for (index_t j = 1; j < n; ++j)
+        if (row[j] > row[best]) best = j;
+    return best;
+}
+
+template <typename T>
+__global__ void finish_batch(const T* __restrict__ y_hat, const T* __restrict__ yb, const T* __restrict__ loss,
+                             T* __restrict__ losses, long long* __restrict__ correct, long long* step, int count,
+                             index_t batch, index_t n_out) {
+    const long long s = step[0];  // read by every thread before thread 0 advances it below
+    long long hits = 0;
+    if (count)
+        for (index_t r = threadIdx.x; r < batch; r += blockDim.x)
+            hits += argmax_row(y_hat + r * n_out, n_out) == argmax_row(yb + r * n_out, n_out);
+    hits = block_sum(hits);
+    if (threadIdx.x == 0) {
+        losses[s] = loss[0];
+        if (count) correct[s] = hits;
+        step[0] = s + 1;
+    }
+}
