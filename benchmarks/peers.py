@@ -14,7 +14,6 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from gpu_backprop.ops import NumpyOps
 
 # name: (layer widths, batch). Kernel groups use the widest hidden layer of the net.
 SIZES = {

@@ -12,7 +12,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 ORDER = ["ours-graph", "ours-fused", "ours-tf32", "ours-numpy", "cupy-unfused", "numpy", "torch-eager", "torch-autograd", "torch-compile"]
 

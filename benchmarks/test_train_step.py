@@ -138,23 +138,23 @@ def test_train_step(benchmark, backend, ceilings, budget, size, peer):
         model.set_params({f"W{k}": w for k, w in enumerate(weights)} | {f"b{k}": b for k, b in enumerate(biases)})
         sets = [(model.device.asarray(x), model.device.asarray(y)) for x, y in batches]
         sync = backend.sync
-
-        def fn(s):
-            return model.train_step(s[0], s[1], LR)
-
-        if peer == "ours-graph":  # as fit does it: copy the batch into fixed buffers, replay the graph
+        if peer == "ours-graph":  # the batch copied into fixed buffers, then the captured step replayed
             from gpu_backprop.train import StepRunner
 
             stream = model.device.stream()
-            runner = StepRunner(model, LR, 0.0, model.device.capture)
             xb, yb = backend.xp.empty_like(sets[0][0]), backend.xp.empty_like(sets[0][1])
+            runner = StepRunner(lambda batch: lambda: model.train_step(xb, yb, LR), model.device.capture)
             sync = stream.synchronize
 
             def fn(s):
                 with stream:
                     xb[...] = s[0]
                     yb[...] = s[1]
-                    return runner(xb, yb)
+                    runner(xb.shape[0])
+                return model
+        else:
+            def fn(s):
+                return model.train_step(s[0], s[1], LR)
 
         def outputs(_):
             return model.get_params()

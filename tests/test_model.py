@@ -1,6 +1,5 @@
 """MLP training, determinism, persistence and input errors on the CPU."""
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
