@@ -13,13 +13,17 @@ def rng():
     return np.random.default_rng(seed)
 
 
-def rel_error(actual, expected) -> float:
-    """||actual - expected|| / ||expected|| in float64; NaN never passes."""
+def rel_error(actual, expected, scale: float = 0.0) -> float:
+    """||actual - expected|| / max(||expected||, scale) in float64; NaN never passes.
+
+    ``scale``: the size of the terms summed into ``expected`` (e.g. || |A| |B| || for a
+    GEMM): float rounding is relative to those terms, not to a result that cancels
+    to near zero (a 7-term float32 sum near 0 is off by more than 2e-6 of itself)."""
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     if not np.all(np.isfinite(actual)):
         return float("inf")
-    denom = max(np.linalg.norm(expected), np.finfo(np.float64).tiny)
+    denom = max(np.linalg.norm(expected), scale, np.finfo(np.float64).tiny)
     return float(np.linalg.norm(actual - expected) / denom)
 
 

@@ -15,6 +15,7 @@ from gpu_backprop.ops.autotune import Tuner
 from gpu_backprop.ops.cuda import PATHS, CudaOps
 
 from .conftest import rel_error
+from .reference_formulas import f_prime_from_output
 from .emulator.builder import EmuLoader
 
 DTYPES = [np.float32, np.float64]
@@ -63,9 +64,15 @@ def inputs(rng, dtype, batch, n_in, n_out, act):
     return o, W
 
 
-def close(actual, expected, dtype, factor=1.0):
-    err = rel_error(actual, expected)
+def close(actual, expected, dtype, factor=1.0, scale=0.0):
+    """Relative error within tolerance (``scale``: see conftest.rel_error)."""
+    err = rel_error(actual, expected, scale)
     assert err < factor * TOL[np.dtype(dtype)] * max(1, np.sqrt(expected.size)), err
+
+
+def terms(before, after, keep=1.0):
+    """Size of the two terms of after = keep * before + update."""
+    return np.linalg.norm(keep * before) + np.linalg.norm(after - keep * before)
 
 
 @pytest.mark.parametrize("config", PATHS)
@@ -78,8 +85,9 @@ def test_forward(emu, rng, config, dtype, index, shape):
     b = rng.standard_normal(n_out).astype(dtype)
     out = nan((batch, n_out), dtype)
     emu.forward(o, W, b, act, out, config=config)
+    magnitude = np.linalg.norm(np.abs(o.astype(np.float64)) @ np.abs(W) + np.abs(b))  # f is 1-Lipschitz
     close(out, twin.forward(o.astype(np.float64), W.astype(np.float64), b.astype(np.float64), act,
-                            np.empty(out.shape)), dtype)
+                            np.empty(out.shape)), dtype, scale=magnitude)
 
 
 def test_forward_softmax(emu, rng):
@@ -100,7 +108,8 @@ def test_propagate(emu, rng, config, dtype, index, shape):
     out = nan((batch, n_in), dtype)
     emu.propagate(delta, W, o, act, out, config=config)
     f64 = [a.astype(np.float64) for a in (delta, W, o)]
-    close(out, twin.propagate(*f64[:2], f64[2], act, np.empty(out.shape)), dtype)
+    magnitude = np.linalg.norm((np.abs(f64[0]) @ np.abs(f64[1]).T) * np.abs(f_prime_from_output(act, f64[2])))
+    close(out, twin.propagate(*f64[:2], f64[2], act, np.empty(out.shape)), dtype, scale=magnitude)
 
 
 @pytest.mark.parametrize("config", PATHS)
@@ -119,8 +128,9 @@ def test_weight_grad(emu, rng, config, dtype, index, shape, prologue):
     f64 = dict(o_next=o_next.astype(np.float64), activation=act, delta_out=np.empty(g.shape)) if prologue else {}
     exp_w, exp_b = twin.weight_grad(o.astype(np.float64), g.astype(np.float64), np.empty(grad_w.shape),
                                     np.empty(n_out), **f64)
-    close(grad_w, exp_w, dtype)
-    close(grad_b, exp_b, dtype)
+    delta = np.abs(f64["delta_out"] if prologue else g.astype(np.float64))
+    close(grad_w, exp_w, dtype, scale=np.linalg.norm(np.abs(o.astype(np.float64)).T @ delta))
+    close(grad_b, exp_b, dtype, scale=np.linalg.norm(delta.sum(axis=0)))
     if prologue:
         close(kwargs["delta_out"], f64["delta_out"], dtype)
 
@@ -137,17 +147,18 @@ def test_sgd_epilogue(emu, rng, config, dtype, momentum, shape):
     o_next, _ = inputs(rng, dtype, batch, n_out, 1, "sigmoid")
     vel_w, vel_b = (rng.standard_normal(W.shape).astype(dtype), rng.standard_normal(n_out).astype(dtype))
     step = 0.3 / batch
-    expected = [a.astype(np.float64) for a in (W, b, vel_w, vel_b)]
+    before = [a.astype(np.float64) for a in (W, b, vel_w, vel_b)]
+    expected = [a.copy() for a in before]
     twin.sgd_update(o.astype(np.float64), err.astype(np.float64), *expected[:2], step, momentum, *expected[2:],
                     o_next=o_next.astype(np.float64), activation="sigmoid", delta_out=np.empty(err.shape))
     delta_out = nan(err.shape, dtype)
     emu.sgd_update(o, err, W, b, step, momentum, vel_w if momentum else None, vel_b if momentum else None,
                    o_next=o_next, activation="sigmoid", delta_out=delta_out, config=config)
-    close(W, expected[0], dtype)
-    close(b, expected[1], dtype)
+    close(W, expected[0], dtype, scale=terms(before[0], expected[0]))
+    close(b, expected[1], dtype, scale=terms(before[1], expected[1]))
     if momentum:
-        close(vel_w, expected[2], dtype)
-        close(vel_b, expected[3], dtype)
+        close(vel_w, expected[2], dtype, scale=terms(before[2], expected[2], momentum))
+        close(vel_b, expected[3], dtype, scale=terms(before[3], expected[3], momentum))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
