@@ -92,12 +92,12 @@ def _check_hyper(epochs: int, batch_size: int, lr: float, momentum: float) -> No
 class Trainer:
     """Epochs of mini-batch SGD with everything on the device.
 
-    The data moves to the device once. Each epoch the host draws a permutation
-    (the same seeded order on every device) and copies it into a fixed buffer;
-    each step then gathers its batch by a device-side counter, trains, and
-    records its loss and hits in device arrays (``ops.gather_batch``,
-    ``ops.finish_batch``), so on CUDA a whole step is one graph replay and the
-    host reads two small arrays per epoch.
+    The data moves to the device once. Each epoch the device draws the order of
+    the rows from a seeded 64-bit key (``ops.shuffle_epoch``: the same order on
+    every device) and resets the step counter; each step then gathers its batch
+    by that counter, trains, and records its loss and hits in device arrays
+    (``ops.gather_batch``, ``ops.finish_batch``), so on CUDA a whole step is one
+    graph replay, and the host sends one integer and reads two small arrays per epoch.
     """
 
     def __init__(self, model: Any, X: Any, y: Any, batch_size: int = 32, lr: float = 0.1, momentum: float = 0.0,
@@ -134,9 +134,8 @@ class Trainer:
 
     def epoch(self) -> tuple[float, float | None]:
         """One pass over the data; (mean loss, accuracy or None)."""
-        order = self.rng.permutation(self.n) if self.shuffle else np.arange(self.n)
-        self.order[...] = self.model.device.asarray(order.astype(np.int64))
-        self.counter[...] = 0
+        key = int(self.rng.integers(0, 2**63))
+        self.model.ops.shuffle_epoch(self.order, self.counter, key, self.shuffle)
         for rows in self.slices:
             self.steps(rows.stop - rows.start)
         # One device-to-host transfer each per epoch: the steps never wait for the host.

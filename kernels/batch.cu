@@ -1,7 +1,10 @@
-// The fit loop's per-step bookkeeping on the device, so that a captured step
-// (gather, forward, backward, update, bookkeeping) is one graph launch and the
-// host touches nothing until the epoch ends. `step` is a device counter.
+// The fit loop's bookkeeping on the device, so that a captured step (gather,
+// forward, backward, update, bookkeeping) is one graph launch and the host
+// touches nothing until the epoch ends. `step` is a device counter.
 //
+// shuffle_keys:  keys[i] = mix64(i + key), step = 0   (once per epoch; `key` is already
+//                mixed by the host; argsort(keys) is the epoch's order: mix64 is a
+//                bijection, so keys never tie)
 // gather_batch:  xb[r] = X[order[step * stride + r]], yb[r] = Y[same row]    (r < batch)
 // finish_batch:  losses[step] = loss[0];
 //                correct[step] = #rows whose argmax(y_hat) == argmax(yb)     (if count;
@@ -10,6 +13,22 @@
 // Ties in argmax go to the lowest index, as numpy.argmax. finish_batch runs as
 // one block (blockDim.x a multiple of 32) and sums in a fixed order.
 #include "common.cuh"
+
+// splitmix64's finaliser; the same constants as gpu_backprop/ops/reference.py's mix64.
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+__global__ void shuffle_keys(unsigned long long* __restrict__ keys, long long* __restrict__ step,
+                             unsigned long long key, index_t n) {
+    const index_t grid_stride = (index_t)gridDim.x * blockDim.x;
+    for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += grid_stride)
+        keys[i] = mix64((unsigned long long)i + key);
+    if (blockIdx.x == 0 && threadIdx.x == 0) step[0] = 0;
+}
 
 template <typename T>
 __global__ void gather_batch(const T* __restrict__ X, const T* __restrict__ Y, const long long* __restrict__ order,

@@ -155,3 +155,54 @@ def test_unknown_names_raise():
         act.check_loss("hinge", "sigmoid")
     with pytest.raises(ValueError, match="softmax"):
         act.check_loss("mse", "softmax")
+
+
+def splitmix64_finaliser(z: int) -> int:
+    """splitmix64's finaliser on one Python integer, written from its published form."""
+    mask = (1 << 64) - 1
+    z = (z + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+@pytest.mark.parametrize("key", [0, 1, 2**63 - 1, 0x1234_5678_9ABC_DEF0])
+def test_shuffle_keys_are_splitmix64(key):
+    n = 37
+    keys, step = np.full(n, 7, np.uint64), np.array([5], np.int64)
+    ops.shuffle_keys(key, keys, step)
+    assert keys.tolist() == [splitmix64_finaliser((i + splitmix64_finaliser(key)) % 2**64) for i in range(n)]
+    assert step[0] == 0
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 1437, 10_001])
+def test_shuffle_epoch_is_a_permutation(rng, n):
+    order, step = np.full(n, -1, np.int64), np.array([9], np.int64)
+    key = int(rng.integers(0, 2**63))
+    ops.shuffle_epoch(order, step, key)
+    assert np.array_equal(np.sort(order), np.arange(n)) and step[0] == 0
+    again = np.full(n, -1, np.int64)
+    ops.shuffle_epoch(again, step, key)
+    assert np.array_equal(again, order)  # a key gives one order
+    ops.shuffle_epoch(again, step, key, shuffle=False)
+    assert np.array_equal(again, np.arange(n))
+
+
+def test_shuffle_epoch_spreads_rows_uniformly():
+    """Over 4000 keys every row lands in every one of 8 slots about equally often
+    (a chi-square bound at p ~ 1e-6), and consecutive keys give unrelated orders."""
+    n, draws = 8, 4000
+    counts = np.zeros((n, n))
+    order, step = np.empty(n, np.int64), np.zeros(1, np.int64)
+    previous = None
+    same_as_previous = 0
+    for key in range(draws):
+        ops.shuffle_epoch(order, step, key)
+        counts[order, np.arange(n)] += 1
+        if previous is not None:
+            same_as_previous += np.count_nonzero(order == previous)
+        previous = order.copy()
+    expected = draws / n
+    chi2 = ((counts - expected) ** 2 / expected).sum()  # 49 degrees of freedom
+    assert chi2 < 110, counts
+    assert abs(same_as_previous / ((draws - 1) * n) - 1 / n) < 0.02

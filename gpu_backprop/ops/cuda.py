@@ -20,7 +20,7 @@ import numpy as np
 
 from . import activations as act
 from .autotune import Tuner
-from .reference import ArrayOps
+from .reference import ArrayOps, mixed_key
 
 BLOCK = 256  # threads per block of the elementwise kernels
 # Tiles of the CUDA-core GEMMs (gemm_tile.cuh Simt): name: (BM, BN, BK, TM, TN), 256 threads each.
@@ -34,7 +34,8 @@ LOSS_CODES = {"mse": 0, "cross_entropy": 1}
 WRITE_GRADIENT, SGD, SGD_MOMENTUM = 0, 1, 2
 GEMM_FILES = {"forward": "forward.cu", "propagate": "propagate.cu", "weight_grad": "weight_grad.cu"}
 ELEMENTWISE_FILES = {"delta.cu": ("output_delta", "hidden_delta"), "bias.cu": ("bias_activation", "bias_update"),
-                     "batch.cu": ("gather_batch", "finish_batch")}
+                     "batch.cu": ("gather_batch", "finish_batch", "shuffle_keys")}
+UNTYPED = ("shuffle_keys",)  # kernels that are not templated on the float type
 
 
 def gemm_name(kernel: str, dtype: Any, config: str) -> str:
@@ -50,7 +51,9 @@ def tile_of(config: str) -> tuple[int, int]:
 def names_in(file: str) -> list[str]:
     """Every instantiation of a file's kernels (NVRTC name expressions)."""
     if file in ELEMENTWISE_FILES:
-        return [f"{k}<{t}>" for k in ELEMENTWISE_FILES[file] for t in CTYPES.values()]
+        kernels = ELEMENTWISE_FILES[file]
+        return ([f"{k}<{t}>" for k in kernels if k not in UNTYPED for t in CTYPES.values()]
+                + [k for k in kernels if k in UNTYPED])
     kernel = {v: k for k, v in GEMM_FILES.items()}[file]
     return [gemm_name(kernel, dt, c) for dt in CTYPES for c in CONFIGS] + [gemm_name(kernel, np.float32, "tf32")]
 
@@ -258,7 +261,14 @@ class CudaOps(ArrayOps):
             self._grid_1d(n), (BLOCK, 1, 1), [err, o, out, code, np.int64(n)])
         return out
 
-    # -- the fit loop's per-step bookkeeping -----------------------------------
+    # -- the fit loop's bookkeeping --------------------------------------------
+    def shuffle_keys(self, key: int, keys: Any, step: Any) -> None:
+        n = keys.shape[0] if keys.ndim == 1 else -1
+        self._check("keys", keys, (n,), np.uint64)
+        self._check("step", step, (1,), np.int64)
+        self._kernel("batch.cu", "shuffle_keys")(self._grid_1d(n), (BLOCK, 1, 1),
+                                                  [keys, step, np.uint64(mixed_key(key)), np.int64(n)])
+
     def gather_batch(self, X: Any, Y: Any, order: Any, step: Any, stride: int, xb: Any, yb: Any) -> None:
         dtype = self._dtype_of("X", X)
         n, n_x = X.shape

@@ -18,6 +18,30 @@ import numpy as np
 from . import activations as act
 from . import blas
 
+# splitmix64's finaliser (Steele et al., 2014), shared with kernels/batch.cu.
+MIX_ADD, MIX_MUL1, MIX_MUL2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def mix64(xp: Any, z: Any) -> Any:
+    """splitmix64's finaliser over a uint64 array, in place. A bijection of the
+    64-bit integers (an odd multiplier and ``z ^ (z >> s)`` are both invertible),
+    so distinct inputs give distinct outputs."""
+    u64 = xp.uint64
+    z += u64(MIX_ADD)
+    z ^= z >> u64(30)
+    z *= u64(MIX_MUL1)
+    z ^= z >> u64(27)
+    z *= u64(MIX_MUL2)
+    z ^= z >> u64(31)
+    return z
+
+
+def mixed_key(key: int) -> int:
+    """mix64 of one integer in [0, 2^64)."""
+    if not 0 <= int(key) < 2**64:
+        raise ValueError(f"key: expected an integer in [0, 2**64), got {key!r}")
+    return int(mix64(np, np.array([key], dtype=np.uint64))[0])
+
 
 class ArrayOps:
     """Unfused reference operations over ``xp`` (numpy or cupy)."""
@@ -140,7 +164,30 @@ class ArrayOps:
             b -= grad_b
 
 
-    # -- the fit loop's per-step bookkeeping (kernels/batch.cu) -------------
+    # -- the fit loop's bookkeeping (kernels/batch.cu) ----------------------
+    def shuffle_keys(self, key: int, keys: Any, step: Any) -> None:
+        """keys[i] = mix64(i + mix64(key)) (uint64, wrapping); step[0] = 0. The key is mixed
+        first so that nearby keys (0, 1, ...) give unrelated orders."""
+        xp = self.xp
+        xp.add(self._arange(keys.shape[0]).view(xp.uint64), xp.uint64(mixed_key(key)), out=keys)
+        mix64(xp, keys)
+        step[...] = 0
+
+    def shuffle_epoch(self, order: Any, step: Any, key: int, shuffle: bool = True) -> None:
+        """Start an epoch on the device: ``order`` = the permutation of the rows drawn from
+        ``key`` (0..n-1 when not ``shuffle``), the step counter = 0.
+
+        The order is argsort(mix64(i + mix64(key))): mix64 is a bijection, so no two keys tie and
+        the sort has one answer, the same on every device and array module.
+        """
+        if not shuffle:
+            order[...] = self._arange(order.shape[0])
+            step[...] = 0
+            return
+        keys = self._scratch("keys", order.shape, self.xp.uint64)
+        self.shuffle_keys(key, keys, step)
+        order[...] = self.xp.argsort(keys)
+
     def gather_batch(self, X: Any, Y: Any, order: Any, step: Any, stride: int, xb: Any, yb: Any) -> None:
         """xb, yb = the rows order[step * stride + r] of X, Y; ``step`` is a (1,) int64 counter
         on the device, so a captured step needs no host work to find its batch."""
