@@ -1,5 +1,6 @@
 """A small run of every fused kernel for compute-sanitizer (memcheck, racecheck):
-odd shapes, both dtypes, both tile configurations, momentum, the delta prologue.
+odd shapes, both dtypes, both tile configurations, momentum, the delta prologue,
+the grouped backward launch.
 CuPy's memory pool is switched off so each array is its own cudaMalloc and an
 out-of-bounds access cannot land silently inside a neighbour's allocation."""
 import numpy as np
@@ -10,6 +11,7 @@ def main() -> None:
 
     cupy.cuda.set_allocator(None)
     from gpu_backprop import MLP, data, get_device
+    from gpu_backprop.ops import Propagate, Update
 
     ds = data.digits(seed=0)
     for dtype in ("float32", "float64"):
@@ -34,6 +36,12 @@ def main() -> None:
             ops.propagate(delta, grad_w, o, "tanh", below, config=config)
             ops.forward(o, grad_w, grad_b, "relu", xp.empty((batch, n_out), dtype), config=config)
             ops.hidden_delta(err, o_next, "sigmoid", delta)
+            # backward.cu: a propagation beside two updates in one grid
+            W2, b2 = xp.asarray(rng.standard_normal((n_in, n_out)), dtype=dtype), xp.zeros(n_out, dtype)
+            ops.backward(Propagate(err, grad_w, o, "sigmoid", below),
+                         [Update(o, delta, W2, b2, 0.01, 0.9, xp.zeros_like(W2), xp.zeros_like(b2)),
+                          Update(o_next, err, xp.zeros((n_out, n_out), dtype), xp.zeros(n_out, dtype), 0.01, 0.9,
+                                 xp.zeros((n_out, n_out), dtype), xp.zeros(n_out, dtype))], config=config)
     xp.cuda.runtime.deviceSynchronize()
     print("sanitize_run: ok")
 

@@ -18,9 +18,25 @@ import numpy as np
 
 from . import data as data_mod
 from .device import Device, get_device, to_host
+from .ops import Propagate, Update
 from .ops import activations as act
 
 FORMAT_VERSION = 1
+
+
+def backward_schedule(n_layers: int) -> list[tuple[int | None, tuple[int, ...]]]:
+    """The backward pass as launches: (layer whose error is propagated or None, layers updated).
+
+    Layer k's propagation reads W[k] and writes delta[k]; its update writes W[k] from
+    delta[k+1]. So the propagation of k can share a launch with the update of k+1
+    (already propagated past), and the last launch updates layers 1 and 0:
+    L launches for L layers instead of 2L - 1, e.g. for 3 layers
+    [(2, ()), (1, (2,)), (None, (1, 0))].
+    """
+    if n_layers == 1:
+        return [(None, (0,))]
+    return ([(n_layers - 1, ())] + [(k, (k + 1,)) for k in range(n_layers - 2, 0, -1)]
+            + [(None, (1, 0))])
 
 
 @dataclass
@@ -142,11 +158,11 @@ class MLP:
         ops.output_delta(o[-1], Y, self.output, self.loss, delta[-1], loss_out)
         vel_w, vel_b = self._momentum_buffers() if momentum else ([None] * len(self.weights),) * 2
         step = lr / batch
-        for k in reversed(range(len(self.weights))):
-            if k > 0:  # uses W[k] before its update
-                ops.propagate(delta[k + 1], self.weights[k], o[k], self.activations[k - 1], delta[k])
-            ops.sgd_update(o[k], delta[k + 1], self.weights[k], self.biases[k], step, momentum,
-                           vel_w[k], vel_b[k])
+        for k, updated in backward_schedule(len(self.weights)):
+            propagate = None if k is None else Propagate(delta[k + 1], self.weights[k], o[k],
+                                                         self.activations[k - 1], delta[k])
+            ops.backward(propagate, [Update(o[j], delta[j + 1], self.weights[j], self.biases[j], step, momentum,
+                                            vel_w[j], vel_b[j]) for j in updated])
         return loss_out
 
     def _momentum_buffers(self) -> tuple[list, list]:

@@ -184,6 +184,14 @@ struct Tf32 {
 };
 #endif
 
+// The two shared-memory tiles of one block, declared by each kernel (`__shared__ GemmTiles<Core> tiles;`)
+// and handed to the tile functions, so kernels that run several GEMMs share one pair.
+template <class Core>
+struct GemmTiles {
+    typename Core::Value A[Core::BK][Core::BM + Core::PAD];
+    typename Core::Value B[Core::BK][Core::BN + Core::PAD];
+};
+
 struct NoTileHook {
     template <typename Tile>
     __device__ __forceinline__ void operator()(const Tile&) const {}

@@ -11,22 +11,23 @@
 //
 // Both operands are k-major (a batch row is contiguous), so tiles load
 // coalesced without a transpose. Blocks in the first row of tiles
-// (blockIdx.y == 0) see every delta element of their columns exactly once:
-// they write delta_out and sum the bias gradient.
+// (tile_m == 0) see every delta element of their columns exactly once:
+// they write delta_out and sum the bias gradient. weight_grad_tile computes
+// one BM x BN tile; backward.cu runs it beside an error propagation.
+#pragma once
 #include "gemm_tile.cuh"
 
 template <typename T, class Core>
-__global__ void weight_grad(const T* __restrict__ o, const T* __restrict__ g, int has_prologue,
-                            const T* __restrict__ o_next, T* __restrict__ delta_out, int act,
-                            T* __restrict__ W, T* __restrict__ b, T* __restrict__ vel_w,
-                            T* __restrict__ vel_b, int mode, T step, T momentum,
-                            index_t M, index_t N, index_t K) {
+__device__ __forceinline__ void weight_grad_tile(GemmTiles<Core>& tiles, index_t tile_m, index_t tile_n,
+                                                 const T* __restrict__ o, const T* __restrict__ g,
+                                                 int has_prologue, const T* __restrict__ o_next,
+                                                 T* __restrict__ delta_out, int act, T* __restrict__ W,
+                                                 T* __restrict__ b, T* __restrict__ vel_w, T* __restrict__ vel_b,
+                                                 int mode, T step, T momentum, index_t M, index_t N, index_t K) {
     const int BK = Core::BK, BN = Core::BN;
-    __shared__ T As[Core::BK][Core::BM + Core::PAD];
-    __shared__ T Bs[Core::BK][Core::BN + Core::PAD];
     const int tid = threadIdx.x;
-    const index_t m0 = (index_t)blockIdx.y * Core::BM, n0 = (index_t)blockIdx.x * BN;
-    const bool bias_block = blockIdx.y == 0;
+    const index_t m0 = tile_m * Core::BM, n0 = tile_n * BN;
+    const bool bias_block = tile_m == 0;
     auto load_delta = [&](index_t n, index_t k) {
         const index_t i = k * N + n;
         if (!has_prologue) return g[i];
@@ -41,9 +42,21 @@ __global__ void weight_grad(const T* __restrict__ o, const T* __restrict__ g, in
     };
     typename Core::Acc acc;
     gemm_mainloop<Core, true, true>(
-        acc, As, Bs, [&](index_t m, index_t k) { return o[k * M + m]; }, load_delta, sum_bias, m0, n0, M, N, K);
+        acc, tiles.A, tiles.B, [&](index_t m, index_t k) { return o[k * M + m]; }, load_delta, sum_bias, m0, n0,
+        M, N, K);
     Core::for_each_output(acc, m0, n0, M, N, [&](index_t m, index_t n, T v) {
         apply_update(mode, W, vel_w, m * N + n, v, step, momentum);
     });
     if (bias_block && tid < BN && n0 + tid < N) apply_update(mode, b, vel_b, n0 + tid, bias_acc, step, momentum);
+}
+
+template <typename T, class Core>
+__global__ void weight_grad(const T* __restrict__ o, const T* __restrict__ g, int has_prologue,
+                            const T* __restrict__ o_next, T* __restrict__ delta_out, int act,
+                            T* __restrict__ W, T* __restrict__ b, T* __restrict__ vel_w,
+                            T* __restrict__ vel_b, int mode, T step, T momentum,
+                            index_t M, index_t N, index_t K) {
+    __shared__ GemmTiles<Core> tiles;
+    weight_grad_tile<T, Core>(tiles, blockIdx.y, blockIdx.x, o, g, has_prologue, o_next, delta_out, act, W, b,
+                              vel_w, vel_b, mode, step, momentum, M, N, K);
 }

@@ -10,7 +10,7 @@ import pytest
 import scipy.special
 
 from gpu_backprop import MLP
-from gpu_backprop.ops import NumpyOps
+from gpu_backprop.ops import NumpyOps, Propagate, Update
 from gpu_backprop.ops.autotune import Tuner
 from gpu_backprop.ops.cuda import PATHS, CudaOps
 
@@ -195,7 +195,7 @@ def test_hidden_delta(emu, rng, dtype, act, shape):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-@pytest.mark.parametrize("path", [None, "cublas"])
+@pytest.mark.parametrize("path", [None, "large", "cublas"])
 def test_training_steps_match_the_numpy_twin(loader, dtype, momentum, path):
     """Whole steps through the CUDA launchers == the CPU path (weights after 3 epochs of 3 steps)."""
     rng = np.random.default_rng(5)
@@ -213,7 +213,8 @@ def test_training_steps_match_the_numpy_twin(loader, dtype, momentum, path):
 
 
 def test_launches_per_step(loader):
-    """Fused: per layer 1 forward GEMM + 1 propagate + 1 weight-grad/update; plus the output delta."""
+    """Fused: per layer 1 forward GEMM and 1 backward launch (propagation of one layer beside the
+    update of the one above, backward.cu); plus the output delta: 2L + 1."""
     model = MLP([13, 9, 7, 5], device="cpu", seed=0)
     model.ops = fused_ops(loader)
     X = np.zeros((4, 13), np.float32)
@@ -224,7 +225,7 @@ def test_launches_per_step(loader):
     layers = len(model.weights)
     launches = loader.launches - before
     print(f"fused kernels: {launches} launches per step for {layers} layers")
-    assert launches == 3 * layers  # L forward + 1 output delta + (L-1) propagate + L weight-grad
+    assert launches == 2 * layers + 1  # L forward + 1 output delta + L backward
 
 
 def test_launches_per_step_on_the_cublas_path(loader):
@@ -320,8 +321,86 @@ def test_shuffle_keys(emu, n):
     assert np.array_equal(np.sort(order), np.arange(n))
 
 
+def backward_parts(rng, dtype, batch):
+    """Independent operands for a propagation (P) and two updates (U, V), widths across the tile edges."""
+    r = lambda *shape: rng.standard_normal(shape).astype(dtype)
+    sig = lambda *shape: scipy.special.expit(r(*shape)).astype(dtype)
+    p = dict(delta=r(batch, 65), W=r(129, 65) / 8, o=sig(batch, 129), out=nan((batch, 129), dtype))
+    u = dict(o=sig(batch, 129), delta=r(batch, 130), W=r(129, 130), b=r(130), vel_w=r(129, 130), vel_b=r(130))
+    v = dict(o=sig(batch, 130), delta=r(batch, 1), W=r(130, 1), b=r(1), vel_w=r(130, 1), vel_b=r(1))
+    return p, u, v
+
+
+@pytest.mark.parametrize("config", ["small", "large"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("parts", ["PU", "UV", "PUV"])
+@pytest.mark.parametrize("batch", [1, 65])  # 65: two rows of propagation tiles (64)
+def test_backward_launch(loader, rng, config, dtype, momentum, parts, batch):
+    """backward.cu: a propagation and up to two updates in one launch == each done by the twin."""
+    ops = fused_ops(loader)
+    p, u, v = backward_parts(rng, dtype, batch)
+    f64 = lambda d: {k: a.astype(np.float64) for k, a in d.items()}
+    expected = [f64(d) for d in (p, u, v)]
+    step = 0.25 / batch
+
+    def call(target, p, u, v, **kwargs):
+        propagate = Propagate(p["delta"], p["W"], p["o"], "sigmoid", p["out"]) if "P" in parts else None
+        updates = [Update(d["o"], d["delta"], d["W"], d["b"], step, momentum,
+                          d["vel_w"] if momentum else None, d["vel_b"] if momentum else None)
+                   for name, d in (("U", u), ("V", v)) if name in parts]
+        target.backward(propagate, updates, **kwargs)
+
+    start = [f64(d) for d in (p, u, v)]
+    call(twin, *expected)
+    before = loader.launches
+    call(ops, p, u, v, config=config)
+    assert loader.launches - before == 1
+    if "P" in parts:
+        d, W, o = (start[0][k] for k in ("delta", "W", "o"))
+        magnitude = np.linalg.norm((np.abs(d) @ np.abs(W).T) * np.abs(f_prime_from_output("sigmoid", o)))
+        close(p["out"], expected[0]["out"], dtype, scale=magnitude)
+    else:
+        assert np.isnan(p["out"]).all()  # no propagation part: its output untouched
+    for name, actual, want, initial in (("U", u, expected[1], start[1]), ("V", v, expected[2], start[2])):
+        if name not in parts:
+            for key in ("W", "b"):
+                np.testing.assert_array_equal(actual[key], initial[key].astype(dtype))
+            continue
+        for key in ("W", "b", "vel_w", "vel_b") if momentum else ("W", "b"):
+            keep = momentum if key.startswith("vel") else 1.0
+            close(actual[key], want[key], dtype, scale=terms(initial[key], want[key], keep))
+
+
+def test_backward_runs_each_gemm_on_its_tuned_path(loader, rng):
+    """When the tuner puts the propagation on cuBLAS, the update still runs on its own tile: no
+    grouped launch, same result."""
+
+    class Split(Tuner):
+        def __init__(self):
+            super().__init__(enabled=False)
+
+        def choose(self, key, candidates, trial, default):
+            return "cublas" if key.startswith("propagate") else "small"
+
+    ops = CudaOps(np, scipy.special, loader, tuner=Split())
+    p, u, _ = backward_parts(rng, np.float64, 9)
+    expected_out = twin.propagate(p["delta"], p["W"], p["o"], "sigmoid", np.empty(p["out"].shape))
+    W, b = u["W"].copy(), u["b"].copy()
+    twin.sgd_update(u["o"], u["delta"], W, b, 0.1)
+    ops.backward(Propagate(p["delta"], p["W"], p["o"], "sigmoid", np.empty_like(p["out"])), [])  # compile
+    before = loader.launches
+    ops.backward(Propagate(p["delta"], p["W"], p["o"], "sigmoid", p["out"]),
+                 [Update(u["o"], u["delta"], u["W"], u["b"], 0.1)])
+    close(p["out"], expected_out, np.float64)
+    close(u["W"], W, np.float64, factor=10)
+    assert loader.launches - before == 2  # the derivative after the cuBLAS stand-in; the update on its tile
+    with pytest.raises(ValueError, match="updates: at most 2 per launch"):
+        ops.backward(None, [Update(u["o"], u["delta"], u["W"], u["b"], 0.1)] * 3)
+
+
 def test_launches_per_fit_step(loader):
-    """A fit step = gather + the 3L kernels of the step + bookkeeping: 3L + 2 launches (one graph on CUDA);
+    """A fit step = gather + the 2L + 1 kernels of the step + bookkeeping: 2L + 3 launches (one graph on CUDA);
     an epoch adds one launch (the shuffle keys; the argsort is the array module's)."""
     model = MLP([13, 9, 7, 5], device="cpu", seed=0)
     model.ops = fused_ops(loader)
@@ -333,4 +412,4 @@ def test_launches_per_fit_step(loader):
     trainer.epoch()
     per_step = (loader.launches - before - 1) / 2
     print(f"fit step, fused, uncaptured: {per_step:.0f} launches for {len(model.weights)} layers")
-    assert per_step == 3 * len(model.weights) + 2
+    assert per_step == 2 * len(model.weights) + 3

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from gpu_backprop import MLP, data, get_device
-from gpu_backprop.ops import NumpyOps
+from gpu_backprop.ops import NumpyOps, Propagate, Update
 from gpu_backprop.ops.cuda import PATHS
 
 from .conftest import rel_error
@@ -128,6 +128,39 @@ def test_captured_steps_equal_plain_steps(momentum):
     assert runners[1].captured == 2 and runners[1].replayed == 3 * 5 - 2  # 300 = 4 x 64 + 44
     for key in params[0]:
         np.testing.assert_array_equal(params[1][key], params[0][key])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("config", ["small", "large", "tf32"])
+@pytest.mark.parametrize("batch", [1, 257])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_backward_launch(gpu, rng, dtype, config, batch, momentum):
+    """backward.cu on the card: a propagation beside two updates in one launch == the float64 twin."""
+    if config == "tf32" and dtype == np.float64:
+        pytest.skip("tf32: float32 operands only")
+    ops, xp = gpu[1], gpu[0].xp
+    tol = 2e-3 if config == "tf32" else TOL[np.dtype(dtype)] * 10
+    r = lambda *shape: rng.standard_normal(shape)  # noqa: E731
+    p = dict(delta=r(batch, 129), W=r(1025, 129) / 32, o=rng.random((batch, 1025)))
+    u = dict(o=rng.random((batch, 1025)), delta=r(batch, 129), W=r(1025, 129), b=r(129), vel_w=r(1025, 129),
+             vel_b=r(129))
+    v = dict(o=rng.random((batch, 63)), delta=r(batch, 1), W=r(63, 1), b=r(1), vel_w=r(63, 1), vel_b=r(1))
+    step = 0.1 / batch
+    expected = [{k: a.copy() for k, a in d.items()} for d in (p, u, v)]
+    device = [{k: xp.asarray(a, dtype=dtype) for k, a in d.items()} for d in (p, u, v)]
+    outs = (np.empty((batch, 1025)), nan(gpu, (batch, 1025), dtype))
+    for target, (pp, uu, vv), out, kwargs in ((twin, expected, outs[0], {}), (ops, device, outs[1], {"config": config})):
+        target.backward(Propagate(pp["delta"], pp["W"], pp["o"], "sigmoid", out),
+                        [Update(d["o"], d["delta"], d["W"], d["b"], step, momentum,
+                                d["vel_w"] if momentum else None, d["vel_b"] if momentum else None)
+                         for d in (uu, vv)], **kwargs)
+    scale = np.linalg.norm(np.abs(p["delta"]) @ np.abs(p["W"]).T)
+    assert rel_error(outs[1].get(), outs[0], scale) < tol
+    for initial, want, got in ((u, expected[1], device[1]), (v, expected[2], device[2])):
+        for key in ("W", "b", "vel_w", "vel_b") if momentum else ("W", "b"):
+            keep = momentum if key.startswith("vel") else 1.0
+            scale = np.linalg.norm(keep * initial[key]) + np.linalg.norm(want[key] - keep * initial[key])
+            assert rel_error(got[key].get(), want[key], scale) < tol, key
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (33, 63, 65), (257, 1025, 129), (4096, 784, 1024)])

@@ -206,3 +206,34 @@ def test_precision_argument(tmp_path, caplog):
         model = MLP([4, 3, 2], device="cpu", precision="tf32")
     assert any("applies on CUDA only" in r.getMessage() for r in caplog.records)
     assert MLP.load(model.save(tmp_path / "m.npz"), device="cpu").precision == "tf32"
+
+
+@pytest.mark.parametrize("n_layers", range(1, 7))
+def test_backward_schedule_respects_every_dependency(n_layers):
+    """Simulate the schedule: every update sees its delta ready and its W not yet read by a
+    later propagation; within a launch nothing one part writes is touched by another;
+    L launches, each layer updated once and each hidden error propagated once."""
+    from gpu_backprop.model import backward_schedule
+
+    schedule = backward_schedule(n_layers)
+    ready = {n_layers}  # delta[L] from the output delta
+    updated, propagated = set(), set()
+    for k, layers in schedule:
+        assert len(layers) <= 2
+        parts = []  # (reads, writes) of each part of this launch
+        if k is not None:
+            assert 1 <= k < n_layers and k + 1 in ready and k not in updated  # W[k] still the old one
+            parts.append(({("delta", k + 1), ("W", k), ("o", k)}, {("delta", k)}))
+        for j in layers:
+            assert j + 1 in ready and j not in updated and (j == 0 or j in propagated)
+            parts.append(({("o", j), ("delta", j + 1)}, {("W", j), ("b", j)}))
+        for i, (_, writes) in enumerate(parts):
+            for m, (reads, other_writes) in enumerate(parts):
+                if m != i:
+                    assert not writes & (reads | other_writes)
+        if k is not None:
+            propagated.add(k)
+            ready.add(k)
+        updated.update(layers)
+    assert updated == set(range(n_layers)) and propagated == set(range(1, n_layers))
+    assert len(schedule) == n_layers

@@ -14,13 +14,14 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from . import activations as act
 from .autotune import Tuner
-from .reference import ArrayOps, mixed_key
+from .reference import ArrayOps, Propagate, Update, mixed_key
 
 BLOCK = 256  # threads per block of the elementwise kernels
 # Tiles of the CUDA-core GEMMs (gemm_tile.cuh Simt): name: (BM, BN, BK, TM, TN), 256 threads each.
@@ -32,7 +33,8 @@ PRECISIONS = ("fp32", "tf32")
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 LOSS_CODES = {"mse": 0, "cross_entropy": 1}
 WRITE_GRADIENT, SGD, SGD_MOMENTUM = 0, 1, 2
-GEMM_FILES = {"forward": "forward.cu", "propagate": "propagate.cu", "weight_grad": "weight_grad.cu"}
+GEMM_FILES = {"forward": "forward.cu", "propagate": "propagate.cu", "weight_grad": "weight_grad.cu",
+              "backward": "backward.cu"}
 ELEMENTWISE_FILES = {"delta.cu": ("output_delta", "hidden_delta"), "bias.cu": ("bias_activation", "bias_update"),
                      "batch.cu": ("gather_batch", "finish_batch", "shuffle_keys")}
 UNTYPED = ("shuffle_keys",)  # kernels that are not templated on the float type
@@ -84,6 +86,19 @@ def kernel_source(file: str, _seen: set | None = None) -> str:
         return kernel_source(name, seen)
 
     return _INCLUDE.sub(inline, text.replace("#pragma once", ""))
+
+
+@dataclass
+class _Gemm:
+    """One checked GEMM of the backward pass, ready to run on any path."""
+
+    kind: str                       # "propagate" or "weight_grad": the tuner's key and our kernel
+    dtype: np.dtype
+    shape: tuple[int, int, int]     # M, N (the output tile grid) and K
+    args: list | None               # its part of backward.cu's arguments (None: cannot be grouped)
+    run: Callable[[str], None]      # run on a path
+    trial: Callable[[str], None]    # what the tuner times (writes no parameter)
+    update: tuple = ()              # (mode, step, momentum) of a weight update
 
 
 class CupyLoader:
@@ -139,8 +154,8 @@ def cupy_loader(device: Any) -> CupyLoader:
 
 
 class CudaOps(ArrayOps):
-    """The fused kernels: 1 launch per forward layer, 1 for the output delta, and per
-    layer backward 1 error-propagation GEMM plus 1 weight-gradient GEMM with the update."""
+    """The fused kernels: per layer 1 forward GEMM and 1 backward launch (backward.cu runs the
+    error propagation of one layer beside the update of the layer above), plus 1 for the output delta."""
 
     fused = True
 
@@ -300,6 +315,10 @@ class CudaOps(ArrayOps):
     def propagate(self, delta: Any, W: Any, o: Any, activation: str, out: Any, config: str | None = None) -> Any:
         """out = (delta W^T) * f'(o): the derivative in our GEMM's epilogue (or cuBLAS, then
         the derivative in place, where tuned faster)."""
+        self._run([self._propagate_gemm(delta, W, o, activation, out)], config)
+        return out
+
+    def _propagate_gemm(self, delta: Any, W: Any, o: Any, activation: str, out: Any) -> _Gemm:
         dtype = self._dtype_of("delta", delta)
         batch, n_out = delta.shape
         n_in = W.shape[0]
@@ -308,21 +327,20 @@ class CudaOps(ArrayOps):
         self._check("o", o, (batch, n_in), dtype)
         self._check("out", out, (batch, n_in), dtype)
         code = np.int32(act.CODES[act.check_activation(activation)])
+        args = [delta, W, o, out, code, np.int64(batch), np.int64(n_in), np.int64(n_out)]
 
         def run(path: str) -> None:
             if path == "cublas":
                 self.loader.gemm(delta, W, out, trans_b=True)
                 self._hidden_delta(out, o, out, code)  # in place: err * f'(o)
             else:
-                self._gemm("propagate", dtype, batch, n_in, path,
-                           [delta, W, o, out, code, np.int64(batch), np.int64(n_in), np.int64(n_out)])
+                self._gemm("propagate", dtype, batch, n_in, path, args)
 
-        run(self.gemm_path("propagate", dtype, batch, n_in, n_out, config, run))
-        return out
+        return _Gemm("propagate", dtype, (batch, n_in, n_out), args, run, run)
 
-    def _weight_grad(self, o: Any, g: Any, W: Any, b: Any, mode: int, step: float, momentum: float,
-                     vel_w: Any, vel_b: Any, o_next: Any, activation: str, delta_out: Any,
-                     config: str | None) -> None:
+    def _weight_grad_gemm(self, o: Any, g: Any, W: Any, b: Any, mode: int, step: float, momentum: float,
+                          vel_w: Any, vel_b: Any, o_next: Any = None, activation: str = "identity",
+                          delta_out: Any = None) -> _Gemm:
         dtype = self._dtype_of("o", o)
         batch, n_in = o.shape
         n_out = g.shape[1] if g.ndim == 2 else -1
@@ -341,11 +359,12 @@ class CudaOps(ArrayOps):
         scalar = dtype.type
         code = np.int32(act.CODES[act.check_activation(activation)])
         ctype = CTYPES[dtype]
+        prologue = o_next is not None
+        # Unused pointer arguments get a valid array of the right dtype (never dereferenced).
+        vel_w = W if vel_w is None else vel_w
+        vel_b = b if vel_b is None else vel_b
 
         def launch(path: str, mode: int, W: Any, b: Any, vel_w: Any, vel_b: Any, prologue: bool) -> None:
-            # Unused pointer arguments get a valid array of the right dtype (never dereferenced).
-            vel_w = W if vel_w is None else vel_w
-            vel_b = b if vel_b is None else vel_b
             if path != "cublas":
                 self._gemm("weight_grad", dtype, n_in, n_out, path, [
                     o, g, np.int32(prologue), o_next if prologue else g, delta_out if prologue else g, code,
@@ -368,16 +387,66 @@ class CudaOps(ArrayOps):
             launch(path, WRITE_GRADIENT, self._scratch("tune_w", (n_in, n_out), dtype),
                    self._scratch("tune_b", (n_out,), dtype), None, None, False)
 
-        path = self.gemm_path("weight_grad", dtype, n_in, n_out, batch, config, trial)
-        launch(path, mode, W, b, vel_w, vel_b, o_next is not None)
+        # backward.cu's U/V part (no prologue): o, delta, W, b, vel_w, vel_b, M, N, K
+        part = None if prologue else [o, g, W, b, vel_w, vel_b, np.int64(n_in), np.int64(n_out), np.int64(batch)]
+        return _Gemm("weight_grad", dtype, (n_in, n_out, batch), part,
+                     lambda path: launch(path, mode, W, b, vel_w, vel_b, prologue), trial,
+                     (mode, scalar(step), scalar(momentum)))
+
+    def _run(self, gemms: Sequence[_Gemm], config: str | None) -> None:
+        """Run GEMMs that touch disjoint memory: in one backward.cu launch when they all go
+        to the same one of our tiles (and share the update), else one after another."""
+        paths = [self.gemm_path(g.kind, g.dtype, *g.shape, config, g.trial) for g in gemms]
+        props = [g for g in gemms if g.kind == "propagate"]
+        updates = [g for g in gemms if g.kind == "weight_grad"]
+        groupable = (len(gemms) > 1 and len(set(paths)) == 1 and paths[0] != "cublas" and len(props) <= 1
+                     and len(updates) <= 2 and all(u.args is not None for u in updates)
+                     and len({(u.update[0], float(u.update[1]), float(u.update[2])) for u in updates}) <= 1)
+        if not groupable:
+            for gemm, path in zip(gemms, paths):
+                gemm.run(path)
+            return
+        path, dtype = paths[0], gemms[0].dtype
+        bm, bn = tile_of(path)
+
+        def tiles(gemm: _Gemm | None) -> list:
+            if gemm is None:
+                return [np.int64(1), np.int64(0)]
+            M, N = gemm.shape[:2]
+            return [np.int64(-(-N // bn)), np.int64(-(-N // bn) * -(-M // bm))]
+
+        # An absent part gets a present part's arrays (never dereferenced: it has no tiles).
+        filler = updates[0].args
+        prop = props[0] if props else None
+        p_args = prop.args if prop else [filler[1], filler[2], filler[0], filler[2], np.int32(0), *filler[6:]]
+        u, v = (updates + [None, None])[:2]
+        u_args = u.args if u else filler
+        v_args = v.args if v else filler
+        mode, step, momentum = updates[0].update
+        n_blocks = sum(int(tiles(gemm)[1]) for gemm in (prop, u, v))
+        args = [*p_args, *tiles(prop), *u_args, *tiles(u), *v_args, tiles(v)[0],
+                np.int32(mode), step, momentum]
+        self._kernel("backward.cu", gemm_name("backward", dtype, path))((n_blocks, 1, 1), (BLOCK, 1, 1), args)
+
+    def backward(self, propagate: Propagate | None, updates: Sequence[Update], config: str | None = None) -> None:
+        """An error propagation and up to two weight updates of other layers (see
+        ArrayOps.backward) in one launch of backward.cu when the tuner puts them all on the
+        same one of our tiles, else each on its own path."""
+        if len(updates) > 2:
+            raise ValueError(f"updates: at most 2 per launch, got {len(updates)}")
+        gemms = [self._propagate_gemm(*propagate)] if propagate is not None else []
+        for u in updates:
+            gemms.append(self._weight_grad_gemm(u.o, u.delta, u.W, u.b, SGD_MOMENTUM if u.momentum else SGD,
+                                                u.step, u.momentum, u.vel_w, u.vel_b))
+        self._run(gemms, config)
 
     def weight_grad(self, o: Any, delta: Any, grad_w: Any, grad_b: Any, *, o_next: Any = None,
                     activation: str = "identity", delta_out: Any = None,
                     config: str | None = None) -> tuple[Any, Any]:
         """grad_w = o^T delta, grad_b = column sums of delta, in one launch
         (with ``o_next``: delta = err * f'(o_next) computed in the prologue)."""
-        self._weight_grad(o, delta, grad_w, grad_b, WRITE_GRADIENT, 0.0, 0.0, None, None,
-                          o_next, activation, delta_out, config)
+        self._run([self._weight_grad_gemm(o, delta, grad_w, grad_b, WRITE_GRADIENT, 0.0, 0.0, None, None,
+                                          o_next, activation, delta_out)], config)
         return grad_w, grad_b
 
     def sgd_update(self, o: Any, delta: Any, W: Any, b: Any, step: float, momentum: float = 0.0,
@@ -386,5 +455,5 @@ class CudaOps(ArrayOps):
         """The SGD step applied to W and b in the weight-gradient GEMM's epilogue (on the cuBLAS
         path: cuBLAS with alpha = -step, beta = 1 into W, then one bias kernel)."""
         mode = SGD_MOMENTUM if momentum else SGD
-        self._weight_grad(o, delta, W, b, mode, step, momentum, vel_w, vel_b, o_next, activation,
-                          delta_out, config)
+        self._run([self._weight_grad_gemm(o, delta, W, b, mode, step, momentum, vel_w, vel_b, o_next, activation,
+                                          delta_out)], config)

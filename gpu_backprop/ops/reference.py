@@ -11,7 +11,7 @@ Names follow MATH.md: ``o`` a layer's input (the previous output), ``W``
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -41,6 +41,29 @@ def mixed_key(key: int) -> int:
     if not 0 <= int(key) < 2**64:
         raise ValueError(f"key: expected an integer in [0, 2**64), got {key!r}")
     return int(mix64(np, np.array([key], dtype=np.uint64))[0])
+
+
+class Propagate(NamedTuple):
+    """Arguments of ``ops.propagate`` for ``ops.backward``."""
+
+    delta: Any
+    W: Any
+    o: Any
+    activation: str
+    out: Any
+
+
+class Update(NamedTuple):
+    """Arguments of ``ops.sgd_update`` for ``ops.backward``."""
+
+    o: Any
+    delta: Any
+    W: Any
+    b: Any
+    step: float
+    momentum: float = 0.0
+    vel_w: Any = None
+    vel_b: Any = None
 
 
 class ArrayOps:
@@ -163,6 +186,18 @@ class ArrayOps:
             grad_b *= step
             b -= grad_b
 
+
+    def backward(self, propagate: Propagate | None, updates: Sequence[Update]) -> None:
+        """One step of the backward pass: an error propagation and the updates of up to two
+        other layers, which share no memory that any of them writes (the model's
+        ``backward_schedule`` pairs them), so they may run in any order, or at once: on
+        CUDA they are one launch. Here, one after another."""
+        if len(updates) > 2:
+            raise ValueError(f"updates: at most 2 per launch, got {len(updates)}")
+        if propagate is not None:
+            self.propagate(*propagate)
+        for update in updates:
+            self.sgd_update(*update)
 
     # -- the fit loop's bookkeeping (kernels/batch.cu) ----------------------
     def shuffle_keys(self, key: int, keys: Any, step: Any) -> None:

@@ -1,0 +1,43 @@
+// The backward pass two GEMMs at a time: one launch runs, side by side,
+//
+//   part P   the error propagation of a layer k (propagate.cu):
+//              delta_k = (delta_{k+1} W_k^T) * f'(o_k)                 reads W_k
+//   part U   the weight gradient and SGD update of layer k + 1 (weight_grad.cu):
+//              W_{k+1} -= step o_{k+1}^T delta_{k+2}, b likewise          writes W_{k+1}, b_{k+1}
+//   part V   the same for a second layer (the last launch updates layers 1 and 0)
+//
+// No part reads what another writes, so their blocks may run in any order, and
+// a network of L layers takes L backward launches instead of 2L - 1
+// (gpu_backprop.model.backward_schedule). Blocks [0, p_tiles) take P's tiles,
+// the next u_tiles U's, the rest V's; each part's tiles go row by row, tiles_n
+// to a row; a part with no tiles is absent. All updates share mode, step and momentum.
+#include "propagate.cu"
+#include "weight_grad.cu"
+
+template <typename T, class Core>
+__global__ void backward(const T* __restrict__ p_delta, const T* __restrict__ p_W, const T* __restrict__ p_o,
+                         T* __restrict__ p_out, int p_act, index_t p_M, index_t p_N, index_t p_K,
+                         index_t p_tiles_n, index_t p_tiles,
+                         const T* __restrict__ u_o, const T* __restrict__ u_delta, T* __restrict__ u_W,
+                         T* __restrict__ u_b, T* __restrict__ u_vel_w, T* __restrict__ u_vel_b, index_t u_M,
+                         index_t u_N, index_t u_K, index_t u_tiles_n, index_t u_tiles,
+                         const T* __restrict__ v_o, const T* __restrict__ v_delta, T* __restrict__ v_W,
+                         T* __restrict__ v_b, T* __restrict__ v_vel_w, T* __restrict__ v_vel_b, index_t v_M,
+                         index_t v_N, index_t v_K, index_t v_tiles_n, int mode, T step, T momentum) {
+    __shared__ GemmTiles<Core> tiles;
+    index_t t = blockIdx.x;  // uniform over the block: every thread takes the same branch
+    if (t < p_tiles) {
+        propagate_tile<T, Core>(tiles, t / p_tiles_n, t % p_tiles_n, p_delta, p_W, p_o, p_out, p_act, p_M, p_N,
+                                p_K);
+        return;
+    }
+    t -= p_tiles;
+    if (t < u_tiles) {
+        weight_grad_tile<T, Core>(tiles, t / u_tiles_n, t % u_tiles_n, u_o, u_delta, 0, u_delta, u_W, 0, u_W, u_b,
+                                  u_vel_w, u_vel_b, mode, step, momentum, u_M, u_N, u_K);
+        return;
+    }
+    t -= u_tiles;
+    weight_grad_tile<T, Core>(tiles, t / v_tiles_n, t % v_tiles_n, v_o, v_delta, 0, v_delta, v_W, 0, v_W, v_b,
+                              v_vel_w, v_vel_b, mode, step, momentum, v_M, v_N, v_K);
+}
