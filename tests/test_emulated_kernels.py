@@ -273,13 +273,40 @@ def test_tensor_core_path_selection(loader):
     run = lambda path: None  # noqa: E731  (never called: no tuning)
     assert ops.gemm_path("forward", np.float32, 256, 1024, 784, None, run) == "tf32"
     assert ops.gemm_path("forward", np.float64, 256, 1024, 784, None, run) in ("small", "large")  # fp64: no TF32
-    with pytest.raises(TypeError, match="tf32 needs float32"):
-        ops.gemm_path("forward", np.float64, 4, 4, 4, "tf32", run)
+    for config in ("tf32", "cublas_tf32"):
+        with pytest.raises(TypeError, match=f"{config} needs float32"):
+            ops.gemm_path("forward", np.float64, 4, 4, 4, config, run)
     with pytest.raises(ValueError, match="precision: expected"):
         CudaOps(np, scipy.special, loader, precision="fp16")
     o, W, b = np.ones((5, 4), np.float32), np.ones((4, 3), np.float32), np.ones(3, np.float32)
     with pytest.raises(ValueError, match="tensor-core kernels do not run in the CPU emulator"):
         ops.forward(o, W, b, "sigmoid", np.empty((5, 3), np.float32))
+
+
+def test_tf32_precision_tunes_between_our_tensor_cores_and_cublas_tf32(loader):
+    """precision="tf32": the tuner weighs our tensor-core kernels against cuBLAS in TF32 mode (and
+    the cuBLAS path asks for that mode); float64 layers keep the fp32/fp64 candidates."""
+    asked = []
+
+    class Record(Tuner):
+        def __init__(self):
+            super().__init__(enabled=False)
+
+        def choose(self, key, candidates, trial, default):
+            asked.append((key, tuple(candidates), default))
+            return "cublas_tf32" if "|tf32|" in key else default
+
+    ops = CudaOps(np, scipy.special, loader, tuner=Record(), precision="tf32")
+    rng = np.random.default_rng(0)
+    o, W, b = rng.random((5, 4)).astype(np.float32), rng.random((4, 3)).astype(np.float32), np.ones(3, np.float32)
+    out = nan((5, 3), np.float32)
+    before = getattr(loader, "tf32_gemms", 0)
+    ops.forward(o, W, b, "identity", out)
+    assert asked[-1] == ("forward|tf32|5x3x4", ("tf32", "cublas_tf32"), "tf32")
+    assert loader.tf32_gemms == before + 1
+    close(out, o.astype(np.float64) @ W + 1, np.float32)
+    ops.forward(o.astype(np.float64), W.astype(np.float64), b.astype(np.float64), "identity", out.astype(np.float64))
+    assert asked[-1][1] == PATHS
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

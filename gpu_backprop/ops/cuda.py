@@ -29,6 +29,8 @@ CONFIGS = {"small": (64, 64, 16, 4, 4), "large": (128, 128, 8, 8, 8)}
 TF32_TILE = (64, 64)  # gemm_tile.cuh Tf32: tensor cores, float32 only, precision="tf32"
 # fp32/fp64 GEMM paths: our fused kernels with either tile, or cuBLAS with our elementwise kernels
 PATHS = (*CONFIGS, "cublas")
+# precision="tf32" paths (float32): our tensor-core kernels, or cuBLAS in its TF32 math mode
+TF32_PATHS = ("tf32", "cublas_tf32")
 PRECISIONS = ("fp32", "tf32")
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 LOSS_CODES = {"mse": 0, "cross_entropy": 1}
@@ -114,11 +116,23 @@ class CupyLoader:
         self.name = name.decode() if isinstance(name, bytes) else str(name)
 
     def gemm(self, a: Any, b: Any, out: Any, *, alpha: float = 1.0, beta: float = 0.0,
-             trans_a: bool = False, trans_b: bool = False) -> Any:
-        """out = alpha op(a) op(b) + beta out through cuBLAS (row-major arrays, no copies)."""
+             trans_a: bool = False, trans_b: bool = False, tf32: bool = False) -> Any:
+        """out = alpha op(a) op(b) + beta out through cuBLAS (row-major arrays, no copies);
+        ``tf32``: float32 products on the tensor cores (the handle's TF32 math mode, for this call only)."""
         from cupy import cublas
 
-        return cublas.gemm("T" if trans_a else "N", "T" if trans_b else "N", a, b, out=out, alpha=alpha, beta=beta)
+        ops = ("T" if trans_a else "N", "T" if trans_b else "N")
+        if not tf32:
+            return cublas.gemm(*ops, a, b, out=out, alpha=alpha, beta=beta)
+        from cupy_backends.cuda.libs import cublas as lib
+
+        handle = self.xp.cuda.device.get_cublas_handle()
+        mode = lib.getMathMode(handle)
+        lib.setMathMode(handle, lib.CUBLAS_TF32_TENSOR_OP_MATH)
+        try:
+            return cublas.gemm(*ops, a, b, out=out, alpha=alpha, beta=beta)
+        finally:
+            lib.setMathMode(handle, mode)
 
     def time(self, fn: Any, repeats: int = 5) -> float:
         """Median seconds of ``fn`` by CUDA events, after one warm-up call."""
@@ -196,18 +210,22 @@ class CudaOps(ArrayOps):
 
     def gemm_path(self, kind: str, dtype: Any, M: int, N: int, K: int, config: str | None,
                   trial: Any) -> str:
-        """``config`` when given, the tensor cores for precision="tf32" (float32), else the
-        tuned (or default) path for this shape."""
+        """``config`` when given, else the tuned (or default) path for this shape: among our
+        tiles and cuBLAS, or for precision="tf32" (float32) among our tensor-core kernels and
+        cuBLAS's TF32 mode."""
         if config is not None:
-            if config not in (*PATHS, "tf32"):
-                raise ValueError(f"config: expected one of {', '.join(PATHS)}, tf32, got {config!r}")
-            if config == "tf32" and np.dtype(dtype) != np.float32:
-                raise TypeError(f"config: tf32 needs float32 arrays, got {np.dtype(dtype).name}")
+            if config not in (*PATHS, *TF32_PATHS):
+                raise ValueError(f"config: expected one of {', '.join(PATHS + TF32_PATHS)}, got {config!r}")
+            if config in TF32_PATHS and np.dtype(dtype) != np.float32:
+                raise TypeError(f"config: {config} needs float32 arrays, got {np.dtype(dtype).name}")
             return config
         if self.precision == "tf32" and np.dtype(dtype) == np.float32:
-            return "tf32"
+            return self.tuner.choose(f"{kind}|tf32|{M}x{N}x{K}", TF32_PATHS, trial, default="tf32")
         key = f"{kind}|{np.dtype(dtype).name}|{M}x{N}x{K}"
         return self.tuner.choose(key, PATHS, trial, default=self.gemm_config(M, N))
+
+    def _cublas(self, path: str, a: Any, b: Any, out: Any, **kwargs: Any) -> None:
+        self.loader.gemm(a, b, out, tf32=path == "cublas_tf32", **kwargs)
 
     def _gemm(self, kernel: str, dtype: Any, M: int, N: int, config: str, args: list) -> None:
         bm, bn = tile_of(config)
@@ -232,8 +250,8 @@ class CudaOps(ArrayOps):
         code = np.int32(act.CODES[elementwise])
 
         def run(path: str) -> None:
-            if path == "cublas":
-                self.loader.gemm(o, W, out)
+            if path.startswith("cublas"):
+                self._cublas(path, o, W, out)
                 self._kernel("bias.cu", f"bias_activation<{CTYPES[dtype]}>")(
                     self._grid_1d(out.size), (BLOCK, 1, 1), [out, b, code, np.int64(batch), np.int64(n_out)])
             else:
@@ -330,8 +348,8 @@ class CudaOps(ArrayOps):
         args = [delta, W, o, out, code, np.int64(batch), np.int64(n_in), np.int64(n_out)]
 
         def run(path: str) -> None:
-            if path == "cublas":
-                self.loader.gemm(delta, W, out, trans_b=True)
+            if path.startswith("cublas"):
+                self._cublas(path, delta, W, out, trans_b=True)
                 self._hidden_delta(out, o, out, code)  # in place: err * f'(o)
             else:
                 self._gemm("propagate", dtype, batch, n_in, path, args)
@@ -365,7 +383,7 @@ class CudaOps(ArrayOps):
         vel_b = b if vel_b is None else vel_b
 
         def launch(path: str, mode: int, W: Any, b: Any, vel_w: Any, vel_b: Any, prologue: bool) -> None:
-            if path != "cublas":
+            if not path.startswith("cublas"):
                 self._gemm("weight_grad", dtype, n_in, n_out, path, [
                     o, g, np.int32(prologue), o_next if prologue else g, delta_out if prologue else g, code,
                     W, b, vel_w, vel_b, np.int32(mode), scalar(step), scalar(momentum),
@@ -373,12 +391,12 @@ class CudaOps(ArrayOps):
                 return
             delta = self._hidden_delta(g, o_next, delta_out, code) if prologue else g
             if mode == SGD_MOMENTUM:
-                self.loader.gemm(o, delta, vel_w, alpha=-step, beta=momentum, trans_a=True)
+                self._cublas(path, o, delta, vel_w, alpha=-step, beta=momentum, trans_a=True)
                 W += vel_w
             elif mode == SGD:
-                self.loader.gemm(o, delta, W, alpha=-step, beta=1.0, trans_a=True)
+                self._cublas(path, o, delta, W, alpha=-step, beta=1.0, trans_a=True)
             else:
-                self.loader.gemm(o, delta, W, trans_a=True)
+                self._cublas(path, o, delta, W, trans_a=True)
             self._kernel("bias.cu", f"bias_update<{ctype}>")(
                 (-(-n_out // 32), 1, 1), (32, 8, 1),
                 [delta, b, vel_b, np.int32(mode), scalar(step), scalar(momentum), np.int64(batch), np.int64(n_out)])
@@ -399,7 +417,7 @@ class CudaOps(ArrayOps):
         paths = [self.gemm_path(g.kind, g.dtype, *g.shape, config, g.trial) for g in gemms]
         props = [g for g in gemms if g.kind == "propagate"]
         updates = [g for g in gemms if g.kind == "weight_grad"]
-        groupable = (len(gemms) > 1 and len(set(paths)) == 1 and paths[0] != "cublas" and len(props) <= 1
+        groupable = (len(gemms) > 1 and len(set(paths)) == 1 and not paths[0].startswith("cublas") and len(props) <= 1
                      and len(updates) <= 2 and all(u.args is not None for u in updates)
                      and len({(u.update[0], float(u.update[1]), float(u.update[2])) for u in updates}) <= 1)
         if not groupable:

@@ -139,10 +139,12 @@ class EmuLoader:
             self.kernels[key] = EmuKernel(fn, name)
         return self.kernels[key]
 
-    def gemm(self, a: Any, b: Any, out: Any, **kwargs: Any) -> Any:
-        """The cuBLAS stand-in: the CPU path's BLAS GEMM, same signature as CupyLoader.gemm."""
+    def gemm(self, a: Any, b: Any, out: Any, tf32: bool = False, **kwargs: Any) -> Any:
+        """The cuBLAS stand-in: the CPU path's BLAS GEMM, same signature as CupyLoader.gemm
+        (``tf32`` is recorded, not emulated: the products stay float32)."""
         from gpu_backprop.ops.blas import gemm
 
+        self.tf32_gemms = getattr(self, "tf32_gemms", 0) + bool(tf32)
         return gemm(a, b, out, **kwargs)
 
     def time(self, fn: Any, repeats: int = 3) -> float:
