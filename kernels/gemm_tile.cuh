@@ -2,8 +2,9 @@
 //
 //   acc = sum_k A(m, k) * B(k, n)   for the block's BM x BN tile of C
 //
-// Tiles of A and B go through shared memory BK deep; elements outside
-// M x N x K load as zero, so no size needs to be a multiple of a tile. The
+// Tiles of A and B go through shared memory BK deep, the next pair fetched into
+// registers while the current one is multiplied; elements outside M x N x K
+// load as zero, so no size needs to be a multiple of a tile. The
 // operands are read through functors load_a(m, k), load_b(n, k) (a prologue
 // can transform elements while the tile is loaded); on_tile(Bs) sees each B
 // tile once it is in shared memory (the bias-gradient sums use it). A_KROWS
@@ -22,19 +23,41 @@
 #pragma once
 #include "common.cuh"
 
-template <typename T, int BM, int BK, int PAD, bool KROWS, typename Load>
-__device__ __forceinline__ void load_tile(T (&tile)[BK][BM + PAD], Load load, index_t m0, index_t k0,
-                                          index_t M, index_t K, int tid, int threads) {
-    for (int i = tid; i < BK * BM; i += threads) {
-        // k-major storage: consecutive threads take consecutive m; else consecutive k.
-        const int kk = KROWS ? i / BM : i % BK;
-        const int mm = KROWS ? i % BM : i / BK;
-        const index_t m = m0 + mm, k = k0 + kk;
-        tile[kk][mm] = (m < M && k < K) ? load(m, k) : T(0);
-    }
-}
+// One operand's BK x ROWS tile in flight: each thread fetches its share into
+// registers (all its global reads issued back to back, out-of-range elements as
+// zero), then stores them to shared memory. KROWS (k-major storage): consecutive
+// threads take consecutive rows; else consecutive k. Either way global reads coalesce.
+template <typename T, int ROWS, int BK, int PAD, bool KROWS, int THREADS>
+struct TileFetch {
+    static const int PER_THREAD = (BK * ROWS + THREADS - 1) / THREADS;
+    static const bool EVEN = BK * ROWS % THREADS == 0;  // every thread's every slot in the tile
+    T v[PER_THREAD];
 
-// The main loop both cores share: load both tiles, hook, multiply, repeat over K.
+    static __device__ __forceinline__ int k_of(int i) { return KROWS ? i / ROWS : i % BK; }
+    static __device__ __forceinline__ int row_of(int i) { return KROWS ? i % ROWS : i / BK; }
+
+    template <typename Load>
+    __device__ __forceinline__ void fetch(Load load, index_t r0, index_t k0, index_t R, index_t K, int tid) {
+#pragma unroll
+        for (int j = 0; j < PER_THREAD; ++j) {
+            const int i = tid + j * THREADS;
+            const index_t r = r0 + row_of(i), k = k0 + k_of(i);
+            v[j] = ((EVEN || i < BK * ROWS) && r < R && k < K) ? load(r, k) : T(0);
+        }
+    }
+
+    __device__ __forceinline__ void store(T (&tile)[BK][ROWS + PAD], int tid) const {
+#pragma unroll
+        for (int j = 0; j < PER_THREAD; ++j) {
+            const int i = tid + j * THREADS;
+            if (EVEN || i < BK * ROWS) tile[k_of(i)][row_of(i)] = v[j];
+        }
+    }
+};
+
+// The main loop both cores share: store the fetched tiles, fetch the next ones
+// (their global reads in flight during this tile's arithmetic), hook, multiply,
+// repeat over K. Every element is loaded exactly once (a prologue's side effect too).
 template <class Core, bool A_KROWS, bool B_KROWS, typename T, typename Acc, typename LoadA, typename LoadB,
           typename OnTile>
 __device__ __forceinline__ void gemm_mainloop(Acc& acc, T (&As)[Core::BK][Core::BM + Core::PAD],
@@ -42,11 +65,19 @@ __device__ __forceinline__ void gemm_mainloop(Acc& acc, T (&As)[Core::BK][Core::
                                               LoadB load_b, OnTile on_tile, index_t m0, index_t n0, index_t M,
                                               index_t N, index_t K) {
     const int tid = threadIdx.x;
+    TileFetch<T, Core::BM, Core::BK, Core::PAD, A_KROWS, Core::THREADS> a;
+    TileFetch<T, Core::BN, Core::BK, Core::PAD, B_KROWS, Core::THREADS> b;
     Core::zero(acc);
+    a.fetch(load_a, m0, 0, M, K, tid);
+    b.fetch(load_b, n0, 0, N, K, tid);
     for (index_t k0 = 0; k0 < K; k0 += Core::BK) {
-        load_tile<T, Core::BM, Core::BK, Core::PAD, A_KROWS>(As, load_a, m0, k0, M, K, tid, Core::THREADS);
-        load_tile<T, Core::BN, Core::BK, Core::PAD, B_KROWS>(Bs, load_b, n0, k0, N, K, tid, Core::THREADS);
+        a.store(As, tid);
+        b.store(Bs, tid);
         __syncthreads();  // sync: tile loaded
+        if (k0 + Core::BK < K) {
+            a.fetch(load_a, m0, k0 + Core::BK, M, K, tid);
+            b.fetch(load_b, n0, k0 + Core::BK, N, K, tid);
+        }
         on_tile(Bs);
         Core::multiply(acc, As, Bs);
         __syncthreads();  // sync: tile consumed
