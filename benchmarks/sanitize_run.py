@@ -23,7 +23,7 @@ def main() -> None:
     ops, xp = device.ops(fused=True), device.xp
     rng = np.random.default_rng(0)
     for dtype in (np.float32, np.float64):
-        for config in ("small", "large"):
+        for config in ("tiny", "small", "large"):
             batch, n_in, n_out = 129, 65, 127
             o = xp.asarray(rng.random((batch, n_in)), dtype=dtype)
             err = xp.asarray(rng.standard_normal((batch, n_out)), dtype=dtype)

@@ -358,7 +358,7 @@ def backward_parts(rng, dtype, batch):
     return p, u, v
 
 
-@pytest.mark.parametrize("config", ["small", "large"])
+@pytest.mark.parametrize("config", ["tiny", "small", "large"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("parts", ["PU", "UV", "PUV"])
@@ -424,6 +424,31 @@ def test_backward_runs_each_gemm_on_its_tuned_path(loader, rng):
     assert loader.launches - before == 2  # the derivative after the cuBLAS stand-in; the update on its tile
     with pytest.raises(ValueError, match="updates: at most 2 per launch"):
         ops.backward(None, [Update(u["o"], u["delta"], u["W"], u["b"], 0.1)] * 3)
+
+
+def test_backward_groups_gemms_tuned_to_different_tiles(loader, rng):
+    """The tuner may give each GEMM of a launch its own tile: they still run as one launch, on
+    the tile of the largest GEMM."""
+
+    class PerKind(Tuner):
+        def __init__(self):
+            super().__init__(enabled=False)
+
+        def choose(self, key, candidates, trial, default):
+            return "tiny" if key.startswith("propagate") else "large"
+
+    ops = CudaOps(np, scipy.special, loader, tuner=PerKind())
+    p, u, _ = backward_parts(rng, np.float64, 9)  # update 129 x 130 x 9 > propagation 9 x 129 x 65
+    expected_out = twin.propagate(p["delta"], p["W"], p["o"], "sigmoid", np.empty(p["out"].shape))
+    W, b = u["W"].copy(), u["b"].copy()
+    twin.sgd_update(u["o"], u["delta"], W, b, 0.1)
+    before = loader.launches
+    ops.backward(Propagate(p["delta"], p["W"], p["o"], "sigmoid", p["out"]),
+                 [Update(u["o"], u["delta"], u["W"], u["b"], 0.1)])
+    assert loader.launches - before == 1
+    assert loader.kernels[("backward.cu", "backward<double, Simt<double, 128, 128, 8, 8, 8>>")].launches >= 1
+    close(p["out"], expected_out, np.float64)
+    close(u["W"], W, np.float64, factor=10)
 
 
 def test_launches_per_fit_step(loader):

@@ -131,7 +131,7 @@ def test_captured_steps_equal_plain_steps(momentum):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("config", ["small", "large", "tf32"])
+@pytest.mark.parametrize("config", ["tiny", "small", "large", "tf32"])
 @pytest.mark.parametrize("batch", [1, 257])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_backward_launch(gpu, rng, dtype, config, batch, momentum):

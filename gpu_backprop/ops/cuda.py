@@ -25,7 +25,8 @@ from .reference import ArrayOps, Propagate, Update, mixed_key
 
 BLOCK = 256  # threads per block of the elementwise kernels
 # Tiles of the CUDA-core GEMMs (gemm_tile.cuh Simt): name: (BM, BN, BK, TM, TN), 256 threads each.
-CONFIGS = {"small": (64, 64, 16, 4, 4), "large": (128, 128, 8, 8, 8)}
+# "tiny": 2 x 2 outputs per thread and a deep K step, for the latency-bound layers of small nets.
+CONFIGS = {"tiny": (32, 32, 32, 2, 2), "small": (64, 64, 16, 4, 4), "large": (128, 128, 8, 8, 8)}
 TF32_TILE = (64, 64)  # gemm_tile.cuh Tf32: tensor cores, float32 only, precision="tf32"
 # fp32/fp64 GEMM paths: our fused kernels with either tile, or cuBLAS with our elementwise kernels
 PATHS = (*CONFIGS, "cublas")
@@ -412,19 +413,21 @@ class CudaOps(ArrayOps):
                      (mode, scalar(step), scalar(momentum)))
 
     def _run(self, gemms: Sequence[_Gemm], config: str | None) -> None:
-        """Run GEMMs that touch disjoint memory: in one backward.cu launch when they all go
-        to the same one of our tiles (and share the update), else one after another."""
+        """Run GEMMs that touch disjoint memory: in one backward.cu launch when the tuner put
+        none of them on cuBLAS (on the tile tuned for the largest of them: one launch saved
+        outweighs a tile choice), else one after another."""
         paths = [self.gemm_path(g.kind, g.dtype, *g.shape, config, g.trial) for g in gemms]
         props = [g for g in gemms if g.kind == "propagate"]
         updates = [g for g in gemms if g.kind == "weight_grad"]
-        groupable = (len(gemms) > 1 and len(set(paths)) == 1 and not paths[0].startswith("cublas") and len(props) <= 1
+        groupable = (len(gemms) > 1 and not any(p.startswith("cublas") for p in paths) and len(props) <= 1
                      and len(updates) <= 2 and all(u.args is not None for u in updates)
                      and len({(u.update[0], float(u.update[1]), float(u.update[2])) for u in updates}) <= 1)
         if not groupable:
             for gemm, path in zip(gemms, paths):
                 gemm.run(path)
             return
-        path, dtype = paths[0], gemms[0].dtype
+        dtype = gemms[0].dtype
+        path = max(zip(gemms, paths), key=lambda gp: int(np.prod(gp[0].shape)))[1]
         bm, bn = tile_of(path)
 
         def tiles(gemm: _Gemm | None) -> list:
