@@ -55,3 +55,24 @@ def test_corrupt_cache_is_ignored(tmp_path):
     assert Tuner("H100", fake_timer(record), enabled=True, path=path).choose(
         "k", list(TIMES), record.append, default="small") == "cublas"
     assert json.loads(path.read_text()) == {"H100": {"k": "cublas"}}
+
+
+def test_a_candidate_that_fails_is_skipped(tmp_path, caplog):
+    record = []
+
+    def trial(candidate):
+        record.append(candidate)
+        if candidate == "cublas":
+            raise AttributeError("module has no attribute 'setMathMode'")
+
+    tuner = Tuner("H100", fake_timer(record), enabled=True, path=tmp_path / "a.json")
+    with caplog.at_level(logging.INFO, logger="gpu_backprop"):
+        assert tuner.choose("k", list(TIMES), trial, default="small") == "large"
+    assert "cublas failed (AttributeError" in caplog.text
+    assert json.loads((tmp_path / "a.json").read_text()) == {"H100": {"k": "large"}}
+
+    def broken(candidate):
+        raise RuntimeError("no kernel")
+
+    assert Tuner("H100", fake_timer(record), enabled=True, path=tmp_path / "b.json").choose(
+        "k", list(TIMES), broken, default="small") == "small"

@@ -41,7 +41,15 @@ class Tuner:
         choice = self.choices.get(key)
         if choice in candidates:
             return choice
-        times = {c: self.timer(lambda c=c: trial(c)) for c in candidates}
+        times = {}
+        for candidate in candidates:
+            try:
+                times[candidate] = self.timer(lambda c=candidate: trial(c))
+            except Exception as exc:  # e.g. a cuBLAS mode this CuPy lacks: not a choice here
+                log.info("autotune %s: %s failed (%s: %s); not a candidate", key, candidate,
+                         type(exc).__name__, exc)
+        if not times:
+            return default  # nothing ran: the call itself will report why
         choice = min(times, key=times.get)
         self.choices[key] = choice
         log.info("autotune %s: %s (%s)", key, choice,
