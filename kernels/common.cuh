@@ -50,6 +50,16 @@ __device__ __forceinline__ void apply_update(int mode, T* p, T* v, index_t i, T 
     }
 }
 
+// 16 bytes of T, loaded and stored as one vector access (ld/st.global.v4.f32, .v2.f64) by the
+// elementwise kernels wherever every pointer they touch is 16-byte aligned.
+template <typename T>
+struct alignas(16) Pack {
+    static const int N = 16 / sizeof(T);
+    T v[N];
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) { return ((unsigned long long)p & 15ull) == 0; }
+
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
     for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);

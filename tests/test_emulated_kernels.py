@@ -161,16 +161,29 @@ def test_sgd_epilogue(emu, rng, config, dtype, momentum, shape):
         close(vel_b, expected[3], dtype, scale=terms(before[3], expected[3], momentum))
 
 
+def shifted(array, offset):
+    """``array`` copied to a buffer ``offset`` elements past a 64-byte boundary: offset 0 takes the
+    kernels' 16-byte vector body, any other offset their element-by-element path."""
+    base = np.empty(array.size + 16, dtype=array.dtype)
+    start = (-(base.ctypes.data // array.itemsize)) % (64 // array.itemsize) + offset
+    view = base[start:start + array.size].reshape(array.shape)
+    view[...] = array
+    assert (view.ctypes.data % 16 == 0) == (offset == 0)
+    return view
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 7, 33, 255, 257, 9001])  # 9001 > 32 blocks x 256: grid-stride + many partials
 @pytest.mark.parametrize("loss,act", [("mse", "sigmoid"), ("mse", "tanh"), ("mse", "identity"),
                                       ("cross_entropy", "softmax")])
-def test_output_delta_and_loss(emu, rng, dtype, n, loss, act):
+@pytest.mark.parametrize("offset", [0, 1])
+def test_output_delta_and_loss(emu, rng, dtype, n, loss, act, offset):
     cols = 1 if n < 33 else 33 if n % 33 == 0 else n
     shape = (n // cols, cols)
-    y_hat = rng.random(shape).astype(dtype)
-    y = rng.random(shape).astype(dtype) if loss == "mse" else (rng.random(shape) < 0.3).astype(dtype)
-    out, loss_out = nan(shape, dtype), nan(1, dtype)
+    y_hat = shifted(rng.random(shape).astype(dtype), offset)
+    y = shifted(rng.random(shape).astype(dtype) if loss == "mse" else (rng.random(shape) < 0.3).astype(dtype),
+                offset)
+    out, loss_out = shifted(nan(shape, dtype), offset), nan(1, dtype)
     emu.output_delta(y_hat, y, act, loss, out, loss_out)
     exp_out, exp_loss = np.empty(shape), np.empty(1)
     twin.output_delta(y_hat.astype(np.float64), y.astype(np.float64), act, loss, exp_out, exp_loss)
@@ -185,12 +198,16 @@ def test_output_delta_and_loss(emu, rng, dtype, n, loss, act):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("shape", [(1, 1), (7, 33), (129, 65)])
-def test_hidden_delta(emu, rng, dtype, act, shape):
-    err = rng.standard_normal(shape).astype(dtype)
-    o, _ = inputs(rng, dtype, shape[0], shape[1], 1, act)
-    out = nan(shape, dtype)
+@pytest.mark.parametrize("offset", [0, 1])
+def test_hidden_delta(emu, rng, dtype, act, shape, offset):
+    err = shifted(rng.standard_normal(shape).astype(dtype), offset)
+    o = shifted(inputs(rng, dtype, shape[0], shape[1], 1, act)[0], offset)
+    out = shifted(nan(shape, dtype), offset)
     emu.hidden_delta(err, o, act, out)
-    close(out, twin.hidden_delta(err.astype(np.float64), o.astype(np.float64), act, np.empty(shape)), dtype)
+    expected = twin.hidden_delta(err.astype(np.float64), o.astype(np.float64), act, np.empty(shape))
+    close(out, expected, dtype)
+    emu.hidden_delta(err, o, act, err)  # in place, as after a cuBLAS GEMM
+    close(err, expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
