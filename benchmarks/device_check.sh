@@ -9,6 +9,11 @@
 #   5. the GPU benchmark suite -> bench_step.json, bench_kernels.json, bench_compile.json,
 #      bench.md (table), bench.png (chart); the training step first, torch.compile (minutes of
 #      compilation) last, each part with its own time limit so one overrun loses only itself.
+# Before and after on one machine: with an older revision unpacked in .base/
+# (benchmarks/prepare_baseline.sh REV, carried), its training-step and digits benchmarks run
+# first, before this tree is installed, with a tuner cache of their own -> bench_baseline.json,
+# and the summary lists base -> now for every figure both runs have (bench.png is then left
+# out: `python -m benchmarks.report` remakes it from the JSON).
 # Usage: benchmarks/device_check.sh OUTDIR   (at most 8 files are written there)
 set -uo pipefail
 out=${1:?usage: benchmarks/device_check.sh OUTDIR}
@@ -36,6 +41,13 @@ run() {  # run NAME TIMEOUT CMD...: output to the log, PASS/FAIL to the summary
 section "machine"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv; $python --version;
   $python -c "import cupy, numpy, torch; print('cupy', cupy.__version__, 'numpy', numpy.__version__, 'torch', torch.__version__)"; } >> "$log" 2>&1
+if [ -d .base/gpu_backprop ]; then  # before this tree is installed: nothing of it can shadow the old one
+    base_cache=$(mktemp -d)
+    run "baseline-$(cat .base/REVISION 2> /dev/null)" 150 env -C .base GPU_BACKPROP_CACHE="$base_cache" PYTHONPATH=. \
+        $python -m pytest benchmarks/test_train_step.py --bench-device cuda --bench-budget 0.15 -q -p no:cacheprovider \
+        -k "(digits or small or typical-B4096) and (ours-graph or ours-fused or ours-tf32)" \
+        --benchmark-json="$(cd "$out" && pwd)/bench_baseline.json" --benchmark-columns=median,rounds
+fi
 run install 120 $python -m pip install --no-deps --no-build-isolation -e . || { cat "$summary"; exit 1; }
 $python -m gpu_backprop.cli info >> "$log" 2>&1
 note "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
@@ -79,7 +91,13 @@ bench kernels 120 test_kernels.py "not large or weight_grad"
 bench compile 80 test_train_step.py "torch-compile"
 results=$(ls "$out"/bench_step.json "$out"/bench_kernels.json "$out"/bench_compile.json 2> /dev/null)
 if [ -n "$results" ]; then
-    $python -m benchmarks.report $results --png "$out/bench.png" --markdown "$out/bench.md" >> "$log" 2>&1
+    png=(--png "$out/bench.png")
+    [ -f "$out/bench_baseline.json" ] && png=()
+    $python -m benchmarks.report $results "${png[@]}" --markdown "$out/bench.md" >> "$log" 2>&1
+fi
+if [ -f "$out/bench_baseline.json" ] && [ -f "$out/bench_step.json" ]; then
+    $python -m benchmarks.report --compare "$out/bench_baseline.json" "$out/bench_step.json" 2>> "$log" \
+        | sed 's/^/base -> now: /' | tee -a "$summary"
 fi
 echo; cat "$summary"
 [ -f "$out/bench.md" ] && cat "$out/bench.md"

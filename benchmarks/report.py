@@ -1,6 +1,7 @@
 """Turn a pytest-benchmark JSON into a Markdown table and a PNG chart.
 
     python -m benchmarks.report RESULTS.json [MORE.json ...] [--png chart.png] [--markdown table.md]
+    python -m benchmarks.report --compare BASE.json NOW.json    # two revisions timed on one machine
 
 Every figure comes from the JSON (the same run): time per call, GB/s or
 GFLOP/s, percent of the ceiling measured in that run, speed-up against each
@@ -93,6 +94,19 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare(base: dict, now: dict) -> list[str]:
+    """``op size peer: base time -> now time (speed-up)`` for every figure both runs hold
+    (meaningful only for two runs on the same machine, e.g. device_check.sh's baseline)."""
+    before = {(r["op"], r["size"], r["peer"]): r["time_s"] for r in rows(base)}
+    lines = []
+    for row in rows(now):
+        old = before.get((row["op"], row["size"], row["peer"]))
+        if old is not None:
+            lines.append(f"{row['op']} {row['size']} {row['peer']}: {_time(old)} -> {_time(row['time_s'])} "
+                         f"({old / row['time_s']:.2f}x)")
+    return lines
+
+
 def chart(data: dict, path: "str | Path") -> Path:
     """One panel per operation: each implementation's time relative to ours, per size."""
     import matplotlib
@@ -132,10 +146,21 @@ def chart(data: dict, path: "str | Path") -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n")[0])
-    parser.add_argument("results", nargs="+", help="pytest-benchmark JSON files (--benchmark-json) of one run")
+    parser.add_argument("results", nargs="*", help="pytest-benchmark JSON files (--benchmark-json) of one run")
     parser.add_argument("--png", help="chart path (default: RESULTS with .png)")
     parser.add_argument("--markdown", help="also write the table here")
+    parser.add_argument("--compare", nargs=2, metavar=("BASE", "NOW"),
+                        help="print base -> now for each figure in both (two revisions, one machine)")
     args = parser.parse_args(argv)
+    if args.compare:
+        try:
+            print("\n".join(compare(load(args.compare[0]), load(args.compare[1]))))
+        except (OSError, ValueError) as exc:
+            print(f"benchmarks.report: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if not args.results:
+        parser.error("give RESULTS.json files, or --compare BASE NOW")
     try:
         data = load(*args.results)
         text = markdown(data)

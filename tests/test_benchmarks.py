@@ -21,6 +21,10 @@ def test_suite_smoke_and_report(tmp_path):
     text = report.markdown(report.load(out))
     assert "| train_step | small | ours-numpy |" in text and "% of GEMM" in text
     assert report.main([str(out), "--png", str(tmp_path / "c.png")]) == 0
+    lines = report.compare(report.load(out), report.load(out))  # a run against itself
+    assert any(line.startswith("train_step small ours-numpy: ") for line in lines)
+    assert lines and all(line.endswith("(1.00x)") for line in lines)
+    assert report.main(["--compare", str(out), str(out)]) == 0
 
 
 def test_report_rejects_other_json(tmp_path, capsys):
