@@ -451,8 +451,8 @@ class CudaOps(ArrayOps):
 
     def backward(self, propagate: Propagate | None, updates: Sequence[Update], config: str | None = None) -> None:
         """An error propagation and up to two weight updates of other layers (see
-        ArrayOps.backward) in one launch of backward.cu when the tuner puts them all on the
-        same one of our tiles, else each on its own path."""
+        ArrayOps.backward): one launch of backward.cu when the tuner put none of them on
+        cuBLAS, else each on its own path."""
         if len(updates) > 2:
             raise ValueError(f"updates: at most 2 per launch, got {len(updates)}")
         gemms = [self._propagate_gemm(*propagate)] if propagate is not None else []
