@@ -1,6 +1,6 @@
 """A small run of every fused kernel for compute-sanitizer (memcheck, racecheck):
 odd shapes, both dtypes, both tile configurations, momentum, the delta prologue,
-the grouped backward launch.
+the grouped backward launch (with and without the output delta inside).
 CuPy's memory pool is switched off so each array is its own cudaMalloc and an
 out-of-bounds access cannot land silently inside a neighbour's allocation."""
 import numpy as np
@@ -11,7 +11,7 @@ def main() -> None:
 
     cupy.cuda.set_allocator(None)
     from gpu_backprop import MLP, data, get_device
-    from gpu_backprop.ops import Propagate, Update
+    from gpu_backprop.ops import Output, Propagate, Update
 
     ds = data.digits(seed=0)
     for dtype in ("float32", "float64"):
@@ -42,6 +42,9 @@ def main() -> None:
                          [Update(o, delta, W2, b2, 0.01, 0.9, xp.zeros_like(W2), xp.zeros_like(b2)),
                           Update(o_next, err, xp.zeros((n_out, n_out), dtype), xp.zeros(n_out, dtype), 0.01, 0.9,
                                  xp.zeros((n_out, n_out), dtype), xp.zeros(n_out, dtype))], config=config)
+            # ... and the first backward launch, with the output delta and the loss computed inside it
+            ops.backward(Propagate(xp.empty((batch, n_out), dtype), grad_w, o, "sigmoid", below), [],
+                         Output(o_next, err, "sigmoid", "mse", xp.empty(1, dtype)), config=config)
     xp.cuda.runtime.deviceSynchronize()
     print("sanitize_run: ok")
 

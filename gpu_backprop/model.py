@@ -18,7 +18,7 @@ import numpy as np
 
 from . import data as data_mod
 from .device import Device, get_device, to_host
-from .ops import Propagate, Update
+from .ops import Output, Propagate, Update
 from .ops import activations as act
 
 FORMAT_VERSION = 1
@@ -155,14 +155,15 @@ class MLP:
         o = self.forward(X)
         delta = [None] + buf.deltas  # delta[k] is the error at o[k]'s pre-activation
         loss_out = buf.loss if loss_out is None else loss_out
-        ops.output_delta(o[-1], Y, self.output, self.loss, delta[-1], loss_out)
+        output = Output(o[-1], Y, self.output, self.loss, loss_out)  # delta[L], computed by the first launch
         vel_w, vel_b = self._momentum_buffers() if momentum else ([None] * len(self.weights),) * 2
         step = lr / batch
-        for k, updated in backward_schedule(len(self.weights)):
+        for launch, (k, updated) in enumerate(backward_schedule(len(self.weights))):
             propagate = None if k is None else Propagate(delta[k + 1], self.weights[k], o[k],
                                                          self.activations[k - 1], delta[k])
             ops.backward(propagate, [Update(o[j], delta[j + 1], self.weights[j], self.biases[j], step, momentum,
-                                            vel_w[j], vel_b[j]) for j in updated])
+                                            vel_w[j], vel_b[j]) for j in updated],
+                         output if launch == 0 else None)
         return loss_out
 
     def _momentum_buffers(self) -> tuple[list, list]:

@@ -8,16 +8,24 @@
 //
 // No part reads what another writes, so their blocks may run in any order, and
 // a network of L layers takes L backward launches instead of 2L - 1
-// (gpu_backprop.model.backward_schedule). Blocks [0, p_tiles) take P's tiles,
+// (gpu_backprop.model.backward_schedule). With from_output, P is the last layer's
+// propagation and computes its delta as it loads it (delta.cu's output delta:
+// delta_L = (y_hat - y) f'(y_hat), or y_hat - y for cross-entropy): the blocks of
+// its first tile column see each element once, write it to p_delta and sum the
+// loss (delta.cu's reduce_loss over those blocks), so no output-delta launch is needed.
+// Blocks [0, p_tiles) take P's tiles,
 // the next u_tiles U's, the rest V's; each part's tiles go row by row, tiles_n
 // to a row; a part with no tiles is absent. All updates share mode, step and momentum.
+#include "delta.cu"
 #include "propagate.cu"
 #include "weight_grad.cu"
 
 template <typename T, class Core>
-__global__ void backward(const T* __restrict__ p_delta, const T* __restrict__ p_W, const T* __restrict__ p_o,
+__global__ void backward(T* __restrict__ p_delta, const T* __restrict__ p_W, const T* __restrict__ p_o,
                          T* __restrict__ p_out, int p_act, index_t p_M, index_t p_N, index_t p_K,
-                         index_t p_tiles_n, index_t p_tiles,
+                         index_t p_tiles_n, index_t p_tiles, int from_output, const T* __restrict__ y_hat,
+                         const T* __restrict__ y, int out_act, int loss_kind, double* __restrict__ partials,
+                         unsigned int* __restrict__ ticket, T* __restrict__ loss_out,
                          const T* __restrict__ u_o, const T* __restrict__ u_delta, T* __restrict__ u_W,
                          T* __restrict__ u_b, T* __restrict__ u_vel_w, T* __restrict__ u_vel_b, index_t u_M,
                          index_t u_N, index_t u_K, index_t u_tiles_n, index_t u_tiles,
@@ -27,8 +35,23 @@ __global__ void backward(const T* __restrict__ p_delta, const T* __restrict__ p_
     __shared__ GemmTiles<Core> tiles;
     index_t t = blockIdx.x;  // uniform over the block: every thread takes the same branch
     if (t < p_tiles) {
-        propagate_tile<T, Core>(tiles, t / p_tiles_n, t % p_tiles_n, p_delta, p_W, p_o, p_out, p_act, p_M, p_N,
-                                p_K);
+        const index_t tile_m = t / p_tiles_n, tile_n = t % p_tiles_n;
+        const bool writes_delta = from_output && tile_n == 0;
+        double loss = 0.0;
+        auto load_delta = [&](index_t m, index_t k) {
+            const index_t i = m * p_K + k;
+            if (!from_output) return p_delta[i];
+            T d;
+            const double term = output_delta_at(y_hat[i], y[i], d, out_act, loss_kind);
+            if (writes_delta) {
+                p_delta[i] = d;
+                loss += term;
+            }
+            return d;
+        };
+        propagate_tile<T, Core>(tiles, tile_m, tile_n, load_delta, p_W, p_o, p_out, p_act, p_M, p_N, p_K);
+        if (writes_delta)
+            reduce_loss(loss, partials, ticket, (unsigned int)(p_tiles / p_tiles_n), (unsigned int)tile_m, loss_out);
         return;
     }
     t -= p_tiles;

@@ -12,6 +12,7 @@
 // caps it) and blockDim.x a multiple of 32. Where every array is 16-byte aligned the body
 // moves 16-byte packs (4 floats, 2 doubles) per access; the tail, and unaligned views, go
 // element by element.
+#pragma once
 #include "common.cuh"
 
 enum Loss { LOSS_MSE = 0, LOSS_CROSS_ENTROPY = 1 };
@@ -30,11 +31,36 @@ __device__ __forceinline__ double output_delta_at(T yh, T target, T& delta, int 
     return target != T(0) ? -(double)(target * log(yh > tiny ? yh : tiny)) : 0.0;
 }
 
+// The loss summed over `parts` blocks without float atomics: each block's sum goes to
+// partials[part]; the last block to take a ticket adds the partials in index order and
+// resets the ticket. Every thread of each of the `parts` blocks must call it.
+template <typename T>
+__device__ void reduce_loss(double loss, double* __restrict__ partials, unsigned int* __restrict__ ticket,
+                            unsigned int parts, unsigned int part, T* __restrict__ loss_out) {
+    __shared__ bool is_last;
+    loss = block_sum(loss);
+    if (threadIdx.x == 0) {
+        partials[part] = loss;
+        __threadfence();  // the partial is visible before the ticket is taken
+        is_last = atomicAdd(ticket, 1u) == parts - 1;
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    double total = 0.0;
+    const volatile double* p = partials;
+    for (unsigned int b = threadIdx.x; b < parts; b += blockDim.x) total += p[b];
+    total = block_sum(total);
+    if (threadIdx.x == 0) {
+        loss_out[0] = (T)total;
+        *ticket = 0;  // ready for the next launch
+    }
+}
+
 template <typename T>
 __global__ void output_delta(const T* __restrict__ y_hat, const T* __restrict__ y, T* __restrict__ delta,
                              int act, int loss_kind, index_t n, double* __restrict__ partials,
                              unsigned int* __restrict__ ticket, T* __restrict__ loss_out) {
-    __shared__ bool is_last;
     double loss = 0.0;
     const index_t stride = (index_t)gridDim.x * blockDim.x;
     const index_t first = (index_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -52,23 +78,7 @@ __global__ void output_delta(const T* __restrict__ y_hat, const T* __restrict__ 
     }
     for (index_t i = done + first; i < n; i += stride)
         loss += output_delta_at(y_hat[i], y[i], delta[i], act, loss_kind);
-    loss = block_sum(loss);
-    if (threadIdx.x == 0) {
-        partials[blockIdx.x] = loss;
-        __threadfence();  // the partial is visible before the ticket is taken
-        is_last = atomicAdd(ticket, 1u) == gridDim.x - 1;
-    }
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    double total = 0.0;
-    const volatile double* p = partials;
-    for (unsigned int b = threadIdx.x; b < gridDim.x; b += blockDim.x) total += p[b];
-    total = block_sum(total);
-    if (threadIdx.x == 0) {
-        loss_out[0] = (T)total;
-        *ticket = 0;  // ready for the next launch
-    }
+    reduce_loss(loss, partials, ticket, gridDim.x, blockIdx.x, loss_out);
 }
 
 // err and delta may be the same array (in place after a cuBLAS GEMM): no __restrict__ on them.

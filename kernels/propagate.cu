@@ -6,20 +6,20 @@
 // output o (common.cuh), so a hidden delta never needs a pass of its own.
 // cuBLASLt and CUTLASS ship dReLU/dGELU epilogues only; this covers sigmoid,
 // tanh, ReLU and identity. Both operands are m-/n-major (K contiguous).
-// propagate_tile computes one BM x BN tile; backward.cu runs it beside a weight update.
+// propagate_tile computes one BM x BN tile, reading delta through load_delta(m, k);
+// backward.cu runs it beside a weight update, or computing the output delta as it loads.
 #pragma once
 #include "gemm_tile.cuh"
 
-template <typename T, class Core>
+template <typename T, class Core, typename LoadDelta>
 __device__ __forceinline__ void propagate_tile(GemmTiles<Core>& tiles, index_t tile_m, index_t tile_n,
-                                               const T* __restrict__ delta, const T* __restrict__ W,
+                                               LoadDelta load_delta, const T* __restrict__ W,
                                                const T* __restrict__ o, T* __restrict__ out, int act, index_t M,
                                                index_t N, index_t K) {
     const index_t m0 = tile_m * Core::BM, n0 = tile_n * Core::BN;
     typename Core::Acc acc;
     gemm_mainloop<Core, false, false>(
-        acc, tiles.A, tiles.B, [&](index_t m, index_t k) { return delta[m * K + k]; },
-        [&](index_t n, index_t k) { return W[n * K + k]; },  // B(k, n) = W[n][k]
+        acc, tiles.A, tiles.B, load_delta, [&](index_t n, index_t k) { return W[n * K + k]; },  // B(k, n) = W[n][k]
         NoTileHook(), m0, n0, M, N, K);
     Core::for_each_output(acc, m0, n0, M, N, [&](index_t m, index_t n, T v) {
         out[m * N + n] = v * derivative(act, o[m * N + n]);
@@ -30,5 +30,7 @@ template <typename T, class Core>
 __global__ void propagate(const T* __restrict__ delta, const T* __restrict__ W, const T* __restrict__ o,
                           T* __restrict__ out, int act, index_t M, index_t N, index_t K) {
     __shared__ GemmTiles<Core> tiles;
-    propagate_tile<T, Core>(tiles, blockIdx.y, blockIdx.x, delta, W, o, out, act, M, N, K);
+    propagate_tile<T, Core>(
+        tiles, blockIdx.y, blockIdx.x, [&](index_t m, index_t k) { return delta[m * K + k]; }, W, o, out, act, M,
+        N, K);
 }

@@ -10,7 +10,7 @@ import pytest
 import scipy.special
 
 from gpu_backprop import MLP
-from gpu_backprop.ops import NumpyOps, Propagate, Update
+from gpu_backprop.ops import NumpyOps, Output, Propagate, Update
 from gpu_backprop.ops.autotune import Tuner
 from gpu_backprop.ops.cuda import PATHS, CudaOps
 
@@ -231,18 +231,20 @@ def test_training_steps_match_the_numpy_twin(loader, dtype, momentum, path):
 
 def test_launches_per_step(loader):
     """Fused: per layer 1 forward GEMM and 1 backward launch (propagation of one layer beside the
-    update of the one above, backward.cu); plus the output delta: 2L + 1."""
-    model = MLP([13, 9, 7, 5], device="cpu", seed=0)
-    model.ops = fused_ops(loader)
-    X = np.zeros((4, 13), np.float32)
-    Y = np.zeros((4, 5), np.float32)
-    model.train_step(X, Y, 0.1)  # compile and warm
-    before = loader.launches
-    model.train_step(X, Y, 0.1)
-    layers = len(model.weights)
-    launches = loader.launches - before
-    print(f"fused kernels: {launches} launches per step for {layers} layers")
-    assert launches == 2 * layers + 1  # L forward + 1 output delta + L backward
+    update of the one above, backward.cu, the output delta inside the first): 2L. One layer has no
+    propagation to carry the output delta: 3."""
+    for sizes, expected in (([13, 9, 7, 5], 6), ([13, 9, 5], 4), ([13, 5], 3)):
+        model = MLP(sizes, device="cpu", seed=0)
+        model.ops = fused_ops(loader)
+        X = np.zeros((4, 13), np.float32)
+        Y = np.zeros((4, 5), np.float32)
+        model.train_step(X, Y, 0.1)  # compile and warm
+        before = loader.launches
+        model.train_step(X, Y, 0.1)
+        layers = len(model.weights)
+        launches = loader.launches - before
+        print(f"fused kernels: {launches} launches per step for {layers} layers")
+        assert launches == expected
 
 
 def test_launches_per_step_on_the_cublas_path(loader):
@@ -416,6 +418,36 @@ def test_backward_launch(loader, rng, config, dtype, momentum, parts, batch):
             close(actual[key], want[key], dtype, scale=terms(initial[key], want[key], keep))
 
 
+@pytest.mark.parametrize("config", ["tiny", "small", "large"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loss,act", [("mse", "sigmoid"), ("mse", "identity"), ("cross_entropy", "softmax")])
+@pytest.mark.parametrize("batch", [1, 65, 130])  # 130: several row tiles, so several loss partials to add
+def test_backward_computes_the_output_delta_inside_the_propagation(loader, rng, config, dtype, loss, act, batch):
+    ops = fused_ops(loader)
+    n_out, n_below = 10, 33
+    y_hat = rng.random((batch, n_out)).astype(dtype)
+    y = (rng.random((batch, n_out)) < 0.3).astype(dtype) if loss == "cross_entropy" else rng.random(
+        (batch, n_out)).astype(dtype)
+    W = (rng.standard_normal((n_below, n_out)) / 4).astype(dtype)
+    o = scipy.special.expit(rng.standard_normal((batch, n_below))).astype(dtype)
+    f64 = lambda a: a.astype(np.float64)  # noqa: E731
+    exp_delta, exp_below, exp_loss = np.empty((batch, n_out)), np.empty((batch, n_below)), np.empty(1)
+    twin.backward(Propagate(exp_delta, f64(W), f64(o), "tanh", exp_below), [],
+                  Output(f64(y_hat), f64(y), act, loss, exp_loss))
+    delta, below, loss_out = nan((batch, n_out), dtype), nan((batch, n_below), dtype), nan(1, dtype)
+    before = loader.launches
+    ops.backward(Propagate(delta, W, o, "tanh", below), [], Output(y_hat, y, act, loss, loss_out), config=config)
+    assert loader.launches - before == 1  # no output-delta launch
+    close(delta, exp_delta, dtype)
+    close(loss_out, exp_loss, dtype, factor=4)
+    magnitude = np.linalg.norm((np.abs(exp_delta) @ np.abs(f64(W)).T))
+    close(below, exp_below, dtype, scale=magnitude)
+    assert ops._ticket[0] == 0  # the last block reset the ticket
+    again = nan(1, dtype)
+    ops.backward(Propagate(delta, W, o, "tanh", below), [], Output(y_hat, y, act, loss, again), config=config)
+    assert again[0] == loss_out[0]  # fixed-order reduction: bit-identical
+
+
 def test_backward_runs_each_gemm_on_its_tuned_path(loader, rng):
     """When the tuner puts the propagation on cuBLAS, the update still runs on its own tile: no
     grouped launch, same result."""
@@ -469,7 +501,7 @@ def test_backward_groups_gemms_tuned_to_different_tiles(loader, rng):
 
 
 def test_launches_per_fit_step(loader):
-    """A fit step = gather + the 2L + 1 kernels of the step + bookkeeping: 2L + 3 launches (one graph on CUDA);
+    """A fit step = gather + the 2L kernels of the step + bookkeeping: 2L + 2 launches (one graph on CUDA);
     an epoch adds one launch (the shuffle keys; the argsort is the array module's)."""
     model = MLP([13, 9, 7, 5], device="cpu", seed=0)
     model.ops = fused_ops(loader)
@@ -481,4 +513,4 @@ def test_launches_per_fit_step(loader):
     trainer.epoch()
     per_step = (loader.launches - before - 1) / 2
     print(f"fit step, fused, uncaptured: {per_step:.0f} launches for {len(model.weights)} layers")
-    assert per_step == 2 * len(model.weights) + 3
+    assert per_step == 2 * len(model.weights) + 2

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from gpu_backprop import MLP, data, get_device
-from gpu_backprop.ops import NumpyOps, Propagate, Update
+from gpu_backprop.ops import NumpyOps, Output, Propagate, Update
 from gpu_backprop.ops.cuda import PATHS
 
 from .conftest import rel_error
@@ -161,6 +161,31 @@ def test_backward_launch(gpu, rng, dtype, config, batch, momentum):
             keep = momentum if key.startswith("vel") else 1.0
             scale = np.linalg.norm(keep * initial[key]) + np.linalg.norm(want[key] - keep * initial[key])
             assert rel_error(got[key].get(), want[key], scale) < tol, key
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("config", ["tiny", "small", "large", "tf32"])
+@pytest.mark.parametrize("batch", [1, 257, 4096])
+@pytest.mark.parametrize("loss,act", [("mse", "sigmoid"), ("cross_entropy", "softmax")])
+def test_output_delta_inside_the_propagation(gpu, rng, dtype, config, batch, loss, act):
+    """The first backward launch computes delta_L and the loss as it loads them (no output-delta launch)."""
+    if config == "tf32" and dtype == np.float64:
+        pytest.skip("tf32: float32 operands only")
+    ops, xp = gpu[1], gpu[0].xp
+    n_out, n_below = 10, 1025
+    y_hat = rng.random((batch, n_out))
+    y = (rng.random((batch, n_out)) < 0.3) * 1.0 if loss == "cross_entropy" else rng.random((batch, n_out))
+    W, o = rng.standard_normal((n_below, n_out)) / 4, rng.random((batch, n_below))
+    exp_delta, exp_below, exp_loss = np.empty((batch, n_out)), np.empty((batch, n_below)), np.empty(1)
+    twin.backward(Propagate(exp_delta, W, o, "sigmoid", exp_below), [], Output(y_hat, y, act, loss, exp_loss))
+    delta, below, loss_out = nan(gpu, (batch, n_out), dtype), nan(gpu, (batch, n_below), dtype), nan(gpu, 1, dtype)
+    on_ = lambda a: xp.asarray(a, dtype=dtype)  # noqa: E731
+    ops.backward(Propagate(delta, on_(W), on_(o), "sigmoid", below), [],
+                 Output(on_(y_hat), on_(y), act, loss, loss_out), config=config)
+    tol = 2e-3 if config == "tf32" else TOL[np.dtype(dtype)] * 10
+    assert rel_error(delta.get(), exp_delta) < TOL[np.dtype(dtype)] * 10
+    assert rel_error(loss_out.get(), exp_loss) < TOL[np.dtype(dtype)] * 10
+    assert rel_error(below.get(), exp_below, np.linalg.norm(np.abs(exp_delta) @ np.abs(W).T)) < tol
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (33, 63, 65), (257, 1025, 129), (4096, 784, 1024)])

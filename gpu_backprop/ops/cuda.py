@@ -21,7 +21,7 @@ import numpy as np
 
 from . import activations as act
 from .autotune import Tuner
-from .reference import ArrayOps, Propagate, Update, mixed_key
+from .reference import ArrayOps, Output, Propagate, Update, mixed_key
 
 BLOCK = 256  # threads per block of the elementwise kernels
 # Tiles of the CUDA-core GEMMs (gemm_tile.cuh Simt): name: (BM, BN, BK, TM, TN), 256 threads each.
@@ -266,6 +266,16 @@ class CudaOps(ArrayOps):
 
     # -- deltas ---------------------------------------------------------------
     def output_delta(self, y_hat: Any, y: Any, activation: str, loss: str, out: Any, loss_out: Any) -> Any:
+        codes = self._output_codes(y_hat, y, activation, loss, out, loss_out)
+        dtype, n = np.dtype(y_hat.dtype), int(y_hat.size)
+        partials = self._scratch("partials", (self.max_blocks,), np.float64)
+        self._kernel("delta.cu", f"output_delta<{CTYPES[dtype]}>")(
+            self._grid_1d(n), (BLOCK, 1, 1), [y_hat, y, out, *codes, np.int64(n), partials, self._ticket, loss_out])
+        return out
+
+    def _output_codes(self, y_hat: Any, y: Any, activation: str, loss: str, out: Any,
+                      loss_out: Any) -> tuple[np.int32, np.int32]:
+        """Checks of an output delta's arguments; (activation code, loss code) for the kernels."""
         dtype = self._dtype_of("y_hat", y_hat)
         for name, array in (("y", y), ("out", out)):
             self._check(name, array, y_hat.shape, dtype)
@@ -274,14 +284,7 @@ class CudaOps(ArrayOps):
         if loss not in LOSS_CODES:
             raise ValueError(f"loss: expected one of {', '.join(LOSS_CODES)}, got {loss!r}")
         code = 0 if loss == "cross_entropy" else act.CODES[act.check_activation(activation, act.HIDDEN)]
-        n = int(y_hat.size)
-        grid = self._grid_1d(n)
-        partials = self._scratch("partials", (self.max_blocks,), np.float64)
-        self._kernel("delta.cu", f"output_delta<{CTYPES[dtype]}>")(
-            grid, (BLOCK, 1, 1),
-            [y_hat, y, out, np.int32(code), np.int32(LOSS_CODES[loss]), np.int64(n), partials, self._ticket,
-             loss_out])
-        return out
+        return np.int32(code), np.int32(LOSS_CODES[loss])
 
     def hidden_delta(self, err: Any, o: Any, activation: str, out: Any) -> Any:
         dtype = self._dtype_of("err", err)
@@ -412,16 +415,23 @@ class CudaOps(ArrayOps):
                      lambda path: launch(path, mode, W, b, vel_w, vel_b, prologue), trial,
                      (mode, scalar(step), scalar(momentum)))
 
-    def _run(self, gemms: Sequence[_Gemm], config: str | None) -> None:
-        """Run GEMMs that touch disjoint memory: in one backward.cu launch when the tuner put
-        none of them on cuBLAS (on the tile tuned for the largest of them: one launch saved
-        outweighs a tile choice), else one after another."""
+    def _run(self, gemms: Sequence[_Gemm], config: str | None, output: Output | None = None) -> None:
+        """Run GEMMs that touch disjoint memory (at most one propagation, listed first, and two
+        updates): in one backward.cu launch when the tuner put none of them on cuBLAS (on the
+        tile tuned for the largest of them: a launch saved outweighs a tile choice), with the
+        output delta computed inside the propagation when ``output`` is given; else the output
+        delta kernel, then the GEMMs one after another."""
         paths = [self.gemm_path(g.kind, g.dtype, *g.shape, config, g.trial) for g in gemms]
         props = [g for g in gemms if g.kind == "propagate"]
         updates = [g for g in gemms if g.kind == "weight_grad"]
-        groupable = (len(gemms) > 1 and not any(p.startswith("cublas") for p in paths) and len(props) <= 1
-                     and len(updates) <= 2 and all(u.args is not None for u in updates)
+        fuse_output = output is not None and bool(props)
+        groupable = ((len(gemms) > 1 or fuse_output) and not any(p.startswith("cublas") for p in paths)
+                     and len(props) <= 1 and len(updates) <= 2 and all(u.args is not None for u in updates)
                      and len({(u.update[0], float(u.update[1]), float(u.update[2])) for u in updates}) <= 1)
+        if output is not None and not (groupable and fuse_output):
+            delta = props[0].args[0] if props else updates[0].args[1]
+            self.output_delta(output.y_hat, output.y, output.activation, output.loss, delta, output.loss_out)
+            output = None
         if not groupable:
             for gemm, path in zip(gemms, paths):
                 gemm.run(path)
@@ -436,30 +446,44 @@ class CudaOps(ArrayOps):
             M, N = gemm.shape[:2]
             return [np.int64(-(-N // bn)), np.int64(-(-N // bn) * -(-M // bm))]
 
-        # An absent part gets a present part's arrays (never dereferenced: it has no tiles).
-        filler = updates[0].args
         prop = props[0] if props else None
-        p_args = prop.args if prop else [filler[1], filler[2], filler[0], filler[2], np.int32(0), *filler[6:]]
         u, v = (updates + [None, None])[:2]
-        u_args = u.args if u else filler
-        v_args = v.args if v else filler
-        mode, step, momentum = updates[0].update
+        # An absent part gets a present part's arrays (never dereferenced: it has no tiles).
+        filler = (u or prop).args
+        if u is None:  # a propagation alone (with the output delta): U and V from its arrays
+            filler = [prop.args[2], prop.args[0], prop.args[3], prop.args[3], prop.args[3], prop.args[3],
+                      *prop.args[5:]]
+        p_args = prop.args if prop else [filler[1], filler[2], filler[0], filler[2], np.int32(0), *filler[6:]]
+        if output is not None:
+            codes = self._output_codes(output.y_hat, output.y, output.activation, output.loss, prop.args[0],
+                                       output.loss_out)
+            row_tiles = int(tiles(prop)[1]) // int(tiles(prop)[0])
+            partials = self._scratch("partials", (max(self.max_blocks, row_tiles),), np.float64)
+            out_args = [np.int32(1), output.y_hat, output.y, *codes, partials, self._ticket, output.loss_out]
+        else:
+            partials = self._scratch("partials", (self.max_blocks,), np.float64)
+            out_args = [np.int32(0), p_args[0], p_args[0], np.int32(0), np.int32(0), partials, self._ticket,
+                        p_args[3]]
+        mode, step, momentum = u.update if u else (np.int32(SGD), dtype.type(0), dtype.type(0))
         n_blocks = sum(int(tiles(gemm)[1]) for gemm in (prop, u, v))
-        args = [*p_args, *tiles(prop), *u_args, *tiles(u), *v_args, tiles(v)[0],
-                np.int32(mode), step, momentum]
+        args = [*p_args, *tiles(prop), *out_args, *(u.args if u else filler), *tiles(u),
+                *(v.args if v else filler), tiles(v)[0], np.int32(mode), step, momentum]
         self._kernel("backward.cu", gemm_name("backward", dtype, path))((n_blocks, 1, 1), (BLOCK, 1, 1), args)
 
-    def backward(self, propagate: Propagate | None, updates: Sequence[Update], config: str | None = None) -> None:
-        """An error propagation and up to two weight updates of other layers (see
-        ArrayOps.backward): one launch of backward.cu when the tuner put none of them on
-        cuBLAS, else each on its own path."""
+    def backward(self, propagate: Propagate | None, updates: Sequence[Update], output: Output | None = None,
+                 config: str | None = None) -> None:
+        """An error propagation and up to two weight updates of other layers, the output delta
+        first when ``output`` is given (see ArrayOps.backward): one launch of backward.cu when
+        the tuner put none of them on cuBLAS, else each on its own path."""
         if len(updates) > 2:
             raise ValueError(f"updates: at most 2 per launch, got {len(updates)}")
+        if output is not None and propagate is None and not updates:
+            raise ValueError("output: needs a propagation or an update whose delta it computes")
         gemms = [self._propagate_gemm(*propagate)] if propagate is not None else []
         for u in updates:
             gemms.append(self._weight_grad_gemm(u.o, u.delta, u.W, u.b, SGD_MOMENTUM if u.momentum else SGD,
                                                 u.step, u.momentum, u.vel_w, u.vel_b))
-        self._run(gemms, config)
+        self._run(gemms, config, output)
 
     def weight_grad(self, o: Any, delta: Any, grad_w: Any, grad_b: Any, *, o_next: Any = None,
                     activation: str = "identity", delta_out: Any = None,

@@ -66,6 +66,16 @@ class Update(NamedTuple):
     vel_b: Any = None
 
 
+class Output(NamedTuple):
+    """The output layer's error for ``ops.backward``: delta = that of ``output_delta``, loss into ``loss_out``."""
+
+    y_hat: Any
+    y: Any
+    activation: str
+    loss: str
+    loss_out: Any
+
+
 class ArrayOps:
     """Unfused reference operations over ``xp`` (numpy or cupy)."""
 
@@ -187,13 +197,20 @@ class ArrayOps:
             b -= grad_b
 
 
-    def backward(self, propagate: Propagate | None, updates: Sequence[Update]) -> None:
+    def backward(self, propagate: Propagate | None, updates: Sequence[Update], output: Output | None = None) -> None:
         """One step of the backward pass: an error propagation and the updates of up to two
         other layers, which share no memory that any of them writes (the model's
         ``backward_schedule`` pairs them), so they may run in any order, or at once: on
-        CUDA they are one launch. Here, one after another."""
+        CUDA they are one launch. With ``output``, the delta they start from (the
+        propagation's, else the first update's) is first computed as the output delta,
+        with the loss; on CUDA inside the same launch. Here, one after another."""
         if len(updates) > 2:
             raise ValueError(f"updates: at most 2 per launch, got {len(updates)}")
+        if output is not None:
+            if propagate is None and not updates:
+                raise ValueError("output: needs a propagation or an update whose delta it computes")
+            delta = propagate.delta if propagate is not None else updates[0].delta
+            self.output_delta(output.y_hat, output.y, output.activation, output.loss, delta, output.loss_out)
         if propagate is not None:
             self.propagate(*propagate)
         for update in updates:
