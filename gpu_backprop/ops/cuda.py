@@ -170,7 +170,8 @@ def cupy_loader(device: Any) -> CupyLoader:
 
 class CudaOps(ArrayOps):
     """The fused kernels: per layer 1 forward GEMM and 1 backward launch (backward.cu runs the
-    error propagation of one layer beside the update of the layer above), plus 1 for the output delta."""
+    error propagation of one layer beside the update of the layer above; the first computes the
+    output delta and the loss as it loads them)."""
 
     fused = True
 
