@@ -18,7 +18,7 @@ import numpy as np
 
 from . import data as data_mod
 from .device import Device, get_device, to_host
-from .ops import Output, Propagate, Update
+from .ops import Output, Propagate, Record, Update
 from .ops import activations as act
 
 FORMAT_VERSION = 1
@@ -143,19 +143,21 @@ class MLP:
             o.append(self.ops.forward(o[-1], W, b, f, out))
         return o
 
-    def train_step(self, X: Any, Y: Any, lr: float, momentum: float = 0.0, loss_out: Any = None) -> Any:
+    def train_step(self, X: Any, Y: Any, lr: float, momentum: float = 0.0, loss_out: Any = None,
+                   record: Record | None = None) -> Any:
         """One SGD step on the batch (X, Y) (device arrays of this model's dtype).
 
         Returns the (1,) device array holding the loss summed over the batch,
         ``loss_out`` when given; reading it is left to the caller, so a GPU
-        step never waits for the host.
+        step never waits for the host. ``record``: the fit loop's step record
+        (losses, hits, step counter), kept inside the step's kernels.
         """
         ops, batch = self.ops, X.shape[0]
         buf = self._batch_buffers(batch)
         o = self.forward(X)
         delta = [None] + buf.deltas  # delta[k] is the error at o[k]'s pre-activation
         loss_out = buf.loss if loss_out is None else loss_out
-        output = Output(o[-1], Y, self.output, self.loss, loss_out)  # delta[L], computed by the first launch
+        output = Output(o[-1], Y, self.output, self.loss, loss_out, record)  # delta[L]: by the first launch
         vel_w, vel_b = self._momentum_buffers() if momentum else ([None] * len(self.weights),) * 2
         step = lr / batch
         for launch, (k, updated) in enumerate(backward_schedule(len(self.weights))):

@@ -11,6 +11,7 @@ import numpy as np
 
 from . import data as data_mod
 from .device import to_host
+from .ops import Record
 
 
 @dataclass
@@ -96,7 +97,8 @@ class Trainer:
     the rows from a seeded 64-bit key (``ops.shuffle_epoch``: the same order on
     every device) and resets the step counter; each step then gathers its batch
     by that counter, trains, and records its loss and hits in device arrays
-    (``ops.gather_batch``, ``ops.finish_batch``), so on CUDA a whole step is one
+    (``ops.gather_batch``; the ``Record`` of ``ops.finish_batch``, kept inside the
+    step's first backward launch on CUDA), so on CUDA a whole step is one
     graph replay, and the host sends one integer and reads two small arrays per epoch.
     """
 
@@ -123,11 +125,11 @@ class Trainer:
             buffers = model._batch_buffers(batch)
             count = self.labels is not None
 
+            record = Record(self.losses, self.correct, self.counter, count)
+
             def step() -> None:
                 ops.gather_batch(self.X, self.Y, self.order, self.counter, batch_size, xb, yb)
-                model.train_step(xb, yb, lr, momentum, loss_out=buffers.loss)
-                ops.finish_batch(buffers.outputs[-1], yb, buffers.loss, self.losses, self.correct, self.counter,
-                                 count)
+                model.train_step(xb, yb, lr, momentum, loss_out=buffers.loss, record=record)
             return step
 
         self.steps = StepRunner(make, capture or _graph_capture(model, graphs))

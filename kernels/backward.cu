@@ -12,7 +12,9 @@
 // propagation and computes its delta as it loads it (delta.cu's output delta:
 // delta_L = (y_hat - y) f'(y_hat), or y_hat - y for cross-entropy): the blocks of
 // its first tile column see each element once, write it to p_delta and sum the
-// loss (delta.cu's reduce_loss over those blocks), so no output-delta launch is needed.
+// loss (delta.cu's reduce_loss over those blocks), so no output-delta launch is needed;
+// with record, they also count the rows predicted right (common.cuh's argmax_row) and the
+// last of them keeps the fit loop's step record (finish_batch's work).
 // Blocks [0, p_tiles) take P's tiles,
 // the next u_tiles U's, the rest V's; each part's tiles go row by row, tiles_n
 // to a row; a part with no tiles is absent. All updates share mode, step and momentum.
@@ -25,7 +27,9 @@ __global__ void backward(T* __restrict__ p_delta, const T* __restrict__ p_W, con
                          T* __restrict__ p_out, int p_act, index_t p_M, index_t p_N, index_t p_K,
                          index_t p_tiles_n, index_t p_tiles, int from_output, const T* __restrict__ y_hat,
                          const T* __restrict__ y, int out_act, int loss_kind, double* __restrict__ partials,
-                         unsigned int* __restrict__ ticket, T* __restrict__ loss_out,
+                         unsigned int* __restrict__ ticket, T* __restrict__ loss_out, int record,
+                         T* __restrict__ losses, long long* __restrict__ correct, long long* __restrict__ step_counter,
+                         int count, long long* __restrict__ hit_partials,
                          const T* __restrict__ u_o, const T* __restrict__ u_delta, T* __restrict__ u_W,
                          T* __restrict__ u_b, T* __restrict__ u_vel_w, T* __restrict__ u_vel_b, index_t u_M,
                          index_t u_N, index_t u_K, index_t u_tiles_n, index_t u_tiles,
@@ -50,8 +54,16 @@ __global__ void backward(T* __restrict__ p_delta, const T* __restrict__ p_W, con
             return d;
         };
         propagate_tile<T, Core>(tiles, tile_m, tile_n, load_delta, p_W, p_o, p_out, p_act, p_M, p_N, p_K);
-        if (writes_delta)
-            reduce_loss(loss, partials, ticket, (unsigned int)(p_tiles / p_tiles_n), (unsigned int)tile_m, loss_out);
+        if (writes_delta) {
+            long long hits = 0;  // rows of this tile predicted right
+            if (record && count)
+                for (index_t r = threadIdx.x; r < Core::BM; r += blockDim.x) {
+                    const index_t m = tile_m * Core::BM + r;
+                    if (m < p_M) hits += argmax_row(y_hat + m * p_K, p_K) == argmax_row(y + m * p_K, p_K);
+                }
+            reduce_loss(loss, hits, partials, hit_partials, ticket, (unsigned int)(p_tiles / p_tiles_n),
+                        (unsigned int)tile_m, loss_out, StepRecord<T>{losses, correct, step_counter, record, count});
+        }
         return;
     }
     t -= p_tiles;

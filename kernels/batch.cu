@@ -46,15 +46,6 @@ __global__ void gather_batch(const T* __restrict__ X, const T* __restrict__ Y, c
 }
 
 template <typename T>
-__device__ __forceinline__ index_t argmax_row(const T* row, index_t n) {
-    if (n == 1) return row[0] > T(0.5) ? 1 : 0;
-    index_t best = 0;
-    for (index_t j = 1; j < n; ++j)
-        if (row[j] > row[best]) best = j;
-    return best;
-}
-
-template <typename T>
 __global__ void finish_batch(const T* __restrict__ y_hat, const T* __restrict__ yb, const T* __restrict__ loss,
                              T* __restrict__ losses, long long* __restrict__ correct, long long* step, int count,
                              index_t batch, index_t n_out) {

@@ -31,28 +31,54 @@ __device__ __forceinline__ double output_delta_at(T yh, T target, T& delta, int 
     return target != T(0) ? -(double)(target * log(yh > tiny ? yh : tiny)) : 0.0;
 }
 
-// The loss summed over `parts` blocks without float atomics: each block's sum goes to
-// partials[part]; the last block to take a ticket adds the partials in index order and
-// resets the ticket. Every thread of each of the `parts` blocks must call it.
+// The fit loop's per-step record (batch.cu's finish_batch), kept by whichever kernel
+// finishes the loss: losses[step] = loss, correct[step] = hits (if count), step += 1.
 template <typename T>
-__device__ void reduce_loss(double loss, double* __restrict__ partials, unsigned int* __restrict__ ticket,
-                            unsigned int parts, unsigned int part, T* __restrict__ loss_out) {
+struct StepRecord {
+    T* losses;
+    long long* correct;
+    long long* step;
+    int on, count;
+};
+
+// The loss summed over `parts` blocks without float atomics: each block's sum goes to
+// partials[part] (its hits to hit_partials[part]); the last block to take a ticket adds
+// the partials in index order, writes loss_out and the record, and resets the ticket.
+// Every thread of each of the `parts` blocks must call it.
+template <typename T>
+__device__ void reduce_loss(double loss, long long hits, double* __restrict__ partials,
+                            long long* __restrict__ hit_partials, unsigned int* __restrict__ ticket,
+                            unsigned int parts, unsigned int part, T* __restrict__ loss_out, StepRecord<T> record) {
     __shared__ bool is_last;
     loss = block_sum(loss);
+    if (record.on) hits = block_sum(hits);
     if (threadIdx.x == 0) {
         partials[part] = loss;
-        __threadfence();  // the partial is visible before the ticket is taken
+        if (record.on) hit_partials[part] = hits;
+        __threadfence();  // the partials are visible before the ticket is taken
         is_last = atomicAdd(ticket, 1u) == parts - 1;
     }
     __syncthreads();
     if (!is_last) return;
     __threadfence();
     double total = 0.0;
+    long long total_hits = 0;
     const volatile double* p = partials;
-    for (unsigned int b = threadIdx.x; b < parts; b += blockDim.x) total += p[b];
+    const volatile long long* h = hit_partials;
+    for (unsigned int b = threadIdx.x; b < parts; b += blockDim.x) {
+        total += p[b];
+        if (record.on) total_hits += h[b];
+    }
     total = block_sum(total);
+    if (record.on) total_hits = block_sum(total_hits);
     if (threadIdx.x == 0) {
         loss_out[0] = (T)total;
+        if (record.on) {
+            const long long s = record.step[0];
+            record.losses[s] = (T)total;
+            if (record.count) record.correct[s] = total_hits;
+            record.step[0] = s + 1;
+        }
         *ticket = 0;  // ready for the next launch
     }
 }
@@ -78,7 +104,8 @@ __global__ void output_delta(const T* __restrict__ y_hat, const T* __restrict__ 
     }
     for (index_t i = done + first; i < n; i += stride)
         loss += output_delta_at(y_hat[i], y[i], delta[i], act, loss_kind);
-    reduce_loss(loss, partials, ticket, gridDim.x, blockIdx.x, loss_out);
+    reduce_loss(loss, 0ll, partials, (long long*)nullptr, ticket, gridDim.x, blockIdx.x, loss_out,
+                StepRecord<T>{nullptr, nullptr, nullptr, 0, 0});
 }
 
 // err and delta may be the same array (in place after a cuBLAS GEMM): no __restrict__ on them.

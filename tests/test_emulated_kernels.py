@@ -10,7 +10,7 @@ import pytest
 import scipy.special
 
 from gpu_backprop import MLP
-from gpu_backprop.ops import NumpyOps, Output, Propagate, Update
+from gpu_backprop.ops import NumpyOps, Output, Propagate, Record, Update
 from gpu_backprop.ops.autotune import Tuner
 from gpu_backprop.ops.cuda import PATHS, CudaOps
 
@@ -218,15 +218,18 @@ def test_training_steps_match_the_numpy_twin(loader, dtype, momentum, path):
     rng = np.random.default_rng(5)
     X = rng.standard_normal((20, 13))
     y = rng.integers(0, 5, 20)
-    models = []
+    models, histories = [], []
     for fused in (False, True):
         model = MLP([13, 9, 7, 5], activation="tanh", device="cpu", dtype=dtype, seed=3)
         if fused:
             model.ops = fused_ops(loader, path)
-        model.fit(X, y, epochs=3, batch_size=7, lr=0.5, momentum=momentum)
+        histories.append(model.fit(X, y, epochs=3, batch_size=7, lr=0.5, momentum=momentum))
         models.append(model.get_params())
     for key in models[0]:
         close(models[1][key], models[0][key].astype(np.float64), dtype, factor=10)
+    # the per-step record (kept inside the first backward launch when fused): same losses, same hits
+    close(np.array(histories[1].loss), np.array(histories[0].loss), dtype, factor=10)
+    assert histories[1].accuracy == histories[0].accuracy
 
 
 def test_launches_per_step(loader):
@@ -448,6 +451,34 @@ def test_backward_computes_the_output_delta_inside_the_propagation(loader, rng, 
     assert again[0] == loss_out[0]  # fixed-order reduction: bit-identical
 
 
+@pytest.mark.parametrize("config", ["tiny", "large"])
+@pytest.mark.parametrize("n_out", [1, 10])
+@pytest.mark.parametrize("batch", [1, 130])
+def test_backward_keeps_the_step_record(loader, rng, config, n_out, batch):
+    """With a Record, the first backward launch also does finish_batch's work: losses[step] = the
+    loss, correct[step] = rows predicted right (ties to the lowest index), step += 1."""
+    ops, dtype = fused_ops(loader), np.float32
+    y_hat = rng.random((batch, n_out)).astype(dtype)
+    y = np.eye(n_out, dtype=dtype)[rng.integers(0, n_out, batch)] if n_out > 1 else (
+        rng.random((batch, 1)) > 0.5).astype(dtype)
+    y_hat[::3] = y_hat[::3].max(axis=1, keepdims=True)  # ties
+    W = rng.standard_normal((33, n_out)).astype(dtype)
+    o = rng.random((batch, 33)).astype(dtype)
+    results = []
+    for target, kwargs in ((twin, {}), (ops, {"config": config})):
+        losses, correct, step = nan(5, dtype), np.full(5, -1, np.int64), np.array([2], np.int64)
+        loss_out = nan(1, dtype)
+        target.backward(Propagate(nan((batch, n_out), dtype), W, o, "sigmoid", nan((batch, 33), dtype)), [],
+                        Output(y_hat, y, "sigmoid", "mse", loss_out, Record(losses, correct, step, True)), **kwargs)
+        results.append((losses, correct, step, loss_out))
+    (losses, correct, step, loss_out), (e_losses, e_correct, e_step, e_loss_out) = results
+    assert e_step[0] == step[0] == 3
+    assert e_correct[2] == correct[2] and 0 <= e_correct[2] <= batch
+    np.testing.assert_array_equal(e_correct[[0, 1, 3, 4]], -1)
+    assert e_losses[2] == e_loss_out[0]
+    close(e_losses[2:3], losses[2:3].astype(np.float64), dtype)
+
+
 def test_backward_runs_each_gemm_on_its_tuned_path(loader, rng):
     """When the tuner puts the propagation on cuBLAS, the update still runs on its own tile: no
     grouped launch, same result."""
@@ -501,7 +532,8 @@ def test_backward_groups_gemms_tuned_to_different_tiles(loader, rng):
 
 
 def test_launches_per_fit_step(loader):
-    """A fit step = gather + the 2L kernels of the step + bookkeeping: 2L + 2 launches (one graph on CUDA);
+    """A fit step = gather + the 2L kernels of the step (the first backward launch keeps the step's
+    record): 2L + 1 launches (one graph on CUDA);
     an epoch adds one launch (the shuffle keys; the argsort is the array module's)."""
     model = MLP([13, 9, 7, 5], device="cpu", seed=0)
     model.ops = fused_ops(loader)
@@ -513,4 +545,4 @@ def test_launches_per_fit_step(loader):
     trainer.epoch()
     per_step = (loader.launches - before - 1) / 2
     print(f"fit step, fused, uncaptured: {per_step:.0f} launches for {len(model.weights)} layers")
-    assert per_step == 2 * len(model.weights) + 2
+    assert per_step == 2 * len(model.weights) + 1

@@ -321,14 +321,18 @@ class CudaOps(ArrayOps):
             self._grid_1d(batch * (n_x + n_y)), (BLOCK, 1, 1),
             [X, Y, order, step, xb, yb, np.int64(batch), np.int64(stride), np.int64(n_x), np.int64(n_y)])
 
-    def finish_batch(self, y_hat: Any, yb: Any, loss: Any, losses: Any, correct: Any, step: Any,
-                     count: bool) -> None:
-        dtype = self._dtype_of("y_hat", y_hat)
-        self._check("yb", yb, y_hat.shape, dtype)
+    def _check_record(self, loss: Any, losses: Any, correct: Any, step: Any, count: bool) -> None:
+        dtype = self._dtype_of("loss", loss)
         self._check("loss", loss, (1,), dtype)
         self._check("losses", losses, losses.shape, dtype)
         self._check("correct", correct, losses.shape, np.int64)
         self._check("step", step, (1,), np.int64)
+
+    def finish_batch(self, y_hat: Any, yb: Any, loss: Any, losses: Any, correct: Any, step: Any,
+                     count: bool) -> None:
+        dtype = self._dtype_of("y_hat", y_hat)
+        self._check("yb", yb, y_hat.shape, dtype)
+        self._check_record(loss, losses, correct, step, count)
         batch, n_out = y_hat.shape
         self._kernel("batch.cu", f"finish_batch<{CTYPES[dtype]}>")(
             (1, 1, 1), (BLOCK, 1, 1),
@@ -432,6 +436,8 @@ class CudaOps(ArrayOps):
         if output is not None and not (groupable and fuse_output):
             delta = props[0].args[0] if props else updates[0].args[1]
             self.output_delta(output.y_hat, output.y, output.activation, output.loss, delta, output.loss_out)
+            if output.record is not None:
+                self.finish_batch(output.y_hat, output.y, output.loss_out, *output.record)
             output = None
         if not groupable:
             for gemm, path in zip(gemms, paths):
@@ -455,16 +461,23 @@ class CudaOps(ArrayOps):
             filler = [prop.args[2], prop.args[0], prop.args[3], prop.args[3], prop.args[3], prop.args[3],
                       *prop.args[5:]]
         p_args = prop.args if prop else [filler[1], filler[2], filler[0], filler[2], np.int32(0), *filler[6:]]
+        parts = max(self.max_blocks, int(tiles(prop)[1]) // int(tiles(prop)[0]))  # loss partials: 1 per row tile
+        partials = self._scratch("partials", (parts,), np.float64)
+        hit_partials = self._scratch("hit_partials", (parts,), np.int64)
         if output is not None:
             codes = self._output_codes(output.y_hat, output.y, output.activation, output.loss, prop.args[0],
                                        output.loss_out)
-            row_tiles = int(tiles(prop)[1]) // int(tiles(prop)[0])
-            partials = self._scratch("partials", (max(self.max_blocks, row_tiles),), np.float64)
             out_args = [np.int32(1), output.y_hat, output.y, *codes, partials, self._ticket, output.loss_out]
+            record = output.record
+            if record is not None:
+                self._check_record(output.loss_out, *record)
+                out_args += [np.int32(1), record.losses, record.correct, record.step, np.int32(bool(record.count))]
+            else:
+                out_args += [np.int32(0), output.loss_out, hit_partials, hit_partials, np.int32(0)]
         else:
-            partials = self._scratch("partials", (self.max_blocks,), np.float64)
             out_args = [np.int32(0), p_args[0], p_args[0], np.int32(0), np.int32(0), partials, self._ticket,
-                        p_args[3]]
+                        p_args[3], np.int32(0), p_args[3], hit_partials, hit_partials, np.int32(0)]
+        out_args.append(hit_partials)
         mode, step, momentum = u.update if u else (np.int32(SGD), dtype.type(0), dtype.type(0))
         n_blocks = sum(int(tiles(gemm)[1]) for gemm in (prop, u, v))
         args = [*p_args, *tiles(prop), *out_args, *(u.args if u else filler), *tiles(u),

@@ -66,14 +66,26 @@ class Update(NamedTuple):
     vel_b: Any = None
 
 
+class Record(NamedTuple):
+    """The fit loop's per-step record (``ops.finish_batch``): losses[step] = the loss,
+    correct[step] = rows predicted right (if ``count``), step += 1."""
+
+    losses: Any
+    correct: Any
+    step: Any
+    count: bool
+
+
 class Output(NamedTuple):
-    """The output layer's error for ``ops.backward``: delta = that of ``output_delta``, loss into ``loss_out``."""
+    """The output layer's error for ``ops.backward``: delta = that of ``output_delta``, loss into
+    ``loss_out``, and with ``record`` the fit loop's step record of that loss."""
 
     y_hat: Any
     y: Any
     activation: str
     loss: str
     loss_out: Any
+    record: Record | None = None
 
 
 class ArrayOps:
@@ -203,7 +215,8 @@ class ArrayOps:
         ``backward_schedule`` pairs them), so they may run in any order, or at once: on
         CUDA they are one launch. With ``output``, the delta they start from (the
         propagation's, else the first update's) is first computed as the output delta,
-        with the loss; on CUDA inside the same launch. Here, one after another."""
+        with the loss (and its step record); on CUDA inside the same launch. Here, one
+        after another."""
         if len(updates) > 2:
             raise ValueError(f"updates: at most 2 per launch, got {len(updates)}")
         if output is not None:
@@ -211,6 +224,8 @@ class ArrayOps:
                 raise ValueError("output: needs a propagation or an update whose delta it computes")
             delta = propagate.delta if propagate is not None else updates[0].delta
             self.output_delta(output.y_hat, output.y, output.activation, output.loss, delta, output.loss_out)
+            if output.record is not None:
+                self.finish_batch(output.y_hat, output.y, output.loss_out, *output.record)
         if propagate is not None:
             self.propagate(*propagate)
         for update in updates:

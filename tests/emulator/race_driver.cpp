@@ -40,13 +40,15 @@ int main() {
                 vel_b.data(), (int)SGD_MOMENTUM, 0.01f, 0.9f, M, N, B);
     // backward.cu: blocks of a propagation (with the output delta) and of two updates (plain SGD: no
     // shared velocity) in one grid
-    std::vector<float> below2(B * M), W_u = W, b_u = b, W_v = W, b_v = b;
+    std::vector<float> below2(B * M), W_u = W, b_u = b, W_v = W, b_v = b, losses(4);
+    std::vector<long long> correct(4), step(1, 0), hit_partials(8);
     const index_t p_tiles_n = tiles(M, 64), p_tiles = p_tiles_n * tiles(B, 64);
     const index_t u_tiles_n = tiles(N, 64), u_tiles = u_tiles_n * tiles(M, 64);
     emu::launch(&backward<float, Simt<float, 64, 64, 16, 4, 4>>, dim3{(unsigned int)(p_tiles + 2 * u_tiles), 1, 1},
                 block, delta.data(), W.data(), o.data(), below2.data(), (int)ACT_TANH, B, M, N, p_tiles_n, p_tiles,
                 1, out.data(), o_next.data(), (int)ACT_SIGMOID, (int)LOSS_MSE, partials.data(), ticket.data(),
-                loss.data(),  // P computes the output delta (and the loss) as it loads it
+                loss.data(),  // P computes the output delta (and the loss) as it loads it ...
+                1, losses.data(), correct.data(), step.data(), 1, hit_partials.data(),  // ... and the step record
                 o.data(), err.data(), W_u.data(), b_u.data(), vel_w.data(), vel_b.data(), M, N, B, u_tiles_n, u_tiles,
                 o.data(), err.data(), W_v.data(), b_v.data(), vel_w.data(), vel_b.data(), M, N, B, u_tiles_n,
                 (int)SGD, 0.01f, 0.0f);
