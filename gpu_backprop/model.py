@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,6 +46,8 @@ class _Buffers:
     outputs: list  # o[1..L]
     deltas: list   # delta[1..L] (delta[k] has the shape of o[k])
     loss: Any      # (1,) loss summed over the batch
+    plan: list = field(default_factory=list)  # the backward launches' arguments (MLP._backward_plan)
+    plan_key: tuple = ()                       # what they were built for
 
 
 class MLP:
@@ -155,18 +157,33 @@ class MLP:
         ops, batch = self.ops, X.shape[0]
         buf = self._batch_buffers(batch)
         o = self.forward(X)
-        delta = [None] + buf.deltas  # delta[k] is the error at o[k]'s pre-activation
         loss_out = buf.loss if loss_out is None else loss_out
-        output = Output(o[-1], Y, self.output, self.loss, loss_out, record)  # delta[L]: by the first launch
-        vel_w, vel_b = self._momentum_buffers() if momentum else ([None] * len(self.weights),) * 2
-        step = lr / batch
+        velocity = self._momentum_buffers() if momentum else None
+        # The launches' arguments are the same every step of a fit (fixed buffers): built once per
+        # batch size and kept while X, Y and the rest are the same objects (one entry per size).
+        # Every object keyed by id is held by the plan, so no new object can reuse its id.
+        key = (id(X), id(Y), lr, momentum, id(loss_out), id(record), velocity and id(velocity[0][0]))
+        if buf.plan_key != key:
+            buf.plan, buf.plan_key = self._backward_plan(o, Y, lr / batch, momentum, velocity, loss_out, record), key
+        for propagate, updates, output in buf.plan:
+            ops.backward(propagate, updates, output)
+        return loss_out
+
+    def _backward_plan(self, o: list, Y: Any, step: float, momentum: float, velocity: tuple | None, loss_out: Any,
+                       record: Record | None) -> list:
+        """(propagation, updates, output) of each backward launch (``backward_schedule``); the
+        first computes delta[L] and the loss from the output."""
+        delta = [None] + self._batch_buffers(Y.shape[0]).deltas  # delta[k]: the error at o[k]'s pre-activation
+        vel_w, vel_b = velocity if velocity is not None else ([None] * len(self.weights),) * 2
+        output = Output(o[-1], Y, self.output, self.loss, loss_out, record)
+        plan = []
         for launch, (k, updated) in enumerate(backward_schedule(len(self.weights))):
             propagate = None if k is None else Propagate(delta[k + 1], self.weights[k], o[k],
                                                          self.activations[k - 1], delta[k])
-            ops.backward(propagate, [Update(o[j], delta[j + 1], self.weights[j], self.biases[j], step, momentum,
-                                            vel_w[j], vel_b[j]) for j in updated],
-                         output if launch == 0 else None)
-        return loss_out
+            updates = [Update(o[j], delta[j + 1], self.weights[j], self.biases[j], step, momentum, vel_w[j], vel_b[j])
+                       for j in updated]
+            plan.append((propagate, updates, output if launch == 0 else None))
+        return plan
 
     def _momentum_buffers(self) -> tuple[list, list]:
         if self._velocity is None:

@@ -237,3 +237,27 @@ def test_backward_schedule_respects_every_dependency(n_layers):
         updated.update(layers)
     assert updated == set(range(n_layers)) and propagated == set(range(1, n_layers))
     assert len(schedule) == n_layers
+
+
+def test_backward_plan_is_reused_for_the_same_buffers_and_rebuilt_for_new_ones(rng):
+    """train_step keeps its launches' arguments while X, Y, lr, momentum, ... are the same objects,
+    and rebuilds them for new ones: steps on fresh arrays equal steps on one reused buffer."""
+    X1, X2 = rng.standard_normal((6, 5)), rng.standard_normal((6, 5))
+    Y1, Y2 = rng.random((6, 3)), rng.random((6, 3))
+    fresh = MLP([5, 4, 3], device="cpu", dtype="float64", seed=1)
+    for X, Y in ((X1, Y1), (X2, Y2), (X1, Y2)):
+        fresh.train_step(X.copy(), Y.copy(), 0.5, momentum=0.9)
+    reused = MLP([5, 4, 3], device="cpu", dtype="float64", seed=1)
+    xb, yb = np.empty((6, 5)), np.empty((6, 3))
+    plans = []
+    for X, Y in ((X1, Y1), (X2, Y2), (X1, Y2)):
+        xb[...], yb[...] = X, Y
+        reused.train_step(xb, yb, 0.5, momentum=0.9)
+        plans.append(reused._buffers[6].plan)
+    assert plans[0] is plans[1] is plans[2]
+    for key, value in fresh.get_params().items():
+        np.testing.assert_array_equal(reused.get_params()[key], value)
+    reused.set_params(reused.get_params())  # resets the velocity: a new plan with the new buffers
+    reused.train_step(xb, yb, 0.5, momentum=0.9)
+    assert reused._buffers[6].plan is not plans[0]
+    assert reused._buffers[6].plan[0][1] == [] and reused._buffers[6].plan[-1][1][0].vel_w is reused._velocity[0][1]

@@ -253,7 +253,7 @@ class ArrayOps:
             return
         keys = self._scratch("keys", order.shape, self.xp.uint64)
         self.shuffle_keys(key, keys, step)
-        order[...] = self.xp.argsort(keys)
+        order[...] = self.xp.argsort(keys, kind="stable")  # unique keys: any sort agrees; radix is fastest
 
     def gather_batch(self, X: Any, Y: Any, order: Any, step: Any, stride: int, xb: Any, yb: Any) -> None:
         """xb, yb = the rows order[step * stride + r] of X, Y; ``step`` is a (1,) int64 counter
