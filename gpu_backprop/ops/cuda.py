@@ -12,9 +12,9 @@ contiguity, dtype and shape, with an error naming the argument.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
