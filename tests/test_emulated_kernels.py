@@ -42,6 +42,17 @@ class Always(Tuner):
         return self.fixed
 
 
+class ByKind(Tuner):
+    """A tuner that picks one path for the propagations and another for every other GEMM."""
+
+    def __init__(self, propagate, other):
+        super().__init__(enabled=False)
+        self.paths = propagate, other
+
+    def choose(self, key, candidates, trial, default):
+        return self.paths[0] if key.startswith("propagate") else self.paths[1]
+
+
 def fused_ops(loader, path=None):
     """The launchers as on a GPU; autotuning off, or one path forced everywhere."""
     return CudaOps(np, scipy.special, loader, tuner=Always(path) if path else Tuner(enabled=False))
@@ -483,14 +494,7 @@ def test_backward_runs_each_gemm_on_its_tuned_path(loader, rng):
     """When the tuner puts the propagation on cuBLAS, the update still runs on its own tile: no
     grouped launch, same result."""
 
-    class Split(Tuner):
-        def __init__(self):
-            super().__init__(enabled=False)
-
-        def choose(self, key, candidates, trial, default):
-            return "cublas" if key.startswith("propagate") else "small"
-
-    ops = CudaOps(np, scipy.special, loader, tuner=Split())
+    ops = CudaOps(np, scipy.special, loader, tuner=ByKind(propagate="cublas", other="small"))
     p, u, _ = backward_parts(rng, np.float64, 9)
     expected_out = twin.propagate(p["delta"], p["W"], p["o"], "sigmoid", np.empty(p["out"].shape))
     W, b = u["W"].copy(), u["b"].copy()
@@ -510,14 +514,7 @@ def test_backward_groups_gemms_tuned_to_different_tiles(loader, rng):
     """The tuner may give each GEMM of a launch its own tile: they still run as one launch, on
     the tile of the largest GEMM."""
 
-    class PerKind(Tuner):
-        def __init__(self):
-            super().__init__(enabled=False)
-
-        def choose(self, key, candidates, trial, default):
-            return "tiny" if key.startswith("propagate") else "large"
-
-    ops = CudaOps(np, scipy.special, loader, tuner=PerKind())
+    ops = CudaOps(np, scipy.special, loader, tuner=ByKind(propagate="tiny", other="large"))
     p, u, _ = backward_parts(rng, np.float64, 9)  # update 129 x 130 x 9 > propagation 9 x 129 x 65
     expected_out = twin.propagate(p["delta"], p["W"], p["o"], "sigmoid", np.empty(p["out"].shape))
     W, b = u["W"].copy(), u["b"].copy()
