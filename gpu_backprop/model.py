@@ -18,7 +18,7 @@ import numpy as np
 
 from . import data as data_mod
 from .device import Device, get_device, to_host
-from .ops import Output, Propagate, Record, Update
+from .ops import Gather, Output, Propagate, Record, Update
 from .ops import activations as act
 
 FORMAT_VERSION = 1
@@ -136,27 +136,29 @@ class MLP:
             buf = self._buffers[batch] = _Buffers(outputs, deltas, xp.empty(1, dtype=self.dtype))
         return buf
 
-    def forward(self, X: Any) -> list:
+    def forward(self, X: Any, gather: Gather | None = None) -> list:
         """All layer outputs [X, o1, ..., y_hat] for a device array X (internal buffers:
-        valid until the next call with the same batch size)."""
+        valid until the next call with the same batch size); with ``gather``, X is first
+        gathered into (by the first layer's launch on CUDA)."""
         buf = self._batch_buffers(X.shape[0])
         o = [X]
         for W, b, f, out in zip(self.weights, self.biases, self.activations, buf.outputs):
-            o.append(self.ops.forward(o[-1], W, b, f, out))
+            o.append(self.ops.forward(o[-1], W, b, f, out, gather if len(o) == 1 else None))
         return o
 
     def train_step(self, X: Any, Y: Any, lr: float, momentum: float = 0.0, loss_out: Any = None,
-                   record: Record | None = None) -> Any:
+                   record: Record | None = None, gather: Gather | None = None) -> Any:
         """One SGD step on the batch (X, Y) (device arrays of this model's dtype).
 
         Returns the (1,) device array holding the loss summed over the batch,
         ``loss_out`` when given; reading it is left to the caller, so a GPU
         step never waits for the host. ``record``: the fit loop's step record
-        (losses, hits, step counter), kept inside the step's kernels.
+        (losses, hits, step counter), kept inside the step's kernels; ``gather``: X and
+        Y are first gathered from the epoch's data (both inside the step's kernels on CUDA).
         """
         ops, batch = self.ops, X.shape[0]
         buf = self._batch_buffers(batch)
-        o = self.forward(X)
+        o = self.forward(X, gather)
         loss_out = buf.loss if loss_out is None else loss_out
         velocity = self._momentum_buffers() if momentum else None
         # The launches' arguments are the same every step of a fit (fixed buffers): built once per

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import data as data_mod
 from .device import to_host
-from .ops import Record
+from .ops import Gather, Record
 
 
 @dataclass
@@ -97,8 +97,8 @@ class Trainer:
     the rows from a seeded 64-bit key (``ops.shuffle_epoch``: the same order on
     every device) and resets the step counter; each step then gathers its batch
     by that counter, trains, and records its loss and hits in device arrays
-    (``ops.gather_batch``; the ``Record`` of ``ops.finish_batch``, kept inside the
-    step's first backward launch on CUDA), so on CUDA a whole step is one
+    (``ops.gather_batch`` and ``ops.finish_batch``; on CUDA inside the first forward
+    and the first backward launch), so on CUDA a whole step is one
     graph replay, and the host sends one integer and reads two small arrays per epoch.
     """
 
@@ -111,7 +111,7 @@ class Trainer:
         Y, self.labels = data_mod.targets(y, model.sizes[-1], model.task, model.dtype, n_rows=X.shape[0])
         self.model, self.n, self.batch_size, self.shuffle = model, X.shape[0], batch_size, shuffle
         self.rng = np.random.default_rng(model.seed if seed is None else seed)
-        device, xp, ops = model.device, model.xp, model.ops
+        device, xp = model.device, model.xp
         self.X, self.Y = device.asarray(X, model.dtype), device.asarray(Y, model.dtype)
         self.slices = batch_slices(self.n, batch_size)
         self.order = xp.empty(self.n, dtype=np.int64)
@@ -126,10 +126,10 @@ class Trainer:
             count = self.labels is not None
 
             record = Record(self.losses, self.correct, self.counter, count)
+            gather = Gather(self.X, self.Y, self.order, self.counter, batch_size, yb)
 
             def step() -> None:
-                ops.gather_batch(self.X, self.Y, self.order, self.counter, batch_size, xb, yb)
-                model.train_step(xb, yb, lr, momentum, loss_out=buffers.loss, record=record)
+                model.train_step(xb, yb, lr, momentum, loss_out=buffers.loss, record=record, gather=gather)
             return step
 
         self.steps = StepRunner(make, capture or _graph_capture(model, graphs))

@@ -3,19 +3,55 @@
 //   out = f(o W + b)        o: B x K, W: K x N, b: N, out: B x N (row-major)
 //
 // Tiling: see gemm_tile.cuh (Core: Simt or Tf32); C rows are the batch (m), columns the outputs (n).
+// forward_gather is the first layer of a fit step, gathering its batch as it loads it:
+//
+//   o[r] = X[order[step * stride + r]]        (batch.cu's gather_batch, fused)
+//
+// The blocks of tile column 0 see every element of their rows once: they write them to
+// xb, and the rows' targets Y[...] to yb, for the rest of the step.
 #include "gemm_tile.cuh"
+
+template <typename T, class Core, typename LoadO>
+__device__ __forceinline__ void forward_tile(GemmTiles<Core>& tiles, index_t tile_m, index_t tile_n, LoadO load_o,
+                                             const T* __restrict__ W, const T* __restrict__ b, T* __restrict__ out,
+                                             int act, index_t M, index_t N, index_t K) {
+    const index_t m0 = tile_m * Core::BM, n0 = tile_n * Core::BN;
+    typename Core::Acc acc;
+    gemm_mainloop<Core, false, true>(
+        acc, tiles.A, tiles.B, load_o,                        // o: m-major
+        [&](index_t n, index_t k) { return W[k * N + n]; },  // W: k-major
+        NoTileHook(), m0, n0, M, N, K);
+    Core::for_each_output(acc, m0, n0, M, N,
+                          [&](index_t m, index_t n, T v) { out[m * N + n] = activate(act, v + b[n]); });
+}
 
 template <typename T, class Core>
 __global__ void forward(const T* __restrict__ o, const T* __restrict__ W, const T* __restrict__ b,
                         T* __restrict__ out, int act, index_t M, index_t N, index_t K) {
-    __shared__ T As[Core::BK][Core::BM + Core::PAD];
-    __shared__ T Bs[Core::BK][Core::BN + Core::PAD];
-    const index_t m0 = (index_t)blockIdx.y * Core::BM, n0 = (index_t)blockIdx.x * Core::BN;
-    typename Core::Acc acc;
-    gemm_mainloop<Core, false, true>(
-        acc, As, Bs, [&](index_t m, index_t k) { return o[m * K + k]; },  // m-major
-        [&](index_t n, index_t k) { return W[k * N + n]; },              // k-major
-        NoTileHook(), m0, n0, M, N, K);
-    Core::for_each_output(acc, m0, n0, M, N,
-                          [&](index_t m, index_t n, T v) { out[m * N + n] = activate(act, v + b[n]); });
+    __shared__ GemmTiles<Core> tiles;
+    forward_tile<T, Core>(
+        tiles, blockIdx.y, blockIdx.x, [&](index_t m, index_t k) { return o[m * K + k]; }, W, b, out, act, M, N, K);
+}
+
+template <typename T, class Core>
+__global__ void forward_gather(const T* __restrict__ X, const T* __restrict__ Y, const long long* __restrict__ order,
+                               const long long* __restrict__ step, index_t stride, T* __restrict__ xb,
+                               T* __restrict__ yb, index_t n_y, const T* __restrict__ W, const T* __restrict__ b,
+                               T* __restrict__ out, int act, index_t M, index_t N, index_t K) {
+    __shared__ GemmTiles<Core> tiles;
+    const index_t first = step[0] * stride;
+    const bool writes_batch = blockIdx.x == 0;
+    forward_tile<T, Core>(
+        tiles, blockIdx.y, blockIdx.x,
+        [&](index_t m, index_t k) {
+            const T v = X[order[first + m] * K + k];
+            if (writes_batch) xb[m * K + k] = v;
+            return v;
+        },
+        W, b, out, act, M, N, K);
+    if (writes_batch)
+        for (index_t i = threadIdx.x; i < Core::BM * n_y; i += blockDim.x) {
+            const index_t m = (index_t)blockIdx.y * Core::BM + i / n_y, c = i % n_y;
+            if (m < M) yb[m * n_y + c] = Y[order[first + m] * n_y + c];
+        }
 }

@@ -10,7 +10,7 @@ import pytest
 import scipy.special
 
 from gpu_backprop import MLP
-from gpu_backprop.ops import NumpyOps, Output, Propagate, Record, Update
+from gpu_backprop.ops import Gather, NumpyOps, Output, Propagate, Record, Update
 from gpu_backprop.ops.autotune import Tuner
 from gpu_backprop.ops.cuda import PATHS, CudaOps
 
@@ -528,9 +528,33 @@ def test_backward_groups_gemms_tuned_to_different_tiles(loader, rng):
     close(u["W"], W, np.float64, factor=10)
 
 
+@pytest.mark.parametrize("config", ["tiny", "small", "large"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,step", [(1, 0), (65, 1), (130, 2), (37, 3)])  # (37, 3): the short last batch
+def test_forward_gathers_its_batch(loader, rng, config, dtype, batch, step):
+    """forward_gather: the first layer reads its rows through the epoch's order and writes the
+    gathered batch (xb, yb) for the rest of the step, in the same launch."""
+    ops = fused_ops(loader)
+    n, n_x, n_y, n_out = 3 * 130 + 37, 33, 10, 65
+    X, Y = rng.standard_normal((n, n_x)).astype(dtype), rng.random((n, n_y)).astype(dtype)
+    W, b = (rng.standard_normal((n_x, n_out)) / 6).astype(dtype), rng.standard_normal(n_out).astype(dtype)
+    order, counter = rng.permutation(n).astype(np.int64), np.array([step], np.int64)
+    xb, yb, out = nan((batch, n_x), dtype), nan((batch, n_y), dtype), nan((batch, n_out), dtype)
+    before = loader.launches
+    ops.forward(xb, W, b, "sigmoid", out, Gather(X, Y, order, counter, 130, yb), config=config)
+    assert loader.launches - before == 1
+    rows = order[step * 130:step * 130 + batch]
+    np.testing.assert_array_equal(xb, X[rows])
+    np.testing.assert_array_equal(yb, Y[rows])
+    expected = twin.forward(X[rows].astype(np.float64), W.astype(np.float64), b.astype(np.float64), "sigmoid",
+                            np.empty((batch, n_out)))
+    close(out, expected, dtype, scale=np.linalg.norm(np.abs(X[rows]) @ np.abs(W) + np.abs(b)))
+    assert counter[0] == step  # the counter moves at the end of the step, not here
+
+
 def test_launches_per_fit_step(loader):
-    """A fit step = gather + the 2L kernels of the step (the first backward launch keeps the step's
-    record): 2L + 1 launches (one graph on CUDA);
+    """A fit step = the 2L kernels of the step, the first forward gathering the batch and the first
+    backward keeping the step's record (one graph on CUDA);
     an epoch adds one launch (the shuffle keys; the argsort is the array module's)."""
     model = MLP([13, 9, 7, 5], device="cpu", seed=0)
     model.ops = fused_ops(loader)
@@ -542,4 +566,4 @@ def test_launches_per_fit_step(loader):
     trainer.epoch()
     per_step = (loader.launches - before - 1) / 2
     print(f"fit step, fused, uncaptured: {per_step:.0f} launches for {len(model.weights)} layers")
-    assert per_step == 2 * len(model.weights) + 1
+    assert per_step == 2 * len(model.weights)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from gpu_backprop import MLP, data, get_device
-from gpu_backprop.ops import NumpyOps, Output, Propagate, Update
+from gpu_backprop.ops import Gather, NumpyOps, Output, Propagate, Update
 from gpu_backprop.ops.cuda import PATHS
 
 from .conftest import rel_error
@@ -186,6 +186,29 @@ def test_output_delta_inside_the_propagation(gpu, rng, dtype, config, batch, los
     assert rel_error(delta.get(), exp_delta) < TOL[np.dtype(dtype)] * 10
     assert rel_error(loss_out.get(), exp_loss) < TOL[np.dtype(dtype)] * 10
     assert rel_error(below.get(), exp_below, np.linalg.norm(np.abs(exp_delta) @ np.abs(W).T)) < tol
+
+
+@pytest.mark.parametrize("config", ["tiny", "small", "large", "tf32", "cublas"])
+@pytest.mark.parametrize("batch,step", [(1, 0), (257, 1), (100, 4)])  # (100, 4): the short last batch
+def test_forward_gathers_its_batch(gpu, rng, config, batch, step):
+    ops, xp = gpu[1], gpu[0].xp
+    n, n_x, n_y, n_out = 4 * 257 + 100, 64, 10, 129
+    X, Y = rng.standard_normal((n, n_x)), rng.random((n, n_y))
+    W, b = rng.standard_normal((n_x, n_out)) / 8, rng.standard_normal(n_out)
+    order = rng.permutation(n)
+    f32 = lambda a: xp.asarray(a, dtype=np.float32)  # noqa: E731
+    xb, yb = nan(gpu, (batch, n_x), np.float32), nan(gpu, (batch, n_y), np.float32)
+    out = nan(gpu, (batch, n_out), np.float32)
+    ops.forward(xb, f32(W), f32(b), "sigmoid", out,
+                Gather(f32(X), f32(Y), xp.asarray(order, dtype=np.int64), xp.asarray([step], dtype=np.int64), 257,
+                       yb),
+                config=config)
+    rows = order[step * 257:step * 257 + batch]
+    np.testing.assert_array_equal(xb.get(), X[rows].astype(np.float32))
+    np.testing.assert_array_equal(yb.get(), Y[rows].astype(np.float32))
+    expected = twin.forward(X[rows].astype(np.float32).astype(np.float64), W.astype(np.float32).astype(np.float64),
+                            b.astype(np.float32).astype(np.float64), "sigmoid", np.empty((batch, n_out)))
+    assert rel_error(out.get(), expected) < (2e-3 if config == "tf32" else 1e-5)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (33, 63, 65), (257, 1025, 129), (4096, 784, 1024)])

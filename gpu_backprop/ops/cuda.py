@@ -21,7 +21,7 @@ import numpy as np
 
 from . import activations as act
 from .autotune import Tuner
-from .reference import ArrayOps, Output, Propagate, Update, mixed_key
+from .reference import ArrayOps, Gather, Output, Propagate, Update, mixed_key
 
 BLOCK = 256  # threads per block of the elementwise kernels
 # Tiles of the CUDA-core GEMMs (gemm_tile.cuh Simt): name: (BM, BN, BK, TM, TN), 256 threads each.
@@ -36,8 +36,8 @@ PRECISIONS = ("fp32", "tf32")
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 LOSS_CODES = {"mse": 0, "cross_entropy": 1}
 WRITE_GRADIENT, SGD, SGD_MOMENTUM = 0, 1, 2
-GEMM_FILES = {"forward": "forward.cu", "propagate": "propagate.cu", "weight_grad": "weight_grad.cu",
-              "backward": "backward.cu"}
+GEMM_FILES = {"forward": "forward.cu", "forward_gather": "forward.cu", "propagate": "propagate.cu",
+              "weight_grad": "weight_grad.cu", "backward": "backward.cu"}
 ELEMENTWISE_FILES = {"delta.cu": ("output_delta", "hidden_delta"), "bias.cu": ("bias_activation", "bias_update"),
                      "batch.cu": ("gather_batch", "finish_batch", "shuffle_keys")}
 UNTYPED = ("shuffle_keys",)  # kernels that are not templated on the float type
@@ -59,11 +59,12 @@ def names_in(file: str) -> list[str]:
         kernels = ELEMENTWISE_FILES[file]
         return ([f"{k}<{t}>" for k in kernels if k not in UNTYPED for t in CTYPES.values()]
                 + [k for k in kernels if k in UNTYPED])
-    kernel = {v: k for k, v in GEMM_FILES.items()}[file]
-    return [gemm_name(kernel, dt, c) for dt in CTYPES for c in CONFIGS] + [gemm_name(kernel, np.float32, "tf32")]
+    kernels = [k for k, f in GEMM_FILES.items() if f == file]
+    return [name for k in kernels
+            for name in [gemm_name(k, dt, c) for dt in CTYPES for c in CONFIGS] + [gemm_name(k, np.float32, "tf32")]]
 
 
-KERNEL_FILES = ("delta.cu", "bias.cu", "batch.cu", *GEMM_FILES.values())
+KERNEL_FILES = ("delta.cu", "bias.cu", "batch.cu", *dict.fromkeys(GEMM_FILES.values()))
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.M)
 
 
@@ -238,9 +239,11 @@ class CudaOps(ArrayOps):
         return (max(1, min(-(-n // BLOCK), self.max_blocks)), 1, 1)
 
     # -- forward --------------------------------------------------------------
-    def forward(self, o: Any, W: Any, b: Any, activation: str, out: Any, config: str | None = None) -> Any:
+    def forward(self, o: Any, W: Any, b: Any, activation: str, out: Any, gather: Gather | None = None,
+                config: str | None = None) -> Any:
         """out = f(o W + b): our GEMM with bias and activation in its epilogue, or, where the
-        tuner found it faster for this shape, cuBLAS then one bias-activation kernel."""
+        tuner found it faster for this shape, cuBLAS then one bias-activation kernel. With
+        ``gather``, o is first gathered (ArrayOps.forward): inside our GEMM as it loads o."""
         dtype = self._dtype_of("o", o)
         batch, n_in = o.shape
         n_out = W.shape[1] if W.ndim == 2 else -1
@@ -250,6 +253,7 @@ class CudaOps(ArrayOps):
         self._check("out", out, (batch, n_out), dtype)
         elementwise = "identity" if activation == "softmax" else act.check_activation(activation, act.HIDDEN)
         code = np.int32(act.CODES[elementwise])
+        tail = [W, b, out, code, np.int64(batch), np.int64(n_out), np.int64(n_in)]
 
         def run(path: str) -> None:
             if path.startswith("cublas"):
@@ -257,10 +261,18 @@ class CudaOps(ArrayOps):
                 self._kernel("bias.cu", f"bias_activation<{CTYPES[dtype]}>")(
                     self._grid_1d(out.size), (BLOCK, 1, 1), [out, b, code, np.int64(batch), np.int64(n_out)])
             else:
-                self._gemm("forward", dtype, batch, n_out, path,
-                           [o, W, b, out, code, np.int64(batch), np.int64(n_out), np.int64(n_in)])
+                self._gemm("forward", dtype, batch, n_out, path, [o, *tail])
 
-        run(self.gemm_path("forward", dtype, batch, n_out, n_in, config, run))
+        path = self.gemm_path("forward", dtype, batch, n_out, n_in, config, run)
+        if gather is not None and not path.startswith("cublas"):
+            g = gather
+            self._check_gather(g.X, g.Y, g.order, g.step, o, g.yb)
+            self._gemm("forward_gather", dtype, batch, n_out, path,
+                       [g.X, g.Y, g.order, g.step, np.int64(g.stride), o, g.yb, np.int64(g.yb.shape[1]), *tail])
+        else:
+            if gather is not None:
+                self.gather_batch(*gather[:5], o, gather.yb)
+            run(path)
         if activation == "softmax":  # a row-wise reduction: CuPy's kernels, after the GEMM
             act.activate(self.xp, self.special, "softmax", out, out)
         return out
@@ -307,7 +319,7 @@ class CudaOps(ArrayOps):
         self._kernel("batch.cu", "shuffle_keys")(self._grid_1d(n), (BLOCK, 1, 1),
                                                   [keys, step, np.uint64(mixed_key(key)), np.int64(n)])
 
-    def gather_batch(self, X: Any, Y: Any, order: Any, step: Any, stride: int, xb: Any, yb: Any) -> None:
+    def _check_gather(self, X: Any, Y: Any, order: Any, step: Any, xb: Any, yb: Any) -> None:
         dtype = self._dtype_of("X", X)
         n, n_x = X.shape
         batch, n_y = xb.shape[0], Y.shape[1] if Y.ndim == 2 else -1
@@ -317,6 +329,11 @@ class CudaOps(ArrayOps):
         self._check("step", step, (1,), np.int64)
         self._check("xb", xb, (batch, n_x), dtype)
         self._check("yb", yb, (batch, n_y), dtype)
+
+    def gather_batch(self, X: Any, Y: Any, order: Any, step: Any, stride: int, xb: Any, yb: Any) -> None:
+        self._check_gather(X, Y, order, step, xb, yb)
+        dtype = np.dtype(X.dtype)
+        batch, n_x, n_y = xb.shape[0], X.shape[1], Y.shape[1]
         self._kernel("batch.cu", f"gather_batch<{CTYPES[dtype]}>")(
             self._grid_1d(batch * (n_x + n_y)), (BLOCK, 1, 1),
             [X, Y, order, step, xb, yb, np.int64(batch), np.int64(stride), np.int64(n_x), np.int64(n_y)])

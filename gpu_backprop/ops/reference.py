@@ -66,6 +66,18 @@ class Update(NamedTuple):
     vel_b: Any = None
 
 
+class Gather(NamedTuple):
+    """Where ``ops.forward`` gathers its input o from first (``ops.gather_batch``): o = the rows
+    order[step * stride + r] of X, and ``yb`` = the same rows of Y."""
+
+    X: Any
+    Y: Any
+    order: Any
+    step: Any
+    stride: int
+    yb: Any
+
+
 class Record(NamedTuple):
     """The fit loop's per-step record (``ops.finish_batch``): losses[step] = the loss,
     correct[step] = rows predicted right (if ``count``), step += 1."""
@@ -126,8 +138,10 @@ class ArrayOps:
         return out
 
     # -- forward ------------------------------------------------------------
-    def forward(self, o: Any, W: Any, b: Any, activation: str, out: Any) -> Any:
-        """out = f(o W + b)."""
+    def forward(self, o: Any, W: Any, b: Any, activation: str, out: Any, gather: Gather | None = None) -> Any:
+        """out = f(o W + b); with ``gather``, o (and gather.yb) are first gathered into."""
+        if gather is not None:
+            self.gather_batch(*gather[:5], o, gather.yb)
         self.gemm(o, W, out)
         out += b
         return act.activate(self.xp, self.special, activation, out, out)
@@ -312,8 +326,10 @@ class NumpyOps(ArrayOps):
             correct[s] = np.count_nonzero(self._labels(y_hat) == self._labels(yb))
         step[0] = s + 1
 
-    def forward(self, o: Any, W: Any, b: Any, activation: str, out: Any) -> Any:
+    def forward(self, o: Any, W: Any, b: Any, activation: str, out: Any, gather: Gather | None = None) -> Any:
         """out = f(o W + b) with the bias added by the GEMM (beta = 1): one pass fewer."""
+        if gather is not None:
+            self.gather_batch(*gather[:5], o, gather.yb)
         out[...] = b
         blas.gemm(o, W, out, beta=1.0)
         return act.activate(self.xp, self.special, activation, out, out)
