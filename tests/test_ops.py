@@ -206,3 +206,12 @@ def test_shuffle_epoch_spreads_rows_uniformly():
     chi2 = ((counts - expected) ** 2 / expected).sum()  # 49 degrees of freedom
     assert chi2 < 110, counts
     assert abs(same_as_previous / ((draws - 1) * n) - 1 / n) < 0.02
+
+
+@pytest.mark.parametrize("key", [0, 1, 12345, 2**63 - 1, 2**64 - 1])
+def test_mixed_key_is_mix64_of_the_key(key):
+    from gpu_backprop.ops.reference import mix64, mixed_key
+
+    assert mixed_key(key) == int(mix64(np, np.array([key], dtype=np.uint64))[0]) == splitmix64_finaliser(key)
+    with pytest.raises(ValueError, match="key: expected an integer"):
+        mixed_key(-1)

@@ -37,10 +37,16 @@ def mix64(xp: Any, z: Any) -> Any:
 
 
 def mixed_key(key: int) -> int:
-    """mix64 of one integer in [0, 2^64)."""
-    if not 0 <= int(key) < 2**64:
+    """mix64 of one integer in [0, 2^64), in Python integers (a NumPy call per operation
+    would cost more than the epoch's whole sort)."""
+    key = int(key)
+    if not 0 <= key < 2**64:
         raise ValueError(f"key: expected an integer in [0, 2**64), got {key!r}")
-    return int(mix64(np, np.array([key], dtype=np.uint64))[0])
+    mask = 2**64 - 1
+    z = (key + MIX_ADD) & mask
+    z = ((z ^ (z >> 30)) * MIX_MUL1) & mask
+    z = ((z ^ (z >> 27)) * MIX_MUL2) & mask
+    return z ^ (z >> 31)
 
 
 class Propagate(NamedTuple):
