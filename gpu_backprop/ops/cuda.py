@@ -21,7 +21,7 @@ import numpy as np
 
 from . import activations as act
 from .autotune import Tuner
-from .reference import ArrayOps, Gather, Output, Propagate, Update, mixed_key
+from .reference import ArrayOps, Gather, Output, Propagate, Update, check_backward, mixed_key
 
 BLOCK = 256  # threads per block of the elementwise kernels
 # Tiles of the CUDA-core GEMMs (gemm_tile.cuh Simt): name: (BM, BN, BK, TM, TN), 256 threads each.
@@ -506,10 +506,7 @@ class CudaOps(ArrayOps):
         """An error propagation and up to two weight updates of other layers, the output delta
         first when ``output`` is given (see ArrayOps.backward): one launch of backward.cu when
         the tuner put none of them on cuBLAS, else each on its own path."""
-        if len(updates) > 2:
-            raise ValueError(f"updates: at most 2 per launch, got {len(updates)}")
-        if output is not None and propagate is None and not updates:
-            raise ValueError("output: needs a propagation or an update whose delta it computes")
+        check_backward(propagate, updates, output)
         gemms = [self._propagate_gemm(*propagate)] if propagate is not None else []
         for u in updates:
             gemms.append(self._weight_grad_gemm(u.o, u.delta, u.W, u.b, SGD_MOMENTUM if u.momentum else SGD,

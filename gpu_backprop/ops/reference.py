@@ -106,6 +106,15 @@ class Output(NamedTuple):
     record: Record | None = None
 
 
+def check_backward(propagate: Propagate | None, updates: Sequence[Update], output: Output | None) -> None:
+    """What one ``ops.backward`` launch can hold: at most two updates; an output delta needs a
+    propagation or an update to start from."""
+    if len(updates) > 2:
+        raise ValueError(f"updates: at most 2 per launch, got {len(updates)}")
+    if output is not None and propagate is None and not updates:
+        raise ValueError("output: needs a propagation or an update whose delta it computes")
+
+
 class ArrayOps:
     """Unfused reference operations over ``xp`` (numpy or cupy)."""
 
@@ -237,11 +246,8 @@ class ArrayOps:
         propagation's, else the first update's) is first computed as the output delta,
         with the loss (and its step record); on CUDA inside the same launch. Here, one
         after another."""
-        if len(updates) > 2:
-            raise ValueError(f"updates: at most 2 per launch, got {len(updates)}")
+        check_backward(propagate, updates, output)
         if output is not None:
-            if propagate is None and not updates:
-                raise ValueError("output: needs a propagation or an update whose delta it computes")
             delta = propagate.delta if propagate is not None else updates[0].delta
             self.output_delta(output.y_hat, output.y, output.activation, output.loss, delta, output.loss_out)
             if output.record is not None:

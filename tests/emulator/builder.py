@@ -122,6 +122,7 @@ class EmuLoader:
         self.extra_flags = tuple(extra_flags)
         self._libs: dict = {}
         self.kernels: dict[str, EmuKernel] = {}
+        self.tf32_gemms = 0  # cuBLAS stand-in calls that asked for TF32
 
     def function(self, file: str, name: str, all_names: Sequence[str]) -> EmuKernel:
         key = (file, name)
@@ -144,7 +145,7 @@ class EmuLoader:
         (``tf32`` is recorded, not emulated: the products stay float32)."""
         from gpu_backprop.ops.blas import gemm
 
-        self.tf32_gemms = getattr(self, "tf32_gemms", 0) + bool(tf32)
+        self.tf32_gemms += bool(tf32)
         return gemm(a, b, out, **kwargs)
 
     def time(self, fn: Any, repeats: int = 3) -> float:
