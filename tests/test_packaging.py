@@ -18,9 +18,11 @@ def wheel(tmp_path_factory):
     src = tmp / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__",
                                                              ".benchmarks", ".pytest_cache"))
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation",
                            "-w", str(tmp / "dist"), str(src)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # pyproject.toml is read without a deprecation (e.g. the project.license table form)
+    assert "SetuptoolsDeprecationWarning" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     return next((tmp / "dist").glob("gpu_backprop-*.whl"))
 
 
@@ -29,6 +31,8 @@ def test_wheel_contains_kernels(wheel):
     for file in (*KERNEL_FILES, "common.cuh", "gemm_tile.cuh"):
         assert f"gpu_backprop/kernels/{file}" in names
     assert not any(n.startswith("tests/") for n in names)
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "License-Expression: MIT" in metadata.splitlines()  # the SPDX form (PEP 639)
 
 
 def test_installed_wheel_finds_kernel_sources(wheel, tmp_path):
