@@ -3,6 +3,13 @@ through ctypes with the call shape of a CuPy RawKernel: ``kernel(grid, block, ar
 
 Libraries are cached by a hash of the sources, the shim, the instantiated
 names and the compiler flags, so an unchanged kernel is compiled once.
+
+Block scheduling (``EmuLoader(blocks=...)``, default from ``GPU_BACKPROP_EMU_BLOCKS``):
+"shuffled" (the default) runs the blocks of each grid in a seeded random order, up to
+``slots`` of them at once on real threads, each slot a separate copy of the library
+with its own ``__shared__`` statics (an SM of its own); "in_order" runs them one after
+another in index order. On a GPU blocks run in any order and at once, so a kernel
+whose result depends on either has an inter-block race: shuffled scheduling shows it.
 """
 from __future__ import annotations
 
@@ -10,8 +17,10 @@ import ctypes
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +31,9 @@ ROOT = HERE.parents[1]
 KERNELS = ROOT / "kernels"
 SHIM = HERE / "cuda_shim.h"
 CXX = os.environ.get("CXX", "g++")
-FLAGS = ("-std=c++20", "-O1", "-fPIC", "-pthread", "-w")
+# -fno-gnu-unique and hidden visibility: each loaded copy of a library keeps its own statics
+# (__shared__ storage); the dynamic linker would otherwise merge them across copies.
+FLAGS = ("-std=c++20", "-O1", "-fPIC", "-pthread", "-w", "-fno-gnu-unique", "-fvisibility=hidden")
 CACHE = Path(os.environ.get("GPU_BACKPROP_EMU_CACHE", Path(tempfile.gettempdir()) / "gpu_backprop_emulator"))
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"', re.M)
 
@@ -46,8 +57,10 @@ def wrapper_source(cu_file: Path, names: Sequence[str]) -> str:
     lines = [f'#include "{SHIM}"', f'#include "{cu_file}"']
     for i, name in enumerate(names):
         lines.append(
-            f'extern "C" void emu_launch_{i}(const unsigned* g, const unsigned* b, void** args) '
-            f"{{ emu::launch_packed(&{name}, dim3{{g[0], g[1], g[2]}}, dim3{{b[0], b[1], b[2]}}, args); }}")
+            f'extern "C" __attribute__((visibility("default"))) void emu_launch_{i}(const unsigned* g, '
+            f"const unsigned* b, void** args, const unsigned* order, unsigned n, unsigned* next) "
+            f"{{ emu::launch_packed(&{name}, dim3{{g[0], g[1], g[2]}}, dim3{{b[0], b[1], b[2]}}, "
+            f"emu::Schedule{{order, n, next}}, args); }}")
     return "\n".join(lines) + "\n"
 
 
@@ -82,10 +95,13 @@ def build(cu_file: Path, names: Sequence[str], extra_flags: Sequence[str] = (), 
 
 
 class EmuKernel:
-    """One instantiated kernel, called like cupy.RawKernel: ``k(grid, block, args)``."""
+    """One instantiated kernel, called like cupy.RawKernel: ``k(grid, block, args)``.
 
-    def __init__(self, fn: Any, name: str):
-        self._fn, self.name = fn, name
+    ``fns``: the kernel's entry point in each loaded copy of its library; a launch runs
+    on ``len(fns)`` copies at once, taking blocks in the order ``schedule(n_blocks)`` gives."""
+
+    def __init__(self, fns: Sequence[Any], name: str, schedule: Any):
+        self._fns, self.name, self._schedule = list(fns), name, schedule
         self.launches = 0
 
     def __call__(self, grid: Sequence[int], block: Sequence[int], args: Sequence[Any], shared_mem: int = 0) -> None:
@@ -104,10 +120,39 @@ class EmuKernel:
             else:
                 raise TypeError(f"{self.name}: argument {i} must be an ndarray or a NumPy scalar "
                                 f"(as CuPy requires), got {type(arg).__name__}")
-        g = (ctypes.c_uint * 3)(*(tuple(grid) + (1, 1))[:3])
-        b = (ctypes.c_uint * 3)(*(tuple(block) + (1, 1))[:3])
+        dims = [(tuple(d) + (1, 1))[:3] for d in (grid, block)]
+        g, b = ((ctypes.c_uint * 3)(*d) for d in dims)
+        n_blocks = int(np.prod(dims[0]))
+        order = self._schedule(n_blocks)  # None: in index order
+        order_ptr = None if order is None else order.ctypes.data_as(ctypes.POINTER(ctypes.c_uint))
+        next_block = np.zeros(1, dtype=np.uint32)  # the queue's head, shared by the copies
+        call = (g, b, pointers, order_ptr, ctypes.c_uint(n_blocks), next_block.ctypes.data_as(ctypes.c_void_p))
         self.launches += 1
-        self._fn(g, b, pointers)
+        fns = self._fns[:max(1, min(len(self._fns), n_blocks))] if order is not None else self._fns[:1]
+        if len(fns) == 1:
+            fns[0](*call)
+            return
+        # ctypes releases the GIL during each call: the copies run the grid together
+        workers = [threading.Thread(target=fn, args=call) for fn in fns[1:]]
+        for w in workers:
+            w.start()
+        fns[0](*call)
+        for w in workers:
+            w.join()
+
+
+def _copies(path: Path, n: int) -> list[Path]:
+    """``path`` and n - 1 copies of it under other names: dlopen maps each file once, so
+    only distinct files give distinct statics."""
+    out = [path]
+    for k in range(1, n):
+        copy = path.with_name(f"{path.stem}.slot{k}{path.suffix}")
+        if not copy.exists():
+            tmp = copy.with_name(f".{copy.name}.{os.getpid()}.{threading.get_ident()}")
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, copy)
+        out.append(copy)
+    return out
 
 
 class EmuLoader:
@@ -117,12 +162,25 @@ class EmuLoader:
     sm_count = 4  # small, so the launchers' grid caps are exercised
     name = "emulator"
 
-    def __init__(self, kernels_dir: Path = KERNELS, extra_flags: Sequence[str] = ()):
+    def __init__(self, kernels_dir: Path = KERNELS, extra_flags: Sequence[str] = (), blocks: str | None = None,
+                 slots: int | None = None, seed: int = 0):
         self.kernels_dir = Path(kernels_dir)
         self.extra_flags = tuple(extra_flags)
+        self.blocks = blocks or os.environ.get("GPU_BACKPROP_EMU_BLOCKS", "shuffled")
+        if self.blocks not in ("shuffled", "in_order"):
+            raise ValueError(f"blocks: expected 'shuffled' or 'in_order', got {self.blocks!r}")
+        self.slots = 1 if self.blocks == "in_order" else int(slots or os.environ.get("GPU_BACKPROP_EMU_SLOTS", 3))
+        self.seed = seed
+        self._order_rng = np.random.default_rng(seed)
         self._libs: dict = {}
         self.kernels: dict[str, EmuKernel] = {}
         self.tf32_gemms = 0  # cuBLAS stand-in calls that asked for TF32
+
+    def schedule(self, n_blocks: int) -> np.ndarray | None:
+        """The order of a launch's blocks: a fresh seeded permutation, or None (index order)."""
+        if self.blocks == "in_order":
+            return None
+        return self._order_rng.permutation(n_blocks).astype(np.uint32)
 
     def function(self, file: str, name: str, all_names: Sequence[str]) -> EmuKernel:
         key = (file, name)
@@ -134,10 +192,13 @@ class EmuLoader:
             lib_key = (file, tuple(names))
             if lib_key not in self._libs:
                 path = build(self.kernels_dir / file, names, self.extra_flags, include_dirs=[self.kernels_dir])
-                self._libs[lib_key] = ctypes.CDLL(str(path))
-            fn = getattr(self._libs[lib_key], f"emu_launch_{names.index(name)}")
-            fn.restype = None
-            self.kernels[key] = EmuKernel(fn, name)
+                self._libs[lib_key] = [ctypes.CDLL(str(p)) for p in _copies(path, self.slots)]
+            fns = []
+            for lib in self._libs[lib_key]:
+                fn = getattr(lib, f"emu_launch_{names.index(name)}")
+                fn.restype = None
+                fns.append(fn)
+            self.kernels[key] = EmuKernel(fns, name, self.schedule)
         return self.kernels[key]
 
     def gemm(self, a: Any, b: Any, out: Any, tf32: bool = False, **kwargs: Any) -> Any:

@@ -3,8 +3,12 @@
 // Every CUDA thread of a block is a std::thread; __syncthreads() is a
 // std::barrier over the block; warp shuffles go through a per-warp exchange
 // buffer between two arrivals at a per-warp barrier (so all 32 lanes must take
-// part, as on the GPU). Blocks run one after another on the same threads, so
-// __shared__ storage (a function-local static here) is per block, as in CUDA.
+// part, as on the GPU). One launch runs its blocks one after another on the same
+// threads, so __shared__ storage (a function-local static here) is per block, as
+// in CUDA; the blocks it runs, and their order, come from a Schedule. Several
+// copies of the same library (each with its own statics: its own "SM") can run one
+// grid at once, taking blocks from a shared queue in a shuffled order, so an
+// inter-block race or an order assumption shows (tests/emulator/builder.py).
 // threadIdx/blockIdx/blockDim/gridDim are thread_local.
 #pragma once
 #include <atomic>
@@ -74,15 +78,24 @@ inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
 }
 
 namespace emu {
-// Run kernel<<<grid, block>>>(args...): block.x*block.y*block.z threads, blocks in order.
+// The blocks one launch runs: order[next++] while next < n (linear indices, x fastest).
+// `next` is shared by every copy of the library running the same grid.
+struct Schedule {
+    const unsigned int* order;  // nullptr: 0, 1, 2, ... in turn
+    unsigned int n;
+    unsigned int* next;
+};
+
+// Run kernel<<<grid, block>>>(args...) over the blocks the schedule hands out, one at a time.
 template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
+void run_blocks(void (*kernel)(Params...), dim3 grid, dim3 block, Schedule schedule, Args... args) {
     const unsigned int threads = block.x * block.y * block.z;
     const unsigned int n_warps = (threads + 31) / 32;
     std::barrier<> barrier(threads);
     std::vector<std::unique_ptr<Warp>> warps;
     for (unsigned int w = 0; w < n_warps; ++w)
         warps.emplace_back(new Warp(w + 1 < n_warps ? 32 : threads - 32 * w));
+    unsigned int claimed = 0;  // the block taken by thread 0, read by all after a barrier
     std::vector<std::thread> pool;
     pool.reserve(threads);
     for (unsigned int t = 0; t < threads; ++t) {
@@ -93,26 +106,38 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
             block_barrier = &barrier;
             warp = warps[t / 32].get();
             lane = t % 32;
-            for (unsigned int z = 0; z < grid.z; ++z)
-                for (unsigned int y = 0; y < grid.y; ++y)
-                    for (unsigned int x = 0; x < grid.x; ++x) {
-                        blockIdx = {x, y, z};
-                        kernel(args...);
-                        barrier.arrive_and_wait();  // the whole block is done before the next starts
-                    }
+            for (;;) {
+                if (t == 0) claimed = std::atomic_ref<unsigned int>(*schedule.next).fetch_add(1);
+                barrier.arrive_and_wait();  // every thread sees the claim (read before the next one)
+                const unsigned int i = claimed;
+                if (i >= schedule.n) break;
+                const unsigned int linear = schedule.order ? schedule.order[i] : i;
+                blockIdx = {linear % grid.x, (linear / grid.x) % grid.y, linear / (grid.x * grid.y)};
+                kernel(args...);
+                barrier.arrive_and_wait();  // the whole block is done before the next starts
+            }
         });
     }
     for (auto& th : pool) th.join();
 }
 
+// Run kernel<<<grid, block>>>(args...) here, blocks in index order.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
+    unsigned int next = 0;
+    run_blocks(kernel, grid, block, Schedule{nullptr, grid.x * grid.y * grid.z, &next}, args...);
+}
+
 // cudaLaunchKernel's calling convention: args[i] points at the i-th argument.
 template <typename... Params, std::size_t... I>
-void launch_packed(void (*kernel)(Params...), dim3 grid, dim3 block, void** args, std::index_sequence<I...>) {
-    launch(kernel, grid, block, *static_cast<std::remove_cv_t<std::remove_reference_t<Params>>*>(args[I])...);
+void launch_packed(void (*kernel)(Params...), dim3 grid, dim3 block, Schedule schedule, void** args,
+                   std::index_sequence<I...>) {
+    run_blocks(kernel, grid, block, schedule,
+               *static_cast<std::remove_cv_t<std::remove_reference_t<Params>>*>(args[I])...);
 }
 
 template <typename... Params>
-void launch_packed(void (*kernel)(Params...), dim3 grid, dim3 block, void** args) {
-    launch_packed(kernel, grid, block, args, std::index_sequence_for<Params...>{});
+void launch_packed(void (*kernel)(Params...), dim3 grid, dim3 block, Schedule schedule, void** args) {
+    launch_packed(kernel, grid, block, schedule, args, std::index_sequence_for<Params...>{});
 }
 }  // namespace emu
