@@ -1,16 +1,6 @@
-import os
-
 import numpy as np
-import pytest
 
-
-
-@pytest.fixture
-def rng():
-    """Fresh random inputs every run (the seed is printed on failure)."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"rng seed {seed}")
-    return np.random.default_rng(seed)
+# The `rng` fixture (a fixed seed per test; --fuzz for fresh ones) is in the repository's conftest.py.
 
 
 def rel_error(actual, expected, scale: float = 0.0) -> float:
