@@ -34,7 +34,10 @@ def backend(request):
 
 
 @pytest.fixture(scope="session")
-def ceilings(backend):
+def ceilings(request, backend):
+    """Copy and GEMM ceilings of this machine; None under --benchmark-disable (nothing is timed)."""
+    if request.config.getoption("benchmark_disable"):
+        return None
     return measure_ceilings(backend)
 
 

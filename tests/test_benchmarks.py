@@ -1,6 +1,8 @@
 """The benchmark suite runs (smallest size, a few rounds), the report reads what it
 writes, and the committed results documents are generated, never hand-edited."""
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -25,6 +27,31 @@ def test_suite_smoke_and_report(tmp_path):
     assert any(line.startswith("train_step small ours-numpy: ") for line in lines)
     assert lines and all(line.endswith("(1.00x)") for line in lines)
     assert report.main(["--compare", str(out), str(out)]) == 0
+
+
+# results 1% off, as a wrong kernel or step would give them: every benchmark's check must catch it
+WRONG_RESULTS = """
+import benchmarks.measure as measure
+right = measure.to_host
+measure.to_host = lambda value: right(value) * 1.01
+"""
+
+
+def test_disabled_benchmarks_run_once_and_check_their_results(tmp_path):
+    """pytest-benchmark's --benchmark-disable runs each benchmark once as a test: checked, untimed."""
+    (tmp_path / "wrong_results.py").write_text(WRONG_RESULTS)
+    outcomes = []
+    for plugins in ([], ["-p", "wrong_results"]):
+        proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "-q", "-k", "small and numpy",
+                               "--bench-device", "cpu", "--benchmark-disable", "-p", "no:cacheprovider", *plugins],
+                              capture_output=True, text=True, cwd=update_docs.HERE.parent,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(update_docs.HERE.parent)])})
+        counts = dict((kind, int(n)) for n, kind in re.findall(r"(\d+) (passed|failed|error)", proc.stdout))
+        outcomes.append((proc.returncode, counts, proc.stdout[-3000:] + proc.stderr[-3000:]))
+    (rc, counts, out), (rc_wrong, counts_wrong, out_wrong) = outcomes
+    assert rc == 0 and counts.get("passed", 0) >= 8 and "Benchmark fixture was not used" not in out, out
+    assert rc_wrong == 1 and counts_wrong.get("failed") == counts["passed"], out_wrong
+    assert "differs from the float64 reference" in out_wrong, out_wrong
 
 
 def test_report_rejects_other_json(tmp_path, capsys):
