@@ -1,8 +1,14 @@
 """The per-shape path choice: timed once, cached on disk, off with GPU_BACKPROP_AUTOTUNE=0."""
 import json
 import logging
+import types
 
-from gpu_backprop.ops.autotune import Tuner
+import numpy as np
+import pytest
+import scipy.special
+
+from gpu_backprop.ops import cuda
+from gpu_backprop.ops.autotune import Tuner, device_key
 
 TIMES = {"small": 3.0, "large": 2.0, "cublas": 1.0}
 
@@ -76,3 +82,111 @@ def test_a_candidate_that_fails_is_skipped(tmp_path, caplog):
 
     assert Tuner("H100", fake_timer(record), enabled=True, path=tmp_path / "b.json").choose(
         "k", list(TIMES), broken, default="small") == "small"
+
+
+def fake_cupy(version="14.0.0", driver=13000, runtime=12090):
+    """What device_key reads of CuPy: its version and the CUDA driver and runtime versions."""
+    runtime_api = types.SimpleNamespace(driverGetVersion=lambda: driver, runtimeGetVersion=lambda: runtime)
+    return types.SimpleNamespace(__name__="cupy", __version__=version, cuda=types.SimpleNamespace(runtime=runtime_api))
+
+
+def loader(name="NVIDIA H100 80GB HBM3", xp=None, record=None):
+    return types.SimpleNamespace(name=name, xp=xp or fake_cupy(), time=fake_timer(record or []), sm_count=132)
+
+
+@pytest.fixture
+def kernel_copy(tmp_path, monkeypatch):
+    """A copy of the kernel sources that the key is computed from (and a test may edit)."""
+    copy = tmp_path / "kernels"
+    copy.mkdir()
+    for source in cuda.kernels_dir().iterdir():
+        if source.name.endswith((".cu", ".cuh")):
+            (copy / source.name).write_text(source.read_text())
+    monkeypatch.setattr(cuda, "kernels_dir", lambda: copy)
+    return copy
+
+
+def test_a_kernel_change_gives_another_key_and_the_stale_choice_is_measured_again(kernel_copy, tmp_path):
+    before = device_key(loader())
+    assert before == device_key(loader())  # the same sources: the same key, from one process to the next
+    # a header only reaches NVRTC inlined into the .cu files: the key must see it too
+    header = kernel_copy / "gemm_tile.cuh"
+    header.write_text(header.read_text() + "\n// any edit\n")
+    after = device_key(loader())
+    assert after != before
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({before: {"k": "small"}}))
+    record = []
+    assert Tuner(before, fake_timer(record), enabled=True, path=path).choose(
+        "k", list(TIMES), record.append, default="large") == "small" and record == []
+    assert Tuner(after, fake_timer(record), enabled=True, path=path).choose(
+        "k", list(TIMES), record.append, default="large") == "cublas" and record == list(TIMES)
+    assert json.loads(path.read_text()) == {before: {"k": "small"}, after: {"k": "cublas"}}
+
+
+def test_the_key_names_the_card_and_the_software(kernel_copy):
+    key = device_key(loader())
+    assert key.startswith("NVIDIA H100 80GB HBM3 | cupy 14.0.0, driver 13000, runtime 12090 | kernels ")
+    others = [loader(name="NVIDIA H200"), loader(xp=fake_cupy(version="13.6.0")),
+              loader(xp=fake_cupy(driver=12080)), loader(xp=fake_cupy(runtime=13000))]
+    assert len({key, *map(device_key, others)}) == 1 + len(others)
+    assert device_key(loader(name="emulator", xp=np)) == f"emulator | numpy {np.__version__} | kernels {key[-16:]}"
+
+
+def test_the_launchers_tune_under_the_device_key(kernel_copy, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPU_BACKPROP_CACHE", str(tmp_path))
+    monkeypatch.delenv("GPU_BACKPROP_AUTOTUNE", raising=False)
+    stub = loader(xp=np)
+    ops = cuda.CudaOps(np, scipy.special, stub)
+    assert ops.tuner.enabled and ops.tuner.device_name == device_key(stub) and ops.tuner.timer is stub.time
+    assert ops.tuner.path == tmp_path / "autotune.json"
+
+
+@pytest.mark.parametrize("content", [
+    {"H100": [1, 2]},                        # an entry that is not a table
+    {"H100": "cublas"},
+    {"H100": None},
+    {"H100": {"k": [1, 2], "j": "large"}},   # choices that are not names (the good one stays)
+    {"H100": {"k": 3}},
+    [1, 2],                                  # a file that is not a table of entries
+    "H100",
+])
+def test_corrupt_entries_are_ignored_with_one_log_line(tmp_path, caplog, content):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(content))
+    record = []
+    with caplog.at_level(logging.INFO, logger="gpu_backprop"):
+        tuner = Tuner("H100", fake_timer(record), enabled=True, path=path)
+    assert len(caplog.records) == 1 and "ignored" in caplog.text and str(path) in caplog.text
+    kept = {"j": "large"} if "j" in str(content) else {}
+    assert tuner.choices == kept
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gpu_backprop"):
+        assert tuner.choose("k", list(TIMES), record.append, default="small") == "cublas"
+    assert record == list(TIMES)
+    assert "not written" not in caplog.text and "ignored" not in caplog.text  # saved, and said once
+    saved = json.loads(path.read_text())
+    assert saved["H100"] == {**kept, "k": "cublas"}
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"\xff\xfe{}", b""])
+def test_a_file_that_is_not_json_is_ignored_with_one_log_line(tmp_path, caplog, raw):
+    path = tmp_path / "a.json"
+    path.write_bytes(raw)
+    record = []
+    with caplog.at_level(logging.INFO, logger="gpu_backprop"):
+        tuner = Tuner("H100", fake_timer(record), enabled=True, path=path)
+    assert len(caplog.records) == 1 and "ignored" in caplog.text and tuner.choices == {}
+    assert tuner.choose("k", list(TIMES), record.append, default="small") == "cublas"
+    assert json.loads(path.read_text()) == {"H100": {"k": "cublas"}}
+
+
+def test_another_devices_corrupt_entry_is_left_alone(tmp_path, caplog):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"H200": [1, 2], "H100": {"j": "large"}}))
+    record = []
+    with caplog.at_level(logging.INFO, logger="gpu_backprop"):
+        tuner = Tuner("H100", fake_timer(record), enabled=True, path=path)
+        tuner.choose("k", list(TIMES), record.append, default="small")
+    assert "ignored" not in caplog.text  # not ours to judge: its own tuner says so
+    assert json.loads(path.read_text()) == {"H200": [1, 2], "H100": {"j": "large", "k": "cublas"}}

@@ -182,7 +182,7 @@ class CudaOps(ArrayOps):
             raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.precision = precision
         self.loader = loader
-        self.tuner = tuner if tuner is not None else Tuner(loader.name, loader.time)
+        self.tuner = tuner if tuner is not None else Tuner.for_loader(loader)
         self.max_blocks = 8 * int(loader.sm_count)  # grid cap of the elementwise kernels
         self._ticket = xp.zeros(1, dtype=np.uint32)
 
