@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
 from typing import Any, Sequence
 
@@ -15,8 +17,9 @@ import numpy as np
 
 from . import __version__
 from . import data as data_mod
-from .device import DeviceError, describe, get_device
-from .model import MLP
+from .device import DeviceError, describe
+from .files import check_writable, write_atomically
+from .model import MLP, check_memory, resolve_device, write_model
 
 EXIT_USAGE = 2
 
@@ -31,13 +34,34 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _hidden(text: str) -> list[int]:
+    # Every comma-separated field must be a width: "" and "3,,4" are mistakes, not "no layer".
     try:
-        sizes = [int(s) for s in text.split(",") if s.strip()]
+        sizes = [int(s) for s in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated widths like 128,64, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive widths like 128,64, got {text!r}") from None
     if any(s < 1 for s in sizes):
         raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
     return sizes
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:  # what both NumPy's generators and scikit-learn's split accept
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {text!r}")
+    return value
+
+
+def _momentum(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
 
 
 def _positive(kind: type) -> Any:
@@ -46,8 +70,8 @@ def _positive(kind: type) -> Any:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive value, got {text!r}")
+        if not (value > 0 and np.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"expected a positive finite value, got {text!r}")
         return value
     return parse
 
@@ -62,16 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", default="digits",
                        help="digits | xor | regression | FILE.npz (arrays X, y) | FILE.csv (with --label)")
     train.add_argument("--label", help="target column of a CSV file")
-    train.add_argument("--hidden", type=_hidden, default=[64], help="hidden widths, e.g. 128,64 (default 64)")
+    train.add_argument("--hidden", type=_hidden, default=None,
+                       help="hidden widths, e.g. 128,64 (default 64; xor: 8)")
     train.add_argument("--activation", default="sigmoid", help="sigmoid | tanh | relu | identity")
     train.add_argument("--output", default=None, help="output activation (default: sigmoid for mse, "
                        "softmax for cross_entropy; identity for regression data)")
     train.add_argument("--loss", default="mse", help="mse | cross_entropy")
-    train.add_argument("--lr", type=_positive(float), default=2.0, help="learning rate (default 2.0)")
-    train.add_argument("--momentum", type=float, default=0.0, help="momentum in [0, 1) (default 0)")
-    train.add_argument("--epochs", type=_positive(int), default=30)
+    train.add_argument("--lr", type=_positive(float), default=None,
+                       help="learning rate (default 2.0; regression targets: 0.05; xor: 4.0)")
+    train.add_argument("--momentum", type=_momentum, default=0.0, help="momentum in [0, 1) (default 0)")
+    train.add_argument("--epochs", type=_positive(int), default=None, help="(default 30; xor: 500)")
     train.add_argument("--batch-size", type=_positive(int), default=32)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=_seed, default=0, help="in [0, 2**32) (default 0)")
     train.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default $GPU_BACKPROP_DEVICE or auto)")
     train.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     train.add_argument("--precision", default="fp32", choices=["fp32", "tf32"],
@@ -97,25 +123,67 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _dataset(args: argparse.Namespace) -> data_mod.Dataset:
     if args.data in data_mod.BUILTIN:
+        if args.label is not None:
+            raise UsageError(f"--label: applies to .csv files, not the built-in dataset {args.data!r}")
         return data_mod.BUILTIN[args.data](seed=args.seed) if args.data != "xor" else data_mod.xor()
     return data_mod.from_file(args.data, args.label, seed=args.seed)
 
 
+# What the CLI picks when an option is not given, by dataset or task: each bundled dataset
+# trains with these (a test holds every one to it).
+DEFAULTS = {"xor": {"hidden": [8], "lr": 4.0, "epochs": 500}, "regression": {"lr": 0.05}}
+TASK_DEFAULTS = {"classification": {"lr": 2.0}, "regression": {"lr": 0.05}}
+BASE_DEFAULTS = {"hidden": [64], "epochs": 30}
+
+
+def _defaults(args: argparse.Namespace, task: str) -> None:
+    for key in ("hidden", "lr", "epochs"):
+        if getattr(args, key) is None:
+            for table in (DEFAULTS.get(args.data, {}), TASK_DEFAULTS[task], BASE_DEFAULTS):
+                if key in table:
+                    setattr(args, key, table[key])
+                    break
+
+
+def _outputs(args: argparse.Namespace) -> list[str]:
+    """The input file (never to be overwritten) for the output paths' checks."""
+    return [] if args.data in data_mod.BUILTIN else [args.data]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.plot:
+    # Every output path is checked before any training, so no trained model is lost to a bad one.
+    inputs = _outputs(args)
+    if args.save is not None:
+        check_writable(args.save, "--save", inputs)
+    if args.plot is not None:
+        check_writable(args.plot, "--plot", inputs)
+        if args.save is not None and os.path.realpath(args.plot) == os.path.realpath(args.save):
+            raise UsageError(f"--plot: {args.plot!r} is also the --save path: expected two different files")
         _require_matplotlib()
     ds = _dataset(args)
+    _defaults(args, ds.task)
     output = args.output or ("identity" if ds.task == "regression" else None)
-    device = get_device(args.device)
-    model = MLP([ds.X_train.shape[1], *args.hidden, ds.n_outputs], activation=args.activation, output=output,
+    device = resolve_device(args.device)
+    sizes = [ds.X_train.shape[1], *args.hidden, ds.n_outputs]
+    check_memory(sizes, np.dtype(args.dtype), device, batch=min(args.batch_size, len(ds.X_train)),
+                 rows=len(ds.X_train), momentum=bool(args.momentum), what="--hidden")
+    model = MLP(sizes, activation=args.activation, output=output,
                 loss=args.loss, device=device, dtype=args.dtype, seed=args.seed, fused=not args.unfused,
                 precision=args.precision)
+    model.classes_ = ds.classes
     if not args.json:
         print(f"{model} on {ds.name}: {len(ds.X_train)} train / {len(ds.X_test)} test samples", file=sys.stderr)
     start = time.perf_counter()
-    history = model.fit(ds.X_train, ds.y_train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                        momentum=args.momentum, validation_data=(ds.X_test, ds.y_test), progress=not args.json,
-                        graphs=False if args.no_graphs else None)
+    try:
+        history = model.fit(ds.X_train, ds.y_train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                            momentum=args.momentum, validation_data=(ds.X_test, ds.y_test), progress=not args.json,
+                            graphs=False if args.no_graphs else None)
+    except FloatingPointError as exc:
+        kept = getattr(exc, "epochs_kept", 0)
+        if args.save is None or not kept:
+            raise
+        # The epochs before the divergence are a trained model: keep them.
+        raise UsageError(f"{exc}; {_save(model, ds, args, inputs, f'the model after epoch {kept}')}") from None
     seconds = time.perf_counter() - start
     test = model.evaluate(ds.X_test, ds.y_test)
     result = {
@@ -128,13 +196,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         "seconds": seconds, "seconds_per_epoch": float(np.median(history.seconds)),
     }
     if args.save:
-        path = model.save(args.save, x_mean=ds.mean, x_scale=ds.scale)
-        result["saved"] = str(path)
+        message = _save(model, ds, args, inputs, "the trained model")
+        if not message.startswith("saved"):
+            raise UsageError(message)
+        result["saved"] = args.save
     if args.plot:
-        _plot(history, args.plot)
+        try:
+            _plot(history, args.plot, [*inputs, *([args.save] if args.save else [])])
+        except (OSError, ValueError) as exc:
+            saved = f"; the model was saved to {args.save!r}" if args.save else ""
+            raise UsageError(f"--plot: cannot write {args.plot!r}: {_why(exc)}{saved}") from None
         result["plot"] = args.plot
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result, allow_nan=False))
     else:
         accuracy = "" if test["accuracy"] is None else f"test accuracy {test['accuracy']:.4f}, "
         print(f"{accuracy}test loss {test['loss']:.4f}; {result['seconds_per_epoch'] * 1e3:.1f} ms per epoch "
@@ -145,6 +219,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _why(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc)
+
+
+def _save(model: MLP, ds: data_mod.Dataset, args: argparse.Namespace, inputs: list[str], what: str) -> str:
+    """Save to --save; if that fails now (the folder went away, the disk filled), save to a
+    fallback file so the trained model is not lost. Returns what happened, in words."""
+    extra = {"x_mean": ds.mean, "x_scale": ds.scale}
+    try:
+        write_model(model, args.save, extra, "--save", inputs)
+        return f"saved {what} to {args.save!r}"
+    except (OSError, ValueError) as exc:
+        failure = f"--save: cannot write {args.save!r}: {_why(exc)}"
+    for folder in (os.getcwd(), tempfile.gettempdir()):
+        try:
+            fd, fallback = tempfile.mkstemp(prefix="gpu-backprop-model-", suffix=".npz", dir=folder)
+            os.close(fd)
+            write_model(model, fallback, extra, "--save")
+            return f"{failure}; {what} was saved to {fallback!r} instead"
+        except (OSError, ValueError):
+            continue
+    return f"{failure}; no fallback file could be written either"
+
+
 def _require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
@@ -152,7 +250,7 @@ def _require_matplotlib() -> None:
         raise UsageError('--plot needs matplotlib: pip install "gpu_backprop[plot]"') from None
 
 
-def _plot(history: Any, path: str) -> None:
+def _plot(history: Any, path: str, inputs: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,49 +270,68 @@ def _plot(history: Any, path: str) -> None:
         ax_acc.legend()
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
     fig.tight_layout()
-    _save_atomically(fig, path)
-    plt.close(fig)
-
-
-def _save_atomically(fig: Any, path: str) -> None:
-    import os
-    import tempfile
-    from pathlib import Path
-
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".png", dir=target.parent or ".")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        write_atomically(path, lambda fh: fig.savefig(fh, dpi=100, format="png"), "--plot", inputs)
+    finally:
+        plt.close(fig)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     model = MLP.load(args.model, device=args.device)
-    X, y = data_mod.read_file(args.data, args.label)
-    X = np.asarray(data_mod.check_features(X, model.sizes[0]), dtype=np.float64)
+    X, y, columns = data_mod.read_table(args.data, args.label)
+    X = np.asarray(data_mod.check_features(X, model.sizes[0], columns=columns), dtype=np.float64)
     extra = getattr(model, "extra", {})
     if "x_mean" in extra and "x_scale" in extra:  # the training set's standardisation
-        X = (X - extra["x_mean"]) / extra["x_scale"]
-    predictions = model.predict(X)
-    result: dict[str, Any] = {"n": len(X), "predictions": predictions.tolist()}
+        with np.errstate(over="ignore", invalid="ignore"):
+            X = (X - extra["x_mean"]) / extra["x_scale"]
+        if not np.all(np.isfinite(X)):
+            j = int(np.nonzero(~np.isfinite(X).all(axis=0))[0][0])
+            name = repr(columns[j]) if columns else str(j)
+            raise UsageError(f"data: column {name} of {args.data!r} is too large to standardise for this model")
+    data_mod.check_range(X, model.dtype, f"data {args.data!r}", columns)  # no input the model's dtype cannot hold
+    with np.errstate(over="ignore", invalid="ignore"):
+        outputs = model.predict(X)
+    if not np.all(np.isfinite(outputs)):
+        raise UsageError(f"data: {args.data!r}: the outputs overflow {model.dtype.name} for these inputs")
+    classes = model.classes_
+    predictions = [classes[i] for i in outputs] if classes is not None and model.task == "classification" \
+        else outputs.tolist()
+    result: dict[str, Any] = {"n": len(X), "predictions": predictions}
     if y is not None:
-        result.update(model.evaluate(X, y))
+        result.update(model.evaluate(X, _encode(y, classes, model)))
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result, allow_nan=False))
     else:
         for p in predictions:
-            print(" ".join(f"{v:.6g}" for v in np.atleast_1d(p)))
+            print(" ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in np.atleast_1d(p).tolist()))
         if y is not None and result.get("accuracy") is not None:
             print(f"accuracy {result['accuracy']:.4f} on {len(X)} samples", file=sys.stderr)
     return 0
 
 
+def _encode(y: np.ndarray, classes: list | None, model: MLP) -> np.ndarray:
+    """Labels as the model's class indices (through the classes it was trained on, when saved)."""
+    if classes is None or model.task != "classification":
+        return y
+    index = {c: i for i, c in enumerate(classes)}
+    if y.ndim != 1:
+        raise UsageError(f"y: expected 1-D labels, got shape {y.shape}")
+    out = np.empty(len(y), dtype=np.int64)
+    for i, v in enumerate(y.tolist()):
+        key = int(v) if isinstance(v, float) and v.is_integer() else v
+        if key not in index:
+            raise UsageError(f"y: label {v!r} is not one of the model's classes ({_classes(classes)})")
+        out[i] = index[key]
+    return out
+
+
+def _classes(classes: list) -> str:
+    text = ", ".join(map(repr, classes[:10]))
+    return text + (", ..." if len(classes) > 10 else "")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    device = get_device(args.device)
+    device = resolve_device(args.device)
     info = {"gpu_backprop": __version__, "python": sys.version.split()[0], **describe(device)}
     try:
         import scipy
@@ -236,12 +353,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="gpu_backprop: %(message)s")
     try:
         args = build_parser().parse_args(argv)
-        return {"train": cmd_train, "predict": cmd_predict, "info": cmd_info}[args.command](args)
-    except (UsageError, ValueError, TypeError, FileNotFoundError, DeviceError, FloatingPointError) as exc:
-        print(f"gpu-backprop: error: {exc}", file=sys.stderr)
+        # Numerical trouble is found by explicit checks (finite inputs, losses, outputs) and
+        # reported in one line; NumPy's RuntimeWarnings would only spill onto stderr.
+        with np.errstate(all="ignore"):
+            return {"train": cmd_train, "predict": cmd_predict, "info": cmd_info}[args.command](args)
+    except (UsageError, ValueError, TypeError, FileNotFoundError, DeviceError, FloatingPointError,
+            MemoryError) as exc:
+        message = " ".join(str(exc).split())  # one line, whatever the message held
+        print(f"gpu-backprop: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader (e.g. `| head`) left: nothing more to say, no traceback
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 141
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from .device import to_host
+from .files import read_npz
 
 
 @dataclass
@@ -28,13 +29,18 @@ class Dataset:
     task: str = "classification"  # or "regression"
     mean: np.ndarray | None = None
     scale: np.ndarray | None = None
+    classes: list | None = None      # the label each class index stands for (y_train, y_test hold indices)
+    columns: list[str] | None = None  # feature names (a CSV's header), for messages
 
 
 # -- checks --------------------------------------------------------------------
-def check_features(X: Any, n_features: int | None = None, name: str = "X") -> Any:
+def check_features(X: Any, n_features: int | None = None, name: str = "X", dtype: Any = None,
+                   columns: Sequence[str] | None = None) -> Any:
     """X as a 2-D finite float array (host or device); a clear error otherwise.
 
-    Non-contiguous input is accepted and copied to C order by the device layer.
+    With ``dtype`` (the model's), float values beyond its range are refused too, naming the
+    column (``columns``: their names, e.g. a CSV header). Non-contiguous input is accepted
+    and copied to C order by the device layer.
     """
     if not hasattr(X, "shape") or not hasattr(X, "dtype"):
         X = np.asarray(X)
@@ -47,9 +53,30 @@ def check_features(X: Any, n_features: int | None = None, name: str = "X") -> An
     if n_features is not None and X.shape[1] != n_features:
         raise ValueError(f"{name}: expected {n_features} features per sample (the model's input width), "
                          f"got shape {tuple(X.shape)}")
-    if X.dtype.kind == "f" and not bool(_xp(X).isfinite(X).all()):
-        raise ValueError(f"{name}: contains NaN or Inf")
+    if X.dtype.kind == "f":
+        xp = _xp(X)
+        if not bool(xp.isfinite(X).all()):
+            row, col = (int(i[0]) for i in xp.nonzero(~xp.isfinite(X)))
+            raise ValueError(f"{name}: contains NaN or Inf (column {_column(col, columns)}, row {row})")
+        if dtype is not None and X.dtype.itemsize > np.dtype(dtype).itemsize:
+            check_range(X, dtype, name, columns)
     return X
+
+
+def _column(j: int, columns: Sequence[str] | None) -> str:
+    return repr(columns[j]) if columns is not None and j < len(columns) else str(j)
+
+
+def check_range(X: Any, dtype: Any, name: str = "X", columns: Sequence[str] | None = None) -> None:
+    """Refuse finite values that would overflow ``dtype`` (e.g. 1e300 into float32), naming the column."""
+    xp = _xp(X)
+    limit = float(np.finfo(dtype).max)
+    peak = xp.abs(X).max(axis=0)
+    over = xp.nonzero(peak > limit)[0]
+    if len(over):
+        j = int(over[0])
+        raise ValueError(f"{name}: column {_column(j, columns)} holds values up to {float(peak[j]):.3g}, "
+                         f"beyond the range of {np.dtype(dtype).name} ({limit:.3g})")
 
 
 def _xp(x: Any) -> Any:
@@ -77,6 +104,8 @@ def targets(y: Any, n_outputs: int, task: str, dtype: Any, n_rows: int,
         Y = y.reshape(n_rows, -1) if y.ndim == 1 else y
         if Y.ndim != 2 or Y.shape[1] != n_outputs:
             raise ValueError(f"{name}: expected targets of shape ({n_rows}, {n_outputs}), got {y.shape}")
+        if Y.dtype.kind == "f" and Y.dtype.itemsize > np.dtype(dtype).itemsize:
+            check_range(Y, dtype, name)
         return np.ascontiguousarray(Y, dtype=dtype), None
     if y.ndim == 2 and y.shape[1] == n_outputs and n_outputs > 1:  # already one-hot
         return np.ascontiguousarray(y, dtype=dtype), labels_from_outputs(y)
@@ -111,7 +140,7 @@ def labels_from_outputs(y_hat: np.ndarray) -> np.ndarray:
 def infer_task(y: Any) -> str:
     """Integer-valued 1-D labels are classes; anything else is regression."""
     y = np.asarray(to_host(y))
-    if y.ndim == 1 and y.size and (y.dtype.kind in "biu" or
+    if y.ndim == 1 and y.size and (y.dtype.kind in "biuUS" or
                                    (y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y)))):
         return "classification"
     return "regression"
@@ -138,23 +167,48 @@ def split(X: np.ndarray, y: np.ndarray, test_size: float = 0.2, seed: int = 0,
                             stratify=y if stratify else None)
 
 
-def _make(name: str, X: np.ndarray, y: np.ndarray, test_size: float, seed: int) -> Dataset:
+def _make(name: str, X: np.ndarray, y: np.ndarray, test_size: float, seed: int,
+          columns: list[str] | None = None) -> Dataset:
+    """Split and standardise; classification labels (any integers or strings) become class
+    indices into ``Dataset.classes``, so a layer is never sized from the largest label."""
+    if y.ndim not in (1, 2):
+        raise ValueError(f"y: expected a 1-D array of labels or a 2-D array of targets, got shape {y.shape}")
+    if len(y) != len(X):
+        raise ValueError(f"y: {len(y)} rows but X has {len(X)}: expected one target per row of X")
+    if y.dtype.kind not in "biufUS":
+        raise TypeError(f"y: expected numeric labels or targets (or string labels), got dtype {y.dtype}")
+    if test_size > 0 and len(X) < 2:
+        raise ValueError(f"data: {name!r} has {len(X)} row: expected at least 2 (to split into train and test)")
     task = infer_task(y)
+    classes = None
     if task == "classification":
-        y = y.astype(np.int64)
-        if y.min() < 0:
-            raise ValueError(f"y: class labels must be >= 0, got {y.min()}")
-        counts = np.bincount(y)
-        n_outputs = max(len(counts), 2)
+        if y.dtype.kind == "S":
+            y = y.astype(str)
+        values, y, counts = np.unique(y, return_inverse=True, return_counts=True)
+        if len(values) < 2:
+            raise ValueError(f"y: every label is {values[0].item()!r}: expected at least two classes to learn")
+        # plain ints and strs (bools and integral floats as ints): JSON in the model's header
+        classes = [str(v) if values.dtype.kind == "U" else int(v) for v in values]
+        n_outputs = len(values)
         stratify = counts.min() >= 2 and round(len(y) * test_size) >= n_outputs
     else:
+        if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
+            raise ValueError("y: contains NaN or Inf")
         stratify, n_outputs = False, (1 if y.ndim == 1 else y.shape[1])
+        if y.ndim == 1:
+            y = y.reshape(-1, 1)
     if test_size > 0:
         X_train, X_test, y_train, y_test = split(X, y, test_size, seed, stratify)
     else:
         X_train, X_test, y_train, y_test = X, X, y, y
-    mean, scale, X_train, X_test = standardize(X_train.astype(np.float64), X_test.astype(np.float64))
-    return Dataset(name, X_train, y_train, X_test, y_test, n_outputs, task, mean, scale)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is found below, by column
+        mean, scale, X_train, X_test = standardize(X_train.astype(np.float64), X_test.astype(np.float64))
+    bad = ~(np.isfinite(mean) & np.isfinite(scale) & np.isfinite(X_train).all(axis=0) & np.isfinite(X_test).all(axis=0))
+    if bad.any():
+        j = int(np.nonzero(bad)[0][0])
+        raise ValueError(f"X: column {_column(j, columns)} holds values too large to standardise "
+                         f"(|x| up to {np.abs(X[:, j]).max():.3g})")
+    return Dataset(name, X_train, y_train, X_test, y_test, n_outputs, task, mean, scale, classes, columns)
 
 
 # -- datasets -----------------------------------------------------------------
@@ -190,50 +244,93 @@ def read_file(path: "str | Path", label: str | None = None) -> tuple[np.ndarray,
 
     In a CSV, ``label`` names the target column; without it every column is a feature.
     """
+    X, y, _ = read_table(path, label)
+    return X, y
+
+
+def read_table(path: "str | Path", label: str | None = None) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    """(X, y, feature names or None): :func:`read_file` with the CSV header's names."""
+    text = str(path)
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data: no such file: {text!r}")
     if not path.is_file():
-        raise FileNotFoundError(f"data: no such file: {str(path)!r}")
+        raise ValueError(f"data: {text!r} is not a regular file")
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                if "X" not in f.files:
-                    raise ValueError(f"data: {str(path)!r} has no array 'X' (has {', '.join(f.files) or 'none'})")
-                return f["X"], (f["y"] if "y" in f.files else None)
-        except (OSError, ValueError) as exc:
-            if str(exc).startswith("data:"):
-                raise
-            raise ValueError(f"data: cannot read {str(path)!r} as .npz: {exc}") from None
+        if label is not None:
+            raise ValueError(f"label: {label!r} applies to .csv files; {text!r} is .npz: its targets are its array 'y'")
+        names = read_npz_names(path)
+        if "X" not in names:
+            raise ValueError(f"data: {text!r} has no array 'X' (has {', '.join(sorted(names)) or 'none'})")
+        arrays = read_npz(path, "data", names=["X", "y"], max_bytes=_host_memory())
+        return arrays["X"], arrays.get("y"), None
     if suffix == ".csv":
         return _read_csv(path, label)
-    raise ValueError(f"data: expected a .npz or .csv file, got {str(path)!r}")
+    raise ValueError(f"data: expected a .npz or .csv file, got {text!r}")
 
 
-def _read_csv(path: Path, label: str | None) -> tuple[np.ndarray, np.ndarray | None]:
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh))
-    if len(rows) < 2:
-        raise ValueError(f"data: {str(path)!r} needs a header row and at least one data row")
-    header = [h.strip() for h in rows[0]]
-    if label is not None and label not in header:
-        raise ValueError(f"label: column {label!r} not in {str(path)!r} (columns: {', '.join(header)})")
+def read_npz_names(path: Path) -> set[str]:
+    from .files import npz_headers
+
+    return set(npz_headers(path, "data"))
+
+
+def _host_memory() -> int | None:
+    from .device import CPU
+    from .model import available_bytes
+
+    return available_bytes(CPU)
+
+
+def _read_csv(path: Path, label: str | None) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    text = str(path)
+    free = _host_memory()
+    size = path.stat().st_size
+    if free is not None and size * 16 > free:  # parsing holds ~16 bytes of Python objects per byte of text
+        raise MemoryError(f"data: {text!r} is {size / 2**20:.0f} MiB: reading it needs about "
+                          f"{size * 16 / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB available")
+    rows: list[tuple[int, list[str]]] = []
     try:
-        values = np.array([[float(v) for v in row] for row in rows[1:] if row], dtype=np.float64)
-    except ValueError as exc:
-        raise ValueError(f"data: {str(path)!r}: non-numeric value ({exc})") from None
-    if values.ndim != 2 or values.shape[1] != len(header):
-        raise ValueError(f"data: {str(path)!r}: every row must have {len(header)} values")
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            for row in reader:
+                if row:
+                    rows.append((reader.line_num, row))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"data: {text!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x} "
+                         f"at offset {exc.start})") from None
+    except csv.Error as exc:
+        raise ValueError(f"data: {text!r}: not valid CSV ({exc})") from None
+    if len(rows) < 2:
+        raise ValueError(f"data: {text!r} needs a header row and at least one data row")
+    header = [h.strip() for h in rows[0][1]]
+    if label is not None and label not in header:
+        raise ValueError(f"label: column {label!r} not in {text!r} (columns: {', '.join(header)})")
+    if label is not None and header.count(label) > 1:
+        raise ValueError(f"label: {label!r} names {header.count(label)} columns of {text!r}: expected one")
+    values = np.empty((len(rows) - 1, len(header)), dtype=np.float64)
+    for i, (line, row) in enumerate(rows[1:]):
+        if len(row) != len(header):
+            raise ValueError(f"data: {text!r} line {line}: every row must have {len(header)} values "
+                             f"(the header's columns), got {len(row)}")
+        for j, v in enumerate(row):
+            try:
+                values[i, j] = float(v)
+            except ValueError:
+                raise ValueError(f"data: {text!r} line {line}, column {header[j]!r}: "
+                                 f"non-numeric value {v[:40]!r}") from None
     if label is None:
-        return values, None
+        return values, None, header
     j = header.index(label)
-    return np.delete(values, j, axis=1), values[:, j]
+    return np.delete(values, j, axis=1), values[:, j], header[:j] + header[j + 1:]
 
 
 def from_file(path: "str | Path", label: str | None = None, test_size: float = 0.2,
               seed: int = 0) -> Dataset:
     """A Dataset from user data (see :func:`read_file`); y is required for training."""
-    X, y = read_file(path, label)
-    X = check_features(X)
+    X, y, columns = read_table(path, label)
+    X = check_features(X, columns=columns)
     if y is None:
         raise ValueError(f"data: {str(path)!r} has no targets: give a 'y' array (.npz) or --label COLUMN (.csv)")
-    return _make(Path(path).stem, np.asarray(X, dtype=np.float64), np.asarray(y), test_size, seed)
+    return _make(Path(path).stem, np.asarray(X, dtype=np.float64), np.asarray(y), test_size, seed, columns)

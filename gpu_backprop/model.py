@@ -6,22 +6,22 @@ per-sample loss, so the SGD step is ``W -= lr / B * o^T delta``.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from . import data as data_mod
-from .device import Device, get_device, to_host
+from . import modelfile
+from .device import ENV_VAR, Device, DeviceError, get_device, to_host
+from .files import write_atomically
 from .ops import Gather, Output, Propagate, Record, Update
 from .ops import activations as act
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = modelfile.FORMAT_VERSION
 
 
 def backward_schedule(n_layers: int) -> list[tuple[int | None, tuple[int, ...]]]:
@@ -72,6 +72,13 @@ class MLP:
     def __init__(self, sizes: Sequence[int], activation: str = "sigmoid", output: str | None = None,
                  loss: str = "mse", device: "str | Device | None" = None, dtype: Any = "float32",
                  seed: int = 0, fused: bool = True, precision: str = "fp32"):
+        self._setup(sizes, activation, output, loss, device, dtype, seed, fused, precision)
+        check_memory(self.sizes, self.dtype, self.device)  # before the first parameter is allocated
+        self.weights, self.biases = self._glorot(self.seed)
+
+    def _setup(self, sizes: Sequence[int], activation: str, output: str | None, loss: str,
+               device: "str | Device | None", dtype: Any, seed: int, fused: bool, precision: str) -> None:
+        """Everything but the parameters, validated."""
         self.sizes = _check_sizes(sizes)
         self.activation = act.check_activation(activation)
         if output is None:
@@ -79,14 +86,17 @@ class MLP:
         self.output = act.check_activation(output, act.OUTPUT, what="output")
         self.loss = act.check_loss(loss, self.output)
         self.dtype = _check_dtype(dtype)
-        self.seed = int(seed)
-        self.device = get_device(device)
+        self.seed = _check_seed(seed)
+        self.device = resolve_device(device)
         self.fused = bool(fused)
         self.precision = _check_precision(precision, self.dtype, self.device)
         self.ops = self.device.ops(fused=self.fused, precision=self.precision)
         self.xp = self.device.xp
         self.task = "classification"
-        self.weights, self.biases = self._glorot(self.seed)
+        # The class each output unit stands for (any integers or strings), when known: the CLI
+        # sets it from the data's labels and saves it; predict() returns indices into it.
+        self.classes_: list | None = None
+        self.extra: dict[str, np.ndarray] = {}
         self._velocity: tuple[list, list] | None = None
         self._buffers: dict[int, _Buffers] = {}
 
@@ -206,9 +216,16 @@ class MLP:
         """
         from .train import fit
 
-        return fit(self, X, y, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-                   shuffle=shuffle, validation_data=validation_data, progress=progress, seed=seed,
-                   graphs=graphs)
+        n_rows = int(getattr(X, "shape", (0,))[0]) if getattr(X, "ndim", 0) >= 1 else 0
+        if isinstance(batch_size, (int, np.integer)) and batch_size > 0:
+            check_memory(self.sizes, self.dtype, self.device, batch=min(int(batch_size), n_rows), rows=n_rows,
+                         momentum=bool(momentum), have_params=True)
+        # Overflow in a diverging step is detected (non-finite loss) and reported by fit in one
+        # error; NumPy's RuntimeWarnings about it would only repeat it on stderr.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+            return fit(self, X, y, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                       shuffle=shuffle, validation_data=validation_data, progress=progress, seed=seed,
+                       graphs=graphs)
 
     def _inputs(self, X: Any, name: str = "X") -> Any:
         X = data_mod.check_features(X, self.sizes[0], name=name)
@@ -251,48 +268,42 @@ class MLP:
 
     # -- persistence ----------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        return {"sizes": self.sizes, "activation": self.activation, "output": self.output,
-                "loss": self.loss, "dtype": self.dtype.name, "seed": self.seed, "task": self.task,
-                "precision": self.precision}
+        config = {"sizes": self.sizes, "activation": self.activation, "output": self.output,
+                  "loss": self.loss, "dtype": self.dtype.name, "seed": self.seed, "task": self.task,
+                  "precision": self.precision}
+        if self.classes_ is not None:
+            config["classes"] = [c.item() if isinstance(c, np.generic) else c for c in self.classes_]
+        return config
 
-    def save(self, path: "str | os.PathLike", **extra: np.ndarray) -> Path:
+    def save(self, path: "str | os.PathLike", **extra: Any) -> Path:
         """Write parameters and architecture to ``path`` (.npz) atomically: a temporary
-        file in the same folder, renamed over ``path`` only once fully written."""
-        path = Path(path)
-        arrays = {**{f"extra_{k}": np.asarray(to_host(v)) for k, v in extra.items()}, **self.get_params()}
-        header = {"format": FORMAT_VERSION, **self.config()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, config=np.array(json.dumps(header)), **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        return path
+        file in the same folder, renamed over ``path`` only once fully written.
+
+        Refuses (``ValueError`` naming the reason) a path that is not a regular file or
+        cannot be written (see :func:`gpu_backprop.files.check_writable`), and anything
+        ``load`` would refuse (NaN weights, object arrays in ``extra``). A symlink is
+        written through; an existing file keeps its mode. Returns the path written.
+        """
+        return write_model(self, path, extra)
 
     @classmethod
     def load(cls, path: "str | os.PathLike", device: "str | Device | None" = None) -> "MLP":
-        """Read a model written by :meth:`save`; extra arrays land in ``model.extra``."""
-        path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                contents = {k: f[k] for k in f.files}
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"model: cannot read {str(path)!r} as a gpu_backprop .npz: {exc}") from None
-        if "config" not in contents:
-            raise ValueError(f"model: {str(path)!r} has no 'config' entry; not written by MLP.save")
-        header = json.loads(str(contents.pop("config")))
-        if header.get("format") != FORMAT_VERSION:
-            raise ValueError(f"model: {str(path)!r} has format {header.get('format')}, expected {FORMAT_VERSION}")
-        model = cls(header["sizes"], header["activation"], header["output"], header["loss"],
-                    device=device, dtype=header["dtype"], seed=header["seed"],
-                    precision=header.get("precision", "fp32"))
-        model.task = header.get("task", "classification")
-        model.set_params(contents)
-        model.extra = {k[len("extra_"):]: v for k, v in contents.items() if k.startswith("extra_")}
+        """Read a model written by :meth:`save`; extra arrays land in ``model.extra``.
+
+        The header and every array's shape and dtype are validated (``gpu_backprop.modelfile``)
+        before anything is allocated; nothing is unpickled.
+        """
+        resolved = resolve_device(device)
+        config, arrays = modelfile.read(path, max_bytes=available_bytes(resolved))
+        model = cls.__new__(cls)
+        model._setup(config["sizes"], config["activation"], config["output"], config["loss"], resolved,
+                     config["dtype"], config["seed"], True, config.get("precision", "fp32"))
+        check_memory(model.sizes, model.dtype, model.device, have_params=False, draw=False)
+        model.task = config.get("task", "classification")
+        model.classes_ = config.get("classes")
+        model.weights = [model.device.asarray(arrays[f"W{k}"], model.dtype) for k in range(len(model.sizes) - 1)]
+        model.biases = [model.device.asarray(arrays[f"b{k}"], model.dtype) for k in range(len(model.sizes) - 1)]
+        model.extra = {k[len("extra_"):]: v for k, v in arrays.items() if k.startswith("extra_")}
         return model
 
     def __repr__(self) -> str:
@@ -300,6 +311,120 @@ class MLP:
         precision = "" if self.precision == "fp32" else f", precision={self.precision!r}"
         return (f"MLP({sizes}, activation={self.activation!r}, output={self.output!r}, "
                 f"loss={self.loss!r}, device={self.device.name!r}, dtype={self.dtype.name!r}{precision})")
+
+
+def write_model(model: MLP, path: "str | os.PathLike", extra: dict[str, Any], what: str = "path",
+                inputs: Iterable["str | os.PathLike"] = ()) -> Path:
+    """``model.save``'s work, with the name of the path's argument (``what``) and the files it
+    must not overwrite (``inputs``) for the CLI. Validated by ``gpu_backprop.modelfile`` first."""
+    where = f"save {os.fspath(path)!r}"
+    config = modelfile.check_config({"format": FORMAT_VERSION, **model.config()}, where)
+    arrays: dict[str, np.ndarray] = {}
+    for key, value in extra.items():
+        try:
+            array = np.asarray(to_host(value))
+        except Exception as exc:  # e.g. a ragged list: not an array load could read back
+            raise ValueError(f"{where}: extra {key!r}: expected an array, got {type(value).__name__} ({exc})") from None
+        arrays[f"extra_{key}"] = array
+    arrays.update(model.get_params())
+    modelfile.check_arrays(config, {k: (v.shape, v.dtype) for k, v in arrays.items()}, where)
+    modelfile.check_values(config, arrays, where)
+    header = np.array(modelfile.header_text(model.config()))
+    return write_atomically(path, lambda fh: np.savez(fh, config=header, **arrays), what, inputs)
+
+
+# -- memory --------------------------------------------------------------------------------
+def available_bytes(device: Device) -> int | None:
+    """Memory free for new arrays on ``device`` (None when it cannot be told)."""
+    if device.kind == "cuda":
+        try:
+            with device.xp.cuda.Device(device.index):
+                return int(device.xp.cuda.runtime.memGetInfo()[0])
+        except Exception:
+            return None
+    limits = []
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # a container's own limit (cgroup v2) may be far below the machine's
+        with open("/sys/fs/cgroup/memory.max") as fh:
+            text = fh.read().strip()
+        if text != "max":
+            with open("/sys/fs/cgroup/memory.current") as fh:
+                limits.append(int(text) - int(fh.read().strip()))
+    except (OSError, ValueError):
+        pass
+    if not limits:
+        try:
+            limits.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return None
+    return max(min(limits), 0)
+
+
+def memory_needed(sizes: Sequence[int], dtype: np.dtype, batch: int = 0, rows: int = 0, momentum: bool = False,
+                  have_params: bool = False, draw: bool = True) -> int:
+    """Bytes a model of ``sizes`` needs: its parameters (unless ``have_params``), the float64
+    Glorot draw of its largest layer (``draw``), and for training on ``rows`` samples in
+    batches of ``batch``: the data on the device, a copy of the parameters (kept to restore on
+    divergence), momentum buffers, every per-batch buffer and the evaluation's chunks."""
+    item = np.dtype(dtype).itemsize
+    params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+    need = 0 if have_params else params * item
+    if draw and not have_params:
+        need += max(a * b for a, b in zip(sizes[:-1], sizes[1:])) * 8
+    if rows:
+        width = sum(sizes[1:])
+        need += params * item * (2 if momentum else 1)
+        need += rows * (sizes[0] + sizes[-1]) * item                        # X, Y on the device
+        need += batch * (sizes[0] + sizes[-1] + 2 * width) * item            # gathered batch, outputs, deltas
+        need += min(rows, 4096) * 2 * width * item                          # evaluate's chunks
+    return need
+
+
+def check_memory(sizes: Sequence[int], dtype: np.dtype, device: Device, batch: int = 0, rows: int = 0,
+                 momentum: bool = False, have_params: bool = False, draw: bool = True,
+                 what: str = "sizes") -> None:
+    """Refuse, before allocating, what would not fit: ``MemoryError`` with the figure and the limit."""
+    need = memory_needed(sizes, dtype, batch, rows, momentum, have_params, draw)
+    if need < 64 * 2**20:  # small enough never to be the problem: skip reading the limits
+        return
+    free = available_bytes(device)
+    if free is not None and need > free:
+        doing = f"training on {rows} rows in batches of {batch}" if rows else "its parameters"
+        raise MemoryError(f"{what}: a {'-'.join(map(str, sizes))} {np.dtype(dtype).name} network needs "
+                          f"{_gib(need)} for {doing}, more than the {_gib(free)} available on {device.name}")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+# -- argument checks --------------------------------------------------------------------------
+def resolve_device(spec: "str | Device | None") -> Device:
+    """``get_device`` with errors that name where a bad value came from: the argument, or
+    the environment variable when the default was taken from it."""
+    if spec is not None and not isinstance(spec, (str, Device)):
+        raise TypeError(f"device: expected 'auto', 'cpu', 'cuda', 'cuda:N' or a Device, got {spec!r}")
+    from_env = spec is None and bool(os.environ.get(ENV_VAR, ""))
+    try:
+        return get_device(spec)
+    except (ValueError, DeviceError) as exc:
+        if not from_env:
+            raise
+        text = str(exc)
+        text = text[len("device: "):] if text.startswith("device: ") else text
+        raise type(exc)(f"{ENV_VAR} (environment variable) = {os.environ[ENV_VAR]!r}: {text}") from None
+
+
+def _check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+    return int(seed)
 
 
 def _check_sizes(sizes: Sequence[int]) -> list[int]:
@@ -323,10 +448,11 @@ def _check_precision(precision: str, dtype: np.dtype, device: Device) -> str:
 
 
 def _check_dtype(dtype: Any) -> np.dtype:
+    # None would mean float64 to np.dtype, and np.dtype(...) == None is True: refuse it first.
     try:
-        dt = np.dtype(dtype)
-    except TypeError:
+        dt = None if dtype is None else np.dtype(dtype)
+    except (TypeError, ValueError):
         dt = None
-    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+    if dt is None or dt.name not in ("float32", "float64"):
         raise TypeError(f"dtype: expected float32 or float64, got {dtype!r}")
     return dt

@@ -161,7 +161,13 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
             raise ValueError("validation_data: expected a pair (X_val, y_val)")
         data_mod.check_features(validation_data[0], model.sizes[0], name="validation_data[0]")
     trainer = Trainer(model, X, y, batch_size, lr, momentum, shuffle, seed, graphs, capture)
+    if validation_data is not None:  # checked now, not after the first epoch, under its own name
+        data_mod.targets(validation_data[1], model.sizes[-1], model.task, model.dtype,
+                         n_rows=len(validation_data[0]), name="validation_data[1]")
     history = History()
+    # The last parameters known finite, restored if an epoch diverges (in place: captured
+    # graphs keep the arrays' addresses).
+    kept = [p.copy() for p in (*model.weights, *model.biases)]
 
     from tqdm.auto import tqdm
 
@@ -171,9 +177,18 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
             start = time.perf_counter()
             loss, accuracy = trainer.epoch()
             history.seconds.append(time.perf_counter() - start)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"training diverged in epoch {epoch + 1}: loss is {loss}; "
-                                         f"try a smaller lr (now {lr})")
+            params = (*model.weights, *model.biases)
+            if not (math.isfinite(loss) and all(bool(model.xp.isfinite(p).all()) for p in params)):
+                for p, good in zip(params, kept):
+                    p[...] = good
+                model._velocity = None
+                kept_from = f"the weights after epoch {epoch} are kept" if epoch else "the initial weights are kept"
+                error = FloatingPointError(f"training diverged in epoch {epoch + 1}: loss is {loss}; "
+                                           f"try a smaller lr (now {lr}); {kept_from}")
+                error.epochs_kept = epoch  # the epochs whose weights the model now holds
+                raise error
+            for p, good in zip(params, kept):
+                good[...] = p
             history.loss.append(loss)
             history.accuracy.append(accuracy)
             postfix = {"loss": f"{loss:.4f}"}
