@@ -10,6 +10,7 @@ import contextlib
 import importlib
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable
@@ -70,15 +71,15 @@ class Device:
         if self.kind == "cuda":
             self.xp.cuda.get_current_stream().synchronize()
 
-    def stream(self) -> Any:
+    def stream(self) -> "TrainingStream | contextlib.nullcontext":
         """Context in which training runs: on CUDA a non-blocking stream of our own
-        (graphs cannot be captured on the default stream, and replays must be
-        ordered after the batch copies issued before them), nothing on the CPU."""
+        (graphs cannot be captured on the default stream), kept in order with the work
+        issued before and after it (see :class:`TrainingStream`); nothing on the CPU."""
         if self.kind != "cuda":
             return contextlib.nullcontext()
         if "stream" not in self._cache:
             with self.xp.cuda.Device(self.index):
-                self._cache["stream"] = self.xp.cuda.Stream(non_blocking=True)
+                self._cache["stream"] = TrainingStream(self.xp, self.xp.cuda.Stream(non_blocking=True), self.index)
         return self._cache["stream"]
 
     def capture(self, fn: Callable[[], Any]) -> Callable[[], None] | None:
@@ -90,7 +91,7 @@ class Device:
         """
         if self.kind != "cuda":
             return None
-        stream = self.stream()
+        stream = self.stream().raw  # inside stream() already: ordered, and no waits inside a capture
         with stream:
             stream.begin_capture()
             try:
@@ -98,6 +99,53 @@ class Device:
             finally:
                 graph = stream.end_capture()
         return lambda: graph.launch(stream)
+
+
+class TrainingStream:
+    """The training stream (a non-blocking CuPy stream, ``raw``) as a reusable context that
+    keeps the order of the work around it.
+
+    A non-blocking stream does not synchronise with the legacy default stream, where the
+    copies before training run (X, Y, the weights, the fit's buffers: CuPy's host-to-device
+    copies are asynchronous); so entering records an event on the stream that is current
+    and makes ours wait on it, and leaving makes that stream wait on ours, so what is read
+    afterwards (predict, evaluate, get_params) sees every update. Both waits are on the
+    device; the host does not block.
+    """
+
+    def __init__(self, xp: ModuleType, raw: Any, index: int):
+        self.xp, self.raw, self.index = xp, raw, index
+        self._local = threading.local()  # CuPy's current stream is per thread: so is what we restore
+
+    def _state(self) -> Any:
+        local = self._local
+        if not hasattr(local, "outer"):
+            # Two events per thread, recorded again at each entry and exit: a wait binds to the
+            # work an event held when the wait was issued, so re-recording one is safe.
+            with self.xp.cuda.Device(self.index):  # an event is recorded on streams of its own device
+                local.outer, local.events = [], (self.xp.cuda.Event(disable_timing=True),
+                                                 self.xp.cuda.Event(disable_timing=True))
+        return local
+
+    def __enter__(self) -> "TrainingStream":
+        state = self._state()
+        outer = self.xp.cuda.get_current_stream()
+        if outer.ptr != self.raw.ptr:  # entered again from inside: already in order
+            self.raw.wait_event(outer.record(state.events[0]))
+        self.raw.__enter__()
+        state.outer.append(outer)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        state = self._state()
+        self.raw.__exit__(*exc)
+        outer = state.outer.pop()
+        if outer.ptr != self.raw.ptr:
+            outer.wait_event(self.raw.record(state.events[1]))
+
+    def synchronize(self) -> None:
+        """Block the host until the work queued on the stream is done."""
+        self.raw.synchronize()
 
 
 CPU = Device("cpu", None, np, "requested")
