@@ -228,7 +228,7 @@ class MLP:
                        graphs=graphs)
 
     def _inputs(self, X: Any, name: str = "X") -> Any:
-        X = data_mod.check_features(X, self.sizes[0], name=name)
+        X = data_mod.check_features(X, self.sizes[0], name=name, dtype=self.dtype)
         return self.device.asarray(X, self.dtype)
 
     def _chunks(self, X: Any, chunk: int = 4096):
