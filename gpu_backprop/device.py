@@ -82,6 +82,15 @@ class Device:
                 self._cache["stream"] = TrainingStream(self.xp, self.xp.cuda.Stream(non_blocking=True), self.index)
         return self._cache["stream"]
 
+    def step_capture(self, ops: Any, output: str) -> tuple[Callable | None, str]:
+        """How a training step on ``ops`` whose net ends in ``output`` is captured into a CUDA
+        graph: (:meth:`capture`, "") where it can be, else (None, why not); why not is ""
+        on the CPU, which has no graphs to decline."""
+        if self.kind != "cuda":
+            return None, ""
+        why_not = ops.capture_blocker(output)
+        return (None, why_not) if why_not else (self.capture, "")
+
     def capture(self, fn: Callable[[], Any]) -> Callable[[], None] | None:
         """Record the kernels ``fn`` launches into a CUDA graph (nothing runs now) and
         return a function that replays them; None on the CPU, where there are no graphs.

@@ -172,7 +172,8 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
     from tqdm.auto import tqdm
 
     bar = tqdm(range(epochs), disable=not progress, unit="epoch", leave=True, dynamic_ncols=True)
-    with model.device.stream():  # the copies and the (captured) steps in one stream, in order
+    # the training stream waits for the copies above and is waited for by what follows fit
+    with model.device.stream():
         for epoch in bar:
             start = time.perf_counter()
             loss, accuracy = trainer.epoch()
@@ -206,13 +207,11 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
 
 
 def _graph_capture(model: Any, graphs: bool | None) -> Capture | None:
-    """The device's capture when graphs are wanted and the step can be captured."""
-    if graphs is False or model.device.kind != "cuda":
+    """The device's capture when graphs are wanted and the device can capture the model's
+    step (:meth:`~gpu_backprop.device.Device.step_capture` decides)."""
+    if graphs is False:
         return None
-    if not model.ops.fused or model.output == "softmax":
-        # the unfused path and softmax use CuPy kernels that allocate temporaries,
-        # which a graph capture does not allow
-        if graphs:
-            log.info("CUDA graphs: not for %s; plain steps", "softmax" if model.ops.fused else "the unfused path")
-        return None
-    return model.device.capture
+    capture, why_not = model.device.step_capture(model.ops, model.output)
+    if why_not and graphs:  # asked for explicitly: say why not
+        log.info("CUDA graphs: not for %s; plain steps", why_not)
+    return capture

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from gpu_backprop import device as device_mod
-from gpu_backprop.device import DeviceError, get_array_module, get_device, to_device, to_host
+from gpu_backprop.device import Device, DeviceError, get_array_module, get_device, to_device, to_host
+from gpu_backprop.ops import ArrayOps, NumpyOps
 
 
 class CUDARuntimeError(RuntimeError):
@@ -122,3 +123,44 @@ def test_torch_tensor_comes_in_through_dlpack_without_copy():
     moved = to_device(t, get_device("cpu"), np.float32)
     assert np.shares_memory(moved, t.numpy())
     assert np.array_equal(to_host(t), t.numpy())
+
+
+class FusedStandIn(ArrayOps):
+    """Operations that say they are fused, as the CUDA launchers do (no GPU needed to ask)."""
+
+    fused = True
+
+
+@pytest.mark.parametrize("ops,output,why_not", [
+    (FusedStandIn(np, None), "sigmoid", ""),
+    (FusedStandIn(np, None), "identity", ""),
+    (FusedStandIn(np, None), "softmax", "softmax"),  # CuPy's softmax allocates: no capture
+    (ArrayOps(np, None), "sigmoid", "the unfused path"),  # so do all of CuPy's kernels
+    (ArrayOps(np, None), "softmax", "the unfused path"),
+])
+def test_which_training_steps_a_device_captures(ops, output, why_not):
+    cuda = Device("cuda", 0, np, "stand-in")
+    capture, reason = cuda.step_capture(ops, output)
+    assert reason == why_not
+    assert capture == (None if why_not else cuda.capture)
+    assert get_device("cpu").step_capture(ops, output) == (None, "")  # no graphs, nothing to decline
+
+
+def test_fit_asks_the_device_and_says_why_not_when_graphs_were_asked_for(caplog):
+    from gpu_backprop.train import _graph_capture
+
+    cuda = Device("cuda", 0, np, "stand-in")
+
+    def model(device, ops, output="sigmoid"):
+        return types.SimpleNamespace(device=device, ops=ops, output=output)
+
+    with caplog.at_level(logging.INFO, logger="gpu_backprop"):
+        assert _graph_capture(model(cuda, FusedStandIn(np, None)), None) == cuda.capture
+        assert _graph_capture(model(cuda, FusedStandIn(np, None)), False) is None
+        assert _graph_capture(model(cuda, FusedStandIn(np, None), "softmax"), None) is None
+        assert _graph_capture(model(get_device("cpu"), NumpyOps()), True) is None
+        assert caplog.records == []  # not asked for, or nothing to decline
+        assert _graph_capture(model(cuda, FusedStandIn(np, None), "softmax"), True) is None
+        assert _graph_capture(model(cuda, ArrayOps(np, None)), True) is None
+    assert [r.getMessage() for r in caplog.records] == ["CUDA graphs: not for softmax; plain steps",
+                                                        "CUDA graphs: not for the unfused path; plain steps"]

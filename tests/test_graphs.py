@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from gpu_backprop import MLP
+from gpu_backprop.device import CPU, Device
+from gpu_backprop.ops import ArrayOps
 from gpu_backprop.train import StepRunner, Trainer, _graph_capture, fit
 
 
@@ -88,8 +90,10 @@ def test_epoch_bookkeeping_on_the_device_arrays():
 
 def test_when_graphs_are_used():
     def fake(kind="cuda", fused=True, output="sigmoid"):
-        device = types.SimpleNamespace(kind=kind, capture=object())
-        return types.SimpleNamespace(device=device, ops=types.SimpleNamespace(fused=fused), output=output)
+        device = Device(kind, 0, np) if kind == "cuda" else CPU  # the device and ops decide (Device.step_capture)
+        ops = ArrayOps(np, None)
+        ops.fused = fused
+        return types.SimpleNamespace(device=device, ops=ops, output=output)
 
     assert _graph_capture(fake(), None) is not None  # the default on CUDA
     assert _graph_capture(fake(), True) is not None

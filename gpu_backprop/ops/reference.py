@@ -310,6 +310,15 @@ class ArrayOps:
             self._scratch_cache[key] = self.xp.arange(n, dtype=self.xp.int64)
         return self._scratch_cache[key]
 
+    def capture_blocker(self, output: str) -> str:
+        """Why a training step on these operations, ending in ``output``, cannot be captured
+        into a CUDA graph; "" when it can. A capture cannot allocate, and CuPy's kernels
+        allocate their temporaries: every kernel of the unfused path, and the softmax that
+        the fused operations run through CuPy after their GEMM."""
+        if not self.fused:
+            return "the unfused path"
+        return "softmax" if output == "softmax" else ""
+
 
 class NumpyOps(ArrayOps):
     """The CPU path: the reference math with every GEMM through SciPy's BLAS."""
