@@ -14,12 +14,10 @@ from gpu_backprop.ops import Gather, NumpyOps, Output, Propagate, Record, Update
 from gpu_backprop.ops.autotune import Tuner
 from gpu_backprop.ops.cuda import PATHS, CudaOps
 
-from .conftest import rel_error
 from .reference_formulas import f_prime_from_output
 from .emulator.builder import EmuLoader
 
 DTYPES = [np.float32, np.float64]
-TOL = {np.dtype(np.float32): 2e-6, np.dtype(np.float64): 1e-14}
 ACTS = ["sigmoid", "tanh", "relu", "identity"]
 # (batch, n_in, n_out): 1, 7, 33, 129 and one under/over the tile edges 64 and 128 (and BK 8/16)
 SHAPES = [(1, 1, 1), (7, 33, 1), (1, 129, 7), (33, 63, 65), (129, 65, 127), (17, 127, 63), (15, 9, 129)]
@@ -75,15 +73,56 @@ def inputs(rng, dtype, batch, n_in, n_out, act):
     return o, W
 
 
-def close(actual, expected, dtype, factor=1.0, scale=0.0):
-    """Relative error within tolerance (``scale``: see conftest.rel_error)."""
-    err = rel_error(actual, expected, scale)
-    assert err < factor * TOL[np.dtype(dtype)] * max(1, np.sqrt(expected.size)), err
+def bound(dtype, k=0, terms=0.0, expected=0.0):
+    """Per-element rounding bound of a result computed in ``dtype``: a sum of ``k`` terms whose
+    absolute values add up to ``terms`` (for a GEMM (|A||B|)_ij: gamma_k = k u per term), then an
+    elementwise epilogue (bias, activation, derivative, update) worth a few roundings of the result
+    (8 u |expected|). Doubled: the kernel and, for float64, the twin each round once. A floor of a
+    few smallest normals for results that underflow."""
+    u = np.finfo(dtype).eps / 2
+    return 2 * u * ((k + 2) * np.abs(terms) + 8 * np.abs(expected)) + 4 * np.finfo(dtype).tiny
 
 
-def terms(before, after, keep=1.0):
-    """Size of the two terms of after = keep * before + update."""
-    return np.linalg.norm(keep * before) + np.linalg.norm(after - keep * before)
+def close(actual, expected, dtype, k=0, terms=0.0):
+    """Every element within its own rounding bound (see ``bound``); NaN never passes. Not scaled
+    by the size of the output: one element off by more than its rounding fails."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    limit = np.broadcast_to(bound(dtype, k, terms, expected), expected.shape)
+    error = np.abs(actual - expected)
+    bad = ~(error <= limit)  # NaN compares false
+    if bad.any():
+        i = np.unravel_index(np.argmax(np.where(bad, np.nan_to_num(error / limit, nan=np.inf), -1)), expected.shape)
+        raise AssertionError(f"{bad.sum()} of {bad.size} elements beyond their rounding bound; worst at {i}: "
+                             f"{actual[i]!r} vs {expected[i]!r} (|error| {error[i]:.3g}, bound {limit[i]:.3g})")
+
+
+def gemm_terms(A, B):
+    """(|A||B|)_ij in float64: what the rounding of a GEMM's sums is relative to."""
+    return np.abs(np.asarray(A, np.float64)) @ np.abs(np.asarray(B, np.float64))
+
+
+def sgd_terms(before, grad_terms, step, momentum=0.0, vel=None):
+    """Sizes of the terms of the update, per element (``grad_terms``: (|o|^T |delta|), the sizes
+    summed into G): W' = W - step G; with momentum v' = momentum v - step G, W' = W + v'."""
+    vel_terms = step * grad_terms + (momentum * np.abs(vel) if momentum else 0.0)
+    return np.abs(before) + vel_terms, vel_terms
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_element_two_percent_off_fails(emu, rng, dtype):
+    """The comparison is per element: a 129 x 127 GEMM output right but for one element 2% off (a
+    size-scaled norm tolerance let that pass) fails; the same output unplanted passes."""
+    o, W = inputs(rng, dtype, 129, 65, 127, "identity")
+    out = nan((129, 127), dtype)
+    emu.forward(o, W, np.zeros(127, dtype), "identity", out)
+    expected, terms = o.astype(np.float64) @ W.astype(np.float64), gemm_terms(o, W)
+    close(out, expected, dtype, k=65 + 1, terms=terms)
+    i = np.unravel_index(np.argsort(np.abs(expected), axis=None)[expected.size // 2], expected.shape)  # a median one
+    out[i] = expected[i] * 1.02
+    with pytest.raises(AssertionError, match=r"1 of 16383 elements beyond their rounding bound"):
+        close(out, expected, dtype, k=65 + 1, terms=terms)
 
 
 @pytest.mark.parametrize("config", PATHS)
@@ -96,16 +135,18 @@ def test_forward(emu, rng, config, dtype, index, shape):
     b = rng.standard_normal(n_out).astype(dtype)
     out = nan((batch, n_out), dtype)
     emu.forward(o, W, b, act, out, config=config)
-    magnitude = np.linalg.norm(np.abs(o.astype(np.float64)) @ np.abs(W) + np.abs(b))  # f is 1-Lipschitz
     close(out, twin.forward(o.astype(np.float64), W.astype(np.float64), b.astype(np.float64), act,
-                            np.empty(out.shape)), dtype, scale=magnitude)
+                            np.empty(out.shape)), dtype, k=n_in + 1, terms=gemm_terms(o, W) + np.abs(b))  # f: 1-Lipschitz
 
 
 def test_forward_softmax(emu, rng):
     o, W = inputs(rng, np.float64, 9, 5, 4, "identity")
     b, out = rng.standard_normal(4), nan((9, 4), np.float64)
     emu.forward(o, W, b, "softmax", out)
-    close(out, twin.forward(o, W, b, "softmax", np.empty((9, 4))), np.float64)
+    expected = twin.forward(o, W, b, "softmax", np.empty((9, 4)))
+    # d s_i = s_i (d z_i - sum_j s_j d z_j): at most 2 s_i max_j |d z_j| (+ exp's own rounding, relative)
+    z_terms = (gemm_terms(o, W) + np.abs(b)).max(axis=1, keepdims=True)
+    close(out, expected, np.float64, k=5 + 1, terms=2 * expected * z_terms)
 
 
 @pytest.mark.parametrize("config", PATHS)
@@ -119,8 +160,8 @@ def test_propagate(emu, rng, config, dtype, index, shape):
     out = nan((batch, n_in), dtype)
     emu.propagate(delta, W, o, act, out, config=config)
     f64 = [a.astype(np.float64) for a in (delta, W, o)]
-    magnitude = np.linalg.norm((np.abs(f64[0]) @ np.abs(f64[1]).T) * np.abs(f_prime_from_output(act, f64[2])))
-    close(out, twin.propagate(*f64[:2], f64[2], act, np.empty(out.shape)), dtype, scale=magnitude)
+    close(out, twin.propagate(*f64[:2], f64[2], act, np.empty(out.shape)), dtype, k=n_out,
+          terms=gemm_terms(delta, W.T) * np.abs(f_prime_from_output(act, f64[2])))
 
 
 @pytest.mark.parametrize("config", PATHS)
@@ -140,8 +181,9 @@ def test_weight_grad(emu, rng, config, dtype, index, shape, prologue):
     exp_w, exp_b = twin.weight_grad(o.astype(np.float64), g.astype(np.float64), np.empty(grad_w.shape),
                                     np.empty(n_out), **f64)
     delta = np.abs(f64["delta_out"] if prologue else g.astype(np.float64))
-    close(grad_w, exp_w, dtype, scale=np.linalg.norm(np.abs(o.astype(np.float64)).T @ delta))
-    close(grad_b, exp_b, dtype, scale=np.linalg.norm(delta.sum(axis=0)))
+    # with the prologue, each delta carries a few roundings of its own: 4 more terms' worth
+    close(grad_w, exp_w, dtype, k=batch + 4, terms=gemm_terms(o.T, delta))
+    close(grad_b, exp_b, dtype, k=batch + 4, terms=delta.sum(axis=0))
     if prologue:
         close(kwargs["delta_out"], f64["delta_out"], dtype)
 
@@ -165,11 +207,14 @@ def test_sgd_epilogue(emu, rng, config, dtype, momentum, shape):
     delta_out = nan(err.shape, dtype)
     emu.sgd_update(o, err, W, b, step, momentum, vel_w if momentum else None, vel_b if momentum else None,
                    o_next=o_next, activation="sigmoid", delta_out=delta_out, config=config)
-    close(W, expected[0], dtype, scale=terms(before[0], expected[0]))
-    close(b, expected[1], dtype, scale=terms(before[1], expected[1]))
+    delta = np.abs(err.astype(np.float64) * f_prime_from_output("sigmoid", o_next))
+    w_terms, vw_terms = sgd_terms(before[0], gemm_terms(o.T, delta), step, momentum, before[2])
+    b_terms, vb_terms = sgd_terms(before[1], delta.sum(axis=0), step, momentum, before[3])
+    close(W, expected[0], dtype, k=batch + 6, terms=w_terms)
+    close(b, expected[1], dtype, k=batch + 6, terms=b_terms)
     if momentum:
-        close(vel_w, expected[2], dtype, scale=terms(before[2], expected[2], momentum))
-        close(vel_b, expected[3], dtype, scale=terms(before[3], expected[3], momentum))
+        close(vel_w, expected[2], dtype, k=batch + 6, terms=vw_terms)
+        close(vel_b, expected[3], dtype, k=batch + 6, terms=vb_terms)
 
 
 def shifted(array, offset):
@@ -199,7 +244,7 @@ def test_output_delta_and_loss(emu, rng, dtype, n, loss, act, offset):
     exp_out, exp_loss = np.empty(shape), np.empty(1)
     twin.output_delta(y_hat.astype(np.float64), y.astype(np.float64), act, loss, exp_out, exp_loss)
     close(out, exp_out, dtype)
-    close(loss_out, exp_loss, dtype, factor=4)
+    close(loss_out, exp_loss, dtype, k=n, terms=exp_loss)  # n terms, none negative: their sizes add up to the loss
     assert emu._ticket[0] == 0  # the last block resets the ticket for the next launch
     again = nan(1, dtype)
     emu.output_delta(y_hat, y, act, loss, out, again)
@@ -236,10 +281,17 @@ def test_training_steps_match_the_numpy_twin(loader, dtype, momentum, path):
             model.ops = fused_ops(loader, path)
         histories.append(model.fit(X, y, epochs=3, batch_size=7, lr=0.5, momentum=momentum))
         models.append(model.get_params())
+    # Two float32 (or float64) trajectories, 9 steps apart from their rounding: each step's rounding
+    # (widths <= 13, batch 7: k <= 16 terms) carried on by the later steps. Per element, against the
+    # sizes of what was summed into it: the parameter's start plus every update, at most lr * |grad|
+    # per step, bounded by the parameter's own scale; 9 steps and the carry: k = 9 * 16 * 4.
+    start = MLP([13, 9, 7, 5], activation="tanh", device="cpu", dtype=np.float64, seed=3).get_params()
     for key in models[0]:
-        close(models[1][key], models[0][key].astype(np.float64), dtype, factor=10)
+        size = np.abs(start[key]) + np.abs(models[0][key] - start[key]) + np.abs(models[0][key]).max()
+        close(models[1][key], models[0][key].astype(np.float64), dtype, k=9 * 16 * 4, terms=size)
     # the per-step record (kept inside the first backward launch when fused): same losses, same hits
-    close(np.array(histories[1].loss), np.array(histories[0].loss), dtype, factor=10)
+    losses = np.array(histories[0].loss)
+    close(np.array(histories[1].loss), losses, dtype, k=9 * 16 * 4, terms=losses)
     assert histories[1].accuracy == histories[0].accuracy
 
 
@@ -337,7 +389,7 @@ def test_tf32_precision_tunes_between_our_tensor_cores_and_cublas_tf32(loader):
     ops.forward(o, W, b, "identity", out)
     assert asked[-1] == ("forward|tf32|5x3x4", ("tf32", "cublas_tf32"), "tf32")
     assert loader.tf32_gemms == before + 1
-    close(out, o.astype(np.float64) @ W + 1, np.float32)
+    close(out, o.astype(np.float64) @ W + 1, np.float32, k=4 + 1, terms=gemm_terms(o, W) + 1)
     ops.forward(o.astype(np.float64), W.astype(np.float64), b.astype(np.float64), "identity", out.astype(np.float64))
     assert asked[-1][1] == PATHS
 
@@ -418,8 +470,7 @@ def test_backward_launch(loader, rng, config, dtype, momentum, parts, batch):
     assert loader.launches - before == 1
     if "P" in parts:
         d, W, o = (start[0][k] for k in ("delta", "W", "o"))
-        magnitude = np.linalg.norm((np.abs(d) @ np.abs(W).T) * np.abs(f_prime_from_output("sigmoid", o)))
-        close(p["out"], expected[0]["out"], dtype, scale=magnitude)
+        close(p["out"], expected[0]["out"], dtype, k=65, terms=gemm_terms(d, W.T) * f_prime_from_output("sigmoid", o))
     else:
         assert np.isnan(p["out"]).all()  # no propagation part: its output untouched
     for name, actual, want, initial in (("U", u, expected[1], start[1]), ("V", v, expected[2], start[2])):
@@ -427,9 +478,12 @@ def test_backward_launch(loader, rng, config, dtype, momentum, parts, batch):
             for key in ("W", "b"):
                 np.testing.assert_array_equal(actual[key], initial[key].astype(dtype))
             continue
+        delta = np.abs(initial["delta"])
+        sizes = dict(zip(("W", "vel_w"), sgd_terms(initial["W"], gemm_terms(initial["o"].T, delta), step, momentum,
+                                                   initial["vel_w"])))
+        sizes.update(zip(("b", "vel_b"), sgd_terms(initial["b"], delta.sum(axis=0), step, momentum, initial["vel_b"])))
         for key in ("W", "b", "vel_w", "vel_b") if momentum else ("W", "b"):
-            keep = momentum if key.startswith("vel") else 1.0
-            close(actual[key], want[key], dtype, scale=terms(initial[key], want[key], keep))
+            close(actual[key], want[key], dtype, k=batch + 2, terms=sizes[key])
 
 
 @pytest.mark.parametrize("config", ["tiny", "small", "large"])
@@ -453,9 +507,9 @@ def test_backward_computes_the_output_delta_inside_the_propagation(loader, rng, 
     ops.backward(Propagate(delta, W, o, "tanh", below), [], Output(y_hat, y, act, loss, loss_out), config=config)
     assert loader.launches - before == 1  # no output-delta launch
     close(delta, exp_delta, dtype)
-    close(loss_out, exp_loss, dtype, factor=4)
-    magnitude = np.linalg.norm((np.abs(exp_delta) @ np.abs(f64(W)).T))
-    close(below, exp_below, dtype, scale=magnitude)
+    close(loss_out, exp_loss, dtype, k=batch * n_out, terms=exp_loss)  # terms >= 0: their sizes add up to the loss
+    # delta's own rounding (a few u of each) rides into the propagation: 4 more terms' worth
+    close(below, exp_below, dtype, k=n_out + 4, terms=gemm_terms(exp_delta, f64(W).T) * f_prime_from_output("tanh", o))
     assert ops._ticket[0] == 0  # the last block reset the ticket
     again = nan(1, dtype)
     ops.backward(Propagate(delta, W, o, "tanh", below), [], Output(y_hat, y, act, loss, again), config=config)
@@ -487,7 +541,7 @@ def test_backward_keeps_the_step_record(loader, rng, config, n_out, batch):
     assert e_correct[2] == correct[2] and 0 <= e_correct[2] <= batch
     np.testing.assert_array_equal(e_correct[[0, 1, 3, 4]], -1)
     assert e_losses[2] == e_loss_out[0]
-    close(e_losses[2:3], losses[2:3].astype(np.float64), dtype)
+    close(e_losses[2:3], losses[2:3].astype(np.float64), dtype, k=batch * n_out, terms=e_losses[2:3])
 
 
 def test_backward_runs_each_gemm_on_its_tuned_path(loader, rng):
@@ -497,14 +551,15 @@ def test_backward_runs_each_gemm_on_its_tuned_path(loader, rng):
     ops = CudaOps(np, scipy.special, loader, tuner=ByKind(propagate="cublas", other="small"))
     p, u, _ = backward_parts(rng, np.float64, 9)
     expected_out = twin.propagate(p["delta"], p["W"], p["o"], "sigmoid", np.empty(p["out"].shape))
-    W, b = u["W"].copy(), u["b"].copy()
+    W, b, u_start = u["W"].copy(), u["b"].copy(), u["W"].copy()
     twin.sgd_update(u["o"], u["delta"], W, b, 0.1)
     ops.backward(Propagate(p["delta"], p["W"], p["o"], "sigmoid", np.empty_like(p["out"])), [])  # compile
     before = loader.launches
     ops.backward(Propagate(p["delta"], p["W"], p["o"], "sigmoid", p["out"]),
                  [Update(u["o"], u["delta"], u["W"], u["b"], 0.1)])
-    close(p["out"], expected_out, np.float64)
-    close(u["W"], W, np.float64, factor=10)
+    close(p["out"], expected_out, np.float64, k=65,
+          terms=gemm_terms(p["delta"], p["W"].T) * f_prime_from_output("sigmoid", p["o"]))
+    close(u["W"], W, np.float64, k=9 + 2, terms=sgd_terms(u_start, gemm_terms(u["o"].T, u["delta"]), 0.1)[0])
     assert loader.launches - before == 2  # the derivative after the cuBLAS stand-in; the update on its tile
     with pytest.raises(ValueError, match="updates: at most 2 per launch"):
         ops.backward(None, [Update(u["o"], u["delta"], u["W"], u["b"], 0.1)] * 3)
@@ -517,15 +572,16 @@ def test_backward_groups_gemms_tuned_to_different_tiles(loader, rng):
     ops = CudaOps(np, scipy.special, loader, tuner=ByKind(propagate="tiny", other="large"))
     p, u, _ = backward_parts(rng, np.float64, 9)  # update 129 x 130 x 9 > propagation 9 x 129 x 65
     expected_out = twin.propagate(p["delta"], p["W"], p["o"], "sigmoid", np.empty(p["out"].shape))
-    W, b = u["W"].copy(), u["b"].copy()
+    W, b, u_start = u["W"].copy(), u["b"].copy(), u["W"].copy()
     twin.sgd_update(u["o"], u["delta"], W, b, 0.1)
     before = loader.launches
     ops.backward(Propagate(p["delta"], p["W"], p["o"], "sigmoid", p["out"]),
                  [Update(u["o"], u["delta"], u["W"], u["b"], 0.1)])
     assert loader.launches - before == 1
     assert loader.kernels[("backward.cu", "backward<double, Simt<double, 128, 128, 8, 8, 8>>")].launches >= 1
-    close(p["out"], expected_out, np.float64)
-    close(u["W"], W, np.float64, factor=10)
+    close(p["out"], expected_out, np.float64, k=65,
+          terms=gemm_terms(p["delta"], p["W"].T) * f_prime_from_output("sigmoid", p["o"]))
+    close(u["W"], W, np.float64, k=9 + 2, terms=sgd_terms(u_start, gemm_terms(u["o"].T, u["delta"]), 0.1)[0])
 
 
 @pytest.mark.parametrize("config", ["tiny", "small", "large"])
@@ -548,7 +604,7 @@ def test_forward_gathers_its_batch(loader, rng, config, dtype, batch, step):
     np.testing.assert_array_equal(yb, Y[rows])
     expected = twin.forward(X[rows].astype(np.float64), W.astype(np.float64), b.astype(np.float64), "sigmoid",
                             np.empty((batch, n_out)))
-    close(out, expected, dtype, scale=np.linalg.norm(np.abs(X[rows]) @ np.abs(W) + np.abs(b)))
+    close(out, expected, dtype, k=n_x + 1, terms=gemm_terms(X[rows], W) + np.abs(b))
     assert counter[0] == step  # the counter moves at the end of the step, not here
 
 
