@@ -13,6 +13,7 @@ read at once after the stream is left.
 """
 from __future__ import annotations
 
+import contextlib
 import types
 
 import numpy as np
@@ -36,7 +37,7 @@ class FakeEvent:
     def __init__(self, disable_timing: bool = False, **_: object):
         self.at: tuple | None = None  # (stream, number of its items before the record)
 
-    def record(self, stream: "FakeStream") -> None:  # CuPy's default, the null stream, is never meant here
+    def record(self, stream: "FakeStream") -> None:  # TrainingStream always names the stream
         stream.items.append(("record", self))
         self.at = (stream, len(stream.items) - 1)
 
@@ -103,9 +104,7 @@ class FakeCuda:
         self.streams += 1
         return FakeStream(self, f"stream{self.streams}", 0x1000 * self.streams, non_blocking)
 
-    def Device(self, index: int):  # noqa: N802
-        import contextlib
-
+    def Device(self, index: int) -> contextlib.nullcontext:  # noqa: N802
         return contextlib.nullcontext()
 
     def work(self, name: str) -> Work:
