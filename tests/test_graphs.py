@@ -1,5 +1,9 @@
-"""The bookkeeping of captured training steps, on the CPU: a stand-in capture whose
-replay re-runs the recorded step on the same buffers, as a CUDA graph does."""
+"""The bookkeeping of captured training steps, on the CPU: a stand-in capture that, as a CUDA
+graph does, records the launches a step issues (on the ops object) without running them, and
+whose replay runs exactly those launches again, with the arguments of the capture, on the
+buffers as they are then. Host code of the step does not run at a replay, so a step that needs
+it (a host-side value that changes from step to step) gives other numbers than plain steps."""
+import inspect
 import logging
 import types
 
@@ -12,9 +16,42 @@ from gpu_backprop.ops import ArrayOps
 from gpu_backprop.train import StepRunner, Trainer, _graph_capture, fit
 
 
-def replay_capture(fn):
-    """A graph stand-in: nothing runs at capture; a replay runs the same launches on the same buffers."""
-    return fn
+class GraphStandIn:
+    """``capture(fn)`` for the CPU: while ``fn`` runs, every public method of ``target`` (the ops
+    object: each call a kernel launch) is recorded, not run, and returns its ``out`` argument, as a
+    launch inside a capture returns its output buffer unwritten. The replay re-issues the recorded
+    calls in order, nothing else."""
+
+    def __init__(self, target):
+        self.target, self.graphs = target, []
+
+    def __call__(self, fn):
+        target, launches = self.target, []
+        methods = [name for name, _ in inspect.getmembers(type(target), inspect.isfunction) if not name.startswith("_")]
+        assert not set(methods) & set(vars(target)), "instance attributes would shadow the recorder"
+
+        def recorder(name):
+            signature = inspect.signature(getattr(target, name))
+
+            def record(*args, **kwargs):
+                launches.append((name, args, kwargs))
+                return signature.bind(*args, **kwargs).arguments.get("out")
+            return record
+
+        for name in methods:
+            setattr(target, name, recorder(name))
+        try:
+            fn()
+        finally:
+            for name in methods:
+                delattr(target, name)
+        assert launches, "the step issued no launch on the ops object"
+        self.graphs.append(launches)
+
+        def replay():
+            for name, args, kwargs in launches:
+                getattr(target, name)(*args, **kwargs)
+        return replay
 
 
 def data(n=20, seed=0):
@@ -25,17 +62,46 @@ def data(n=20, seed=0):
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_replayed_steps_equal_plain_steps(momentum):
     X, y = data()
-    params = []
-    for capture in (None, replay_capture):
+    params, histories = [], []
+    for captured in (False, True):
         model = MLP([6, 5, 3], device="cpu", seed=1)
-        fit(model, X, y, epochs=3, batch_size=7, lr=0.5, momentum=momentum, capture=capture)
+        capture = GraphStandIn(model.ops) if captured else None
+        histories.append(fit(model, X, y, epochs=3, batch_size=7, lr=0.5, momentum=momentum, capture=capture))
         params.append(model.get_params())
         steps = model.last_steps
     for key in params[0]:
         np.testing.assert_array_equal(params[0][key], params[1][key])
+    assert histories[1].loss == histories[0].loss and histories[1].accuracy == histories[0].accuracy
     # 20 samples in batches of 7: sizes 7, 7, 6; the short last batch has a graph of its own
     assert sorted(steps.replays) == [6, 7] and steps.captured == 2
     assert steps.replayed == 3 * 3 - 2  # every step after the first of each size is a replay
+    # a step is its layers' forward and backward launches (2 layers), nothing on the host in between
+    assert [[name for name, *_ in graph] for graph in capture.graphs] == [["forward", "forward", "backward", "backward"]] * 2
+
+
+def test_a_step_that_needs_its_host_code_differs_when_replayed(monkeypatch):
+    """The stand-in has teeth: a step that gathers its batch on the host (reading the device's
+    counter there, as a CUDA graph never would) replays the captured batch's rows again, so the
+    weights differ from plain steps, as they would on a GPU."""
+    X, y = data()
+    plain = MLP([6, 5, 3], device="cpu", seed=1)
+    fit(plain, X, y, epochs=2, batch_size=7, lr=0.5, capture=GraphStandIn(plain.ops))
+    train_step = MLP.train_step
+
+    def host_gather(self, xb, yb, lr, momentum=0.0, loss_out=None, record=None, gather=None):
+        rows = gather.order[int(gather.step[0]) * gather.stride:][:xb.shape[0]]  # host code: not in a graph
+        xb[...], gather.yb[...] = gather.X[rows], gather.Y[rows]
+        return train_step(self, xb, gather.yb, lr, momentum, loss_out, record)
+
+    monkeypatch.setattr(MLP, "train_step", host_gather)
+    results = []
+    for capture in (None, GraphStandIn):
+        model = MLP([6, 5, 3], device="cpu", seed=1)
+        fit(model, X, y, epochs=2, batch_size=7, lr=0.5, capture=capture and capture(model.ops))
+        results.append(model.get_params())
+    for key, value in plain.get_params().items():
+        np.testing.assert_array_equal(results[0][key], value)  # run plainly, the host gather is the same step
+    assert any(not np.array_equal(results[1][key], value) for key, value in plain.get_params().items())
 
 
 def test_failed_capture_falls_back_to_plain_steps(caplog):
@@ -56,17 +122,30 @@ def test_failed_capture_falls_back_to_plain_steps(caplog):
 
 
 def test_each_batch_size_is_built_once_and_replayed():
-    built, ran = [], []
+    built, host, ran = [], [], []
+    buffer = np.zeros(1)
+
+    class Launcher:  # an "ops" object with one launch, which reads a buffer when it runs
+        def launch(self, batch, buf):
+            ran.append((batch, buf[0]))
+
+    launcher = Launcher()
 
     def make(batch):
         built.append(batch)
-        return lambda: ran.append(batch)
 
-    runner = StepRunner(make, replay_capture)
-    for batch in (7, 7, 7, 6, 7, 6):
+        def step():
+            host.append(batch)
+            launcher.launch(batch, buffer)
+        return step
+
+    runner = StepRunner(make, GraphStandIn(launcher))
+    for value, batch in enumerate((7, 7, 7, 6, 7, 6)):
+        buffer[0] = value
         runner(batch)
-    assert built == [7, 6] and ran == [7, 7, 7, 6, 7, 6]
-    assert runner.captured == 2 and runner.replayed == 4
+    assert built == [7, 6] and runner.captured == 2 and runner.replayed == 4
+    assert host == [7, 7, 6, 6]  # the step's host code runs plainly and at its capture, never at a replay
+    assert ran == list(zip((7, 7, 7, 6, 7, 6), range(6)))  # each launch once per step, reading the buffer then
 
 
 def test_epoch_bookkeeping_on_the_device_arrays():
