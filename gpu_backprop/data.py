@@ -64,7 +64,12 @@ def check_features(X: Any, n_features: int | None = None, name: str = "X", dtype
 
 
 def _column(j: int, columns: Sequence[str] | None) -> str:
-    return repr(columns[j]) if columns is not None and j < len(columns) else str(j)
+    return _quote(columns[j]) if columns is not None and j < len(columns) else str(j)
+
+
+def _quote(text: str, limit: int = 40) -> str:
+    """repr of a user's name, cut short: a message stays one readable line."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
 
 
 def check_range(X: Any, dtype: Any, name: str = "X", columns: Sequence[str] | None = None) -> None:
@@ -306,9 +311,10 @@ def _read_csv(path: Path, label: str | None) -> tuple[np.ndarray, np.ndarray | N
         raise ValueError(f"data: {text!r} needs a header row and at least one data row")
     header = [h.strip() for h in rows[0][1]]
     if label is not None and label not in header:
-        raise ValueError(f"label: column {label!r} not in {text!r} (columns: {', '.join(header)})")
+        shown = ", ".join(_quote(h, 20) for h in header[:10]) + (", ..." if len(header) > 10 else "")
+        raise ValueError(f"label: column {_quote(label)} not in {text!r} (columns: {shown})")
     if label is not None and header.count(label) > 1:
-        raise ValueError(f"label: {label!r} names {header.count(label)} columns of {text!r}: expected one")
+        raise ValueError(f"label: {_quote(label)} names {header.count(label)} columns of {text!r}: expected one")
     values = np.empty((len(rows) - 1, len(header)), dtype=np.float64)
     for i, (line, row) in enumerate(rows[1:]):
         if len(row) != len(header):
@@ -318,7 +324,7 @@ def _read_csv(path: Path, label: str | None) -> tuple[np.ndarray, np.ndarray | N
             try:
                 values[i, j] = float(v)
             except ValueError:
-                raise ValueError(f"data: {text!r} line {line}, column {header[j]!r}: "
+                raise ValueError(f"data: {text!r} line {line}, column {_quote(header[j])}: "
                                  f"non-numeric value {v[:40]!r}") from None
     if label is None:
         return values, None, header
