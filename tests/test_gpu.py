@@ -1,10 +1,15 @@
 """The fused kernels on a real GPU through CuPy, against the NumPy twins.
-Skipped (with the reason) where no CUDA device is usable."""
+Skipped (with the reason) where no CUDA device is usable.
+
+The kernel tests run on ops objects of their own: the ones the device caches (``device.ops``)
+are those every MLP(device="cuda") trains on, so nothing here changes them (a guard checks
+after each test). The tuner's cache is the test run's temporary one (conftest.py)."""
 import numpy as np
 import pytest
 
 from gpu_backprop import MLP, data, get_device
-from gpu_backprop.ops import Gather, NumpyOps, Output, Propagate, Update
+from gpu_backprop.ops import ArrayOps, Gather, NumpyOps, Output, Propagate, Update, make_ops
+from gpu_backprop.ops.autotune import Tuner
 from gpu_backprop.ops.cuda import PATHS
 
 from .conftest import rel_error
@@ -18,7 +23,29 @@ twin = NumpyOps()
 @pytest.fixture(scope="module")
 def gpu():
     device = get_device("cuda")
-    return device, device.ops(fused=True)
+    return device, make_ops(device, fused=True)  # not device.ops(): a fresh object, not the cached one
+
+
+@pytest.fixture(autouse=True)
+def device_ops_untouched():
+    """After each test: no method of an ops object the device caches is replaced on the object
+    (a replaced gemm_path once put every later test, TF32 digits training included, on cuBLAS)."""
+    yield
+    for key, ops in get_device("cuda")._cache.items():
+        if isinstance(ops, ArrayOps):
+            shadowed = [name for name in vars(ops) if callable(getattr(type(ops), name, None))]
+            assert not shadowed, f"device.ops{key}: {shadowed} replaced by a test"
+
+
+class Fixed(Tuner):
+    """Every GEMM on one path, untuned."""
+
+    def __init__(self, path):
+        super().__init__(enabled=False)
+        self.path = path
+
+    def choose(self, key, candidates, trial, default):
+        return self.path
 
 
 def on(gpu, array):
@@ -216,9 +243,12 @@ def test_forward_gathers_its_batch(gpu, rng, config, batch, step):
 def test_tf32_kernels_against_float64(gpu, rng, shape, config):
     """Tensor cores (TF32 products, float32 sums), ours and cuBLAS's TF32 mode: relative error
     near 3e-4, not float32's 1e-6."""
-    device = gpu[0]
-    ops = device.ops(fused=True, precision="tf32")
-    ops.gemm_path = lambda *args: config  # every GEMM on this path, untuned
+    import cupyx.scipy.special
+
+    from gpu_backprop.ops.cuda import CudaOps, cupy_loader
+
+    device = gpu[0]  # a fresh ops object whose tuner puts every GEMM on this path
+    ops = CudaOps(device.xp, cupyx.scipy.special, cupy_loader(device), tuner=Fixed(config), precision="tf32")
     batch, n_in, n_out = shape
     o = rng.random((batch, n_in)).astype(np.float32)
     W = (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)
