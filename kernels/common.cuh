@@ -17,7 +17,7 @@ __device__ __forceinline__ T activate(int act, T z) {
             return z >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
         }
         case ACT_TANH: return tanh(z);
-        case ACT_RELU: return z > T(0) ? z : T(0);
+        case ACT_RELU: return z < T(0) ? T(0) : z;  // NaN passes, as numpy.maximum(z, 0)
         default: return z;
     }
 }
@@ -35,14 +35,16 @@ __device__ __forceinline__ T derivative(int act, T o) {
     }
 }
 
-// The predicted class of a row of n outputs: its argmax, ties to the lowest index (as
-// numpy.argmax); with one output unit, y > 1/2.
+// The predicted class of a row of n outputs: its argmax as numpy.argmax gives it (ties
+// and NaN: the first one wins); with one output unit, y > 1/2 (NaN: 0).
 template <typename T>
 __device__ __forceinline__ index_t argmax_row(const T* row, index_t n) {
     if (n == 1) return row[0] > T(0.5) ? 1 : 0;
     index_t best = 0;
-    for (index_t j = 1; j < n; ++j)
-        if (row[j] > row[best]) best = j;
+    for (index_t j = 1; j < n; ++j) {
+        const T v = row[j], top = row[best];
+        if (v > top || (v != v && top == top)) best = j;
+    }
     return best;
 }
 

@@ -13,7 +13,7 @@
 // moves 16-byte packs (4 floats, 2 doubles) per access; the tail, and unaligned views, go
 // element by element.
 #pragma once
-#include "common.cuh"
+#include "params.cuh"
 
 enum Loss { LOSS_MSE = 0, LOSS_CROSS_ENTROPY = 1 };
 
@@ -25,21 +25,13 @@ __device__ __forceinline__ double output_delta_at(T yh, T target, T& delta, int 
         delta = diff * derivative(act, yh);
         return 0.5 * (double)diff * (double)diff;
     }
-    // y log(y_hat) with 0 log 0 = 0; y_hat clamped away from 0 so log stays finite.
+    // y log(y_hat) with 0 log 0 = 0; y_hat clamped away from 0 so log stays finite. The
+    // clamp is written so NaN passes through (as numpy.maximum in the twin): a diverged
+    // run must show a NaN loss, not log(tiny).
     const T tiny = sizeof(T) == 4 ? T(1.17549435e-38) : T(2.2250738585072014e-308);
     delta = diff;
-    return target != T(0) ? -(double)(target * log(yh > tiny ? yh : tiny)) : 0.0;
+    return target != T(0) ? -(double)(target * log(yh < tiny ? tiny : yh)) : 0.0;
 }
-
-// The fit loop's per-step record (batch.cu's finish_batch), kept by whichever kernel
-// finishes the loss: losses[step] = loss, correct[step] = hits (if count), step += 1.
-template <typename T>
-struct StepRecord {
-    T* losses;
-    long long* correct;
-    long long* step;
-    int on, count;
-};
 
 // The loss summed over `parts` blocks without float atomics: each block's sum goes to
 // partials[part] (its hits to hit_partials[part]); the last block to take a ticket adds

@@ -10,6 +10,7 @@
 // The blocks of tile column 0 see every element of their rows once: they write them to
 // xb, and the rows' targets Y[...] to yb, for the rest of the step.
 #include "gemm_tile.cuh"
+#include "params.cuh"
 
 template <typename T, class Core, typename LoadO>
 __device__ __forceinline__ void forward_tile(GemmTiles<Core>& tiles, index_t tile_m, index_t tile_n, LoadO load_o,
@@ -26,20 +27,24 @@ __device__ __forceinline__ void forward_tile(GemmTiles<Core>& tiles, index_t til
 }
 
 template <typename T, class Core>
-__global__ void forward(const T* __restrict__ o, const T* __restrict__ W, const T* __restrict__ b,
-                        T* __restrict__ out, int act, index_t M, index_t N, index_t K) {
+__global__ void forward(ForwardParams<T> p) {
     __shared__ GemmTiles<Core> tiles;
+    if (!launched_as_core<Core>()) return;
+    const T* __restrict__ o = p.o;
     forward_tile<T, Core>(
-        tiles, blockIdx.y, blockIdx.x, [&](index_t m, index_t k) { return o[m * K + k]; }, W, b, out, act, M, N, K);
+        tiles, blockIdx.y, blockIdx.x, [&](index_t m, index_t k) { return o[m * p.K + k]; }, p.W, p.b, p.out, p.act,
+        p.M, p.N, p.K);
 }
 
+// p.o is the gathered batch xb: written here, by the blocks of tile column 0.
 template <typename T, class Core>
-__global__ void forward_gather(const T* __restrict__ X, const T* __restrict__ Y, const long long* __restrict__ order,
-                               const long long* __restrict__ step, index_t stride, T* __restrict__ xb,
-                               T* __restrict__ yb, index_t n_y, const T* __restrict__ W, const T* __restrict__ b,
-                               T* __restrict__ out, int act, index_t M, index_t N, index_t K) {
+__global__ void forward_gather(ForwardParams<T> p, GatherParams<T> g) {
     __shared__ GemmTiles<Core> tiles;
-    const index_t first = step[0] * stride;
+    if (!launched_as_core<Core>()) return;
+    const T* __restrict__ X = g.X;
+    const long long* __restrict__ order = g.order;
+    T* __restrict__ xb = const_cast<T*>(p.o);
+    const index_t first = g.step[0] * g.stride, K = p.K;
     const bool writes_batch = blockIdx.x == 0;
     forward_tile<T, Core>(
         tiles, blockIdx.y, blockIdx.x,
@@ -48,10 +53,10 @@ __global__ void forward_gather(const T* __restrict__ X, const T* __restrict__ Y,
             if (writes_batch) xb[m * K + k] = v;
             return v;
         },
-        W, b, out, act, M, N, K);
+        p.W, p.b, p.out, p.act, p.M, p.N, K);
     if (writes_batch)
-        for (index_t i = threadIdx.x; i < Core::BM * n_y; i += blockDim.x) {
-            const index_t m = (index_t)blockIdx.y * Core::BM + i / n_y, c = i % n_y;
-            if (m < M) yb[m * n_y + c] = Y[order[first + m] * n_y + c];
+        for (index_t i = threadIdx.x; i < Core::BM * g.n_y; i += blockDim.x) {
+            const index_t m = (index_t)blockIdx.y * Core::BM + i / g.n_y, c = i % g.n_y;
+            if (m < p.M) g.yb[m * g.n_y + c] = g.Y[order[first + m] * g.n_y + c];
         }
 }

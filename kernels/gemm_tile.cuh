@@ -87,9 +87,12 @@ __device__ __forceinline__ void gemm_mainloop(Acc& acc, T (&As)[Core::BK][Core::
 template <typename T, int BM_, int BN_, int BK_, int TM, int TN>
 struct Simt {
     static const int BM = BM_, BN = BN_, BK = BK_, PAD = 1;
-    static const int THREADS = (BM / TM) * (BN / TN);
+    static const int THREADS = (BM / TM) * (BN / TN);  // the launchers' block (ops/cuda.py threads_of)
     static const int ROW_STEP = BM / TM;  // rows of one thread are ROW_STEP apart
     static const int COL_STEP = BN / TN;
+    static_assert(BM % TM == 0 && BN % TN == 0, "a thread's outputs must tile the block tile");
+    static_assert(THREADS % 32 == 0 && THREADS <= 1024, "whole warps, at most 1024 threads");
+    static_assert(BN <= THREADS, "weight_grad sums one bias column per thread");
     typedef T Value;
     struct Acc {
         T v[TM][TN];
@@ -147,6 +150,7 @@ struct Tf32 {
     static const int BM = 64, BN = 64, BK = 16, PAD = 8;  // PAD 8: the fragment loads hit 32 banks
     static const int THREADS = 256, WARP_M = 32, WARP_N = 16;  // 8 warps: 2 along m, 4 along n
     static const int MI = WARP_M / 16, NI = WARP_N / 8;        // mma tiles per warp
+    static_assert(THREADS == 32 * (BM / WARP_M) * (BN / WARP_N), "one warp per warp tile");
     typedef float Value;
     struct Acc {
         float v[MI][NI][4];

@@ -10,6 +10,7 @@
 // backward.cu runs it beside a weight update, or computing the output delta as it loads.
 #pragma once
 #include "gemm_tile.cuh"
+#include "params.cuh"
 
 template <typename T, class Core, typename LoadDelta>
 __device__ __forceinline__ void propagate_tile(GemmTiles<Core>& tiles, index_t tile_m, index_t tile_n,
@@ -27,10 +28,11 @@ __device__ __forceinline__ void propagate_tile(GemmTiles<Core>& tiles, index_t t
 }
 
 template <typename T, class Core>
-__global__ void propagate(const T* __restrict__ delta, const T* __restrict__ W, const T* __restrict__ o,
-                          T* __restrict__ out, int act, index_t M, index_t N, index_t K) {
+__global__ void propagate(PropagateParams<T> p) {
     __shared__ GemmTiles<Core> tiles;
+    if (!launched_as_core<Core>()) return;
+    const T* __restrict__ delta = p.delta;
     propagate_tile<T, Core>(
-        tiles, blockIdx.y, blockIdx.x, [&](index_t m, index_t k) { return delta[m * K + k]; }, W, o, out, act, M,
-        N, K);
+        tiles, blockIdx.y, blockIdx.x, [&](index_t m, index_t k) { return delta[m * p.K + k]; }, p.W, p.o, p.out,
+        p.act, p.M, p.N, p.K);
 }

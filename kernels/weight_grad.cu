@@ -16,14 +16,18 @@
 // one BM x BN tile; backward.cu runs it beside an error propagation.
 #pragma once
 #include "gemm_tile.cuh"
+#include "params.cuh"
 
 template <typename T, class Core>
 __device__ __forceinline__ void weight_grad_tile(GemmTiles<Core>& tiles, index_t tile_m, index_t tile_n,
-                                                 const T* __restrict__ o, const T* __restrict__ g,
-                                                 int has_prologue, const T* __restrict__ o_next,
-                                                 T* __restrict__ delta_out, int act, T* __restrict__ W,
-                                                 T* __restrict__ b, T* __restrict__ vel_w, T* __restrict__ vel_b,
-                                                 int mode, T step, T momentum, index_t M, index_t N, index_t K) {
+                                                 const WeightGradParams<T>& p, const UpdateRule<T>& rule) {
+    const T* __restrict__ o = p.o;
+    const T* __restrict__ g = p.g;
+    const T* __restrict__ o_next = p.o_next;
+    T* __restrict__ delta_out = p.delta_out;
+    const int has_prologue = p.has_prologue, act = p.act, mode = rule.mode;
+    const T step = rule.step, momentum = rule.momentum;
+    const index_t M = p.M, N = p.N, K = p.K;
     const int BK = Core::BK, BN = Core::BN;
     const int tid = threadIdx.x;
     const index_t m0 = tile_m * Core::BM, n0 = tile_n * BN;
@@ -45,18 +49,14 @@ __device__ __forceinline__ void weight_grad_tile(GemmTiles<Core>& tiles, index_t
         acc, tiles.A, tiles.B, [&](index_t m, index_t k) { return o[k * M + m]; }, load_delta, sum_bias, m0, n0,
         M, N, K);
     Core::for_each_output(acc, m0, n0, M, N, [&](index_t m, index_t n, T v) {
-        apply_update(mode, W, vel_w, m * N + n, v, step, momentum);
+        apply_update(mode, p.W, p.vel_w, m * N + n, v, step, momentum);
     });
-    if (bias_block && tid < BN && n0 + tid < N) apply_update(mode, b, vel_b, n0 + tid, bias_acc, step, momentum);
+    if (bias_block && tid < BN && n0 + tid < N) apply_update(mode, p.b, p.vel_b, n0 + tid, bias_acc, step, momentum);
 }
 
 template <typename T, class Core>
-__global__ void weight_grad(const T* __restrict__ o, const T* __restrict__ g, int has_prologue,
-                            const T* __restrict__ o_next, T* __restrict__ delta_out, int act,
-                            T* __restrict__ W, T* __restrict__ b, T* __restrict__ vel_w,
-                            T* __restrict__ vel_b, int mode, T step, T momentum,
-                            index_t M, index_t N, index_t K) {
+__global__ void weight_grad(WeightGradParams<T> p, UpdateRule<T> rule) {
     __shared__ GemmTiles<Core> tiles;
-    weight_grad_tile<T, Core>(tiles, blockIdx.y, blockIdx.x, o, g, has_prologue, o_next, delta_out, act, W, b,
-                              vel_w, vel_b, mode, step, momentum, M, N, K);
+    if (!launched_as_core<Core>()) return;
+    weight_grad_tile<T, Core>(tiles, blockIdx.y, blockIdx.x, p, rule);
 }

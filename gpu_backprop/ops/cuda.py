@@ -21,13 +21,15 @@ import numpy as np
 
 from . import activations as act
 from .autotune import Tuner
-from .reference import ArrayOps, Gather, Output, Propagate, Update, check_backward, mixed_key
+from .launch import make
+from .reference import ArrayOps, Gather, Output, Propagate, Update, check_disjoint, mixed_key, same_view
 
-BLOCK = 256  # threads per block of the elementwise kernels
-# Tiles of the CUDA-core GEMMs (gemm_tile.cuh Simt): name: (BM, BN, BK, TM, TN), 256 threads each.
+BLOCK = 256  # threads per block of the elementwise kernels (any multiple of 32 up to 1024)
+# Tiles of the CUDA-core GEMMs (gemm_tile.cuh Simt): name: (BM, BN, BK, TM, TN); threads_of gives the block.
 # "tiny": 2 x 2 outputs per thread and a deep K step, for the latency-bound layers of small nets.
 CONFIGS = {"tiny": (32, 32, 32, 2, 2), "small": (64, 64, 16, 4, 4), "large": (128, 128, 8, 8, 8)}
 TF32_TILE = (64, 64)  # gemm_tile.cuh Tf32: tensor cores, float32 only, precision="tf32"
+TF32_THREADS = 256    # Tf32::THREADS: 8 warps of 32 x 16
 # fp32/fp64 GEMM paths: our fused kernels with either tile, or cuBLAS with our elementwise kernels
 PATHS = (*CONFIGS, "cublas")
 # precision="tf32" paths (float32): our tensor-core kernels, or cuBLAS in its TF32 math mode
@@ -51,6 +53,15 @@ def gemm_name(kernel: str, dtype: Any, config: str) -> str:
 
 def tile_of(config: str) -> tuple[int, int]:
     return TF32_TILE if config == "tf32" else CONFIGS[config][:2]
+
+
+def threads_of(config: str) -> int:
+    """The block of a GEMM kernel on ``config``: one thread per TM x TN outputs (Simt's THREADS, which
+    the kernels check: any other block traps)."""
+    if config == "tf32":
+        return TF32_THREADS
+    bm, bn, _, tm, tn = CONFIGS[config]
+    return (bm // tm) * (bn // tn)
 
 
 def names_in(file: str) -> list[str]:
@@ -99,10 +110,16 @@ class _Gemm:
     kind: str                       # "propagate" or "weight_grad": the tuner's key and our kernel
     dtype: np.dtype
     shape: tuple[int, int, int]     # M, N (the output tile grid) and K
-    args: list | None               # its part of backward.cu's arguments (None: cannot be grouped)
+    params: dict                    # its struct's fields (PropagateParams / WeightGradParams), tiles aside
     run: Callable[[str], None]      # run on a path
     trial: Callable[[str], None]    # what the tuner times (writes no parameter)
-    update: tuple = ()              # (mode, step, momentum) of a weight update
+    rule: tuple = ()                # (mode, step, momentum) of a weight update
+    groupable: bool = True          # False: a prologue (backward.cu runs none)
+
+    def part(self, tile: tuple[int, int]) -> dict:
+        """Its struct for backward.cu, with the tile grid of ``tile``."""
+        tiles_n = -(-self.shape[1] // tile[1])
+        return {**self.params, "tiles_n": tiles_n, "tiles": tiles_n * -(-self.shape[0] // tile[0])}
 
 
 class CupyLoader:
@@ -233,7 +250,7 @@ class CudaOps(ArrayOps):
     def _gemm(self, kernel: str, dtype: Any, M: int, N: int, config: str, args: list) -> None:
         bm, bn = tile_of(config)
         grid = (-(-N // bn), -(-M // bm), 1)
-        self._kernel(GEMM_FILES[kernel], gemm_name(kernel, dtype, config))(grid, (BLOCK, 1, 1), args)
+        self._kernel(GEMM_FILES[kernel], gemm_name(kernel, dtype, config))(grid, (threads_of(config), 1, 1), args)
 
     def _grid_1d(self, n: int) -> tuple[int, int, int]:
         return (max(1, min(-(-n // BLOCK), self.max_blocks)), 1, 1)
@@ -253,7 +270,10 @@ class CudaOps(ArrayOps):
         self._check("out", out, (batch, n_out), dtype)
         elementwise = "identity" if activation == "softmax" else act.check_activation(activation, act.HIDDEN)
         code = np.int32(act.CODES[elementwise])
-        tail = [W, b, out, code, np.int64(batch), np.int64(n_out), np.int64(n_in)]
+        if gather is not None:
+            self._check_gather(gather.X, gather.Y, gather.order, gather.step, o, gather.yb)
+        self._check_forward(o, W, b, out, gather)
+        params = make("ForwardParams", dtype, o=o, W=W, b=b, out=out, M=batch, N=n_out, K=n_in, act=code)
 
         def run(path: str) -> None:
             if path.startswith("cublas"):
@@ -261,14 +281,14 @@ class CudaOps(ArrayOps):
                 self._kernel("bias.cu", f"bias_activation<{CTYPES[dtype]}>")(
                     self._grid_1d(out.size), (BLOCK, 1, 1), [out, b, code, np.int64(batch), np.int64(n_out)])
             else:
-                self._gemm("forward", dtype, batch, n_out, path, [o, *tail])
+                self._gemm("forward", dtype, batch, n_out, path, [params])
 
         path = self.gemm_path("forward", dtype, batch, n_out, n_in, config, run)
         if gather is not None and not path.startswith("cublas"):
             g = gather
-            self._check_gather(g.X, g.Y, g.order, g.step, o, g.yb)
-            self._gemm("forward_gather", dtype, batch, n_out, path,
-                       [g.X, g.Y, g.order, g.step, np.int64(g.stride), o, g.yb, np.int64(g.yb.shape[1]), *tail])
+            self._gemm("forward_gather", dtype, batch, n_out, path, [params, make(
+                "GatherParams", dtype, X=g.X, Y=g.Y, order=g.order, step=g.step, yb=g.yb, stride=g.stride,
+                n_y=g.yb.shape[1])])
         else:
             if gather is not None:
                 self.gather_batch(*gather[:5], o, gather.yb)
@@ -280,6 +300,7 @@ class CudaOps(ArrayOps):
     # -- deltas ---------------------------------------------------------------
     def output_delta(self, y_hat: Any, y: Any, activation: str, loss: str, out: Any, loss_out: Any) -> Any:
         codes = self._output_codes(y_hat, y, activation, loss, out, loss_out)
+        check_disjoint(self.xp, [("out", out), ("loss_out", loss_out)], [("y_hat", y_hat), ("y", y)])
         dtype, n = np.dtype(y_hat.dtype), int(y_hat.size)
         partials = self._scratch("partials", (self.max_blocks,), np.float64)
         self._kernel("delta.cu", f"output_delta<{CTYPES[dtype]}>")(
@@ -303,6 +324,7 @@ class CudaOps(ArrayOps):
         dtype = self._dtype_of("err", err)
         for name, array in (("err", err), ("o", o), ("out", out)):
             self._check(name, array, err.shape, dtype)
+        check_disjoint(self.xp, [("out", out)], [("o", o)] + ([] if same_view(out, err) else [("err", err)]))
         return self._hidden_delta(err, o, out, np.int32(act.CODES[act.check_activation(activation)]))
 
     def _hidden_delta(self, err: Any, o: Any, out: Any, code: np.int32) -> Any:
@@ -316,6 +338,7 @@ class CudaOps(ArrayOps):
         n = keys.shape[0] if keys.ndim == 1 else -1
         self._check("keys", keys, (n,), np.uint64)
         self._check("step", step, (1,), np.int64)
+        check_disjoint(self.xp, [("keys", keys), ("step", step)], [])
         self._kernel("batch.cu", "shuffle_keys")(self._grid_1d(n), (BLOCK, 1, 1),
                                                   [keys, step, np.uint64(mixed_key(key)), np.int64(n)])
 
@@ -329,6 +352,7 @@ class CudaOps(ArrayOps):
         self._check("step", step, (1,), np.int64)
         self._check("xb", xb, (batch, n_x), dtype)
         self._check("yb", yb, (batch, n_y), dtype)
+        check_disjoint(self.xp, [("xb", xb), ("yb", yb)], [("X", X), ("Y", Y), ("order", order), ("step", step)])
 
     def gather_batch(self, X: Any, Y: Any, order: Any, step: Any, stride: int, xb: Any, yb: Any) -> None:
         self._check_gather(X, Y, order, step, xb, yb)
@@ -350,6 +374,8 @@ class CudaOps(ArrayOps):
         dtype = self._dtype_of("y_hat", y_hat)
         self._check("yb", yb, y_hat.shape, dtype)
         self._check_record(loss, losses, correct, step, count)
+        check_disjoint(self.xp, [("losses", losses), ("correct", correct), ("step", step)],
+                       [("y_hat", y_hat), ("yb", yb), ("loss", loss)])
         batch, n_out = y_hat.shape
         self._kernel("batch.cu", f"finish_batch<{CTYPES[dtype]}>")(
             (1, 1, 1), (BLOCK, 1, 1),
@@ -359,6 +385,7 @@ class CudaOps(ArrayOps):
     def propagate(self, delta: Any, W: Any, o: Any, activation: str, out: Any, config: str | None = None) -> Any:
         """out = (delta W^T) * f'(o): the derivative in our GEMM's epilogue (or cuBLAS, then
         the derivative in place, where tuned faster)."""
+        check_disjoint(self.xp, [("out", out)], [("delta", delta), ("W", W), ("o", o)])
         self._run([self._propagate_gemm(delta, W, o, activation, out)], config)
         return out
 
@@ -371,16 +398,16 @@ class CudaOps(ArrayOps):
         self._check("o", o, (batch, n_in), dtype)
         self._check("out", out, (batch, n_in), dtype)
         code = np.int32(act.CODES[act.check_activation(activation)])
-        args = [delta, W, o, out, code, np.int64(batch), np.int64(n_in), np.int64(n_out)]
+        params = dict(delta=delta, W=W, o=o, out=out, M=batch, N=n_in, K=n_out, act=code)
 
         def run(path: str) -> None:
             if path.startswith("cublas"):
                 self._cublas(path, delta, W, out, trans_b=True)
                 self._hidden_delta(out, o, out, code)  # in place: err * f'(o)
             else:
-                self._gemm("propagate", dtype, batch, n_in, path, args)
+                self._gemm("propagate", dtype, batch, n_in, path, [make("PropagateParams", dtype, **params)])
 
-        return _Gemm("propagate", dtype, (batch, n_in, n_out), args, run, run)
+        return _Gemm("propagate", dtype, (batch, n_in, n_out), params, run, run)
 
     def _weight_grad_gemm(self, o: Any, g: Any, W: Any, b: Any, mode: int, step: float, momentum: float,
                           vel_w: Any, vel_b: Any, o_next: Any = None, activation: str = "identity",
@@ -392,7 +419,8 @@ class CudaOps(ArrayOps):
         self._check("delta", g, (batch, n_out), dtype)
         self._check("W" if mode else "grad_w", W, (n_in, n_out), dtype)
         self._check("b" if mode else "grad_b", b, (n_out,), dtype)
-        if o_next is not None:
+        prologue = o_next is not None
+        if prologue:
             if delta_out is None:
                 raise ValueError("delta_out: required when o_next is given (the prologue writes delta)")
             self._check("o_next", o_next, (batch, n_out), dtype)
@@ -400,22 +428,24 @@ class CudaOps(ArrayOps):
         if mode == SGD_MOMENTUM:
             self._check("vel_w", vel_w, (n_in, n_out), dtype)
             self._check("vel_b", vel_b, (n_out,), dtype)
-        scalar = dtype.type
+        else:
+            vel_w = vel_b = None  # never read without momentum
+        rule = (mode, dtype.type(step), dtype.type(momentum))
         code = np.int32(act.CODES[act.check_activation(activation)])
         ctype = CTYPES[dtype]
-        prologue = o_next is not None
-        # Unused pointer arguments get a valid array of the right dtype (never dereferenced).
-        vel_w = W if vel_w is None else vel_w
-        vel_b = b if vel_b is None else vel_b
+        params = dict(o=o, g=g, o_next=o_next if prologue else None, delta_out=delta_out if prologue else None,
+                      W=W, b=b, vel_w=vel_w, vel_b=vel_b, M=n_in, N=n_out, K=batch, act=code,
+                      has_prologue=int(prologue))
 
-        def launch(path: str, mode: int, W: Any, b: Any, vel_w: Any, vel_b: Any, prologue: bool) -> None:
+        def launch(path: str, params: dict, rule: tuple) -> None:
+            mode, step, momentum = rule
             if not path.startswith("cublas"):
                 self._gemm("weight_grad", dtype, n_in, n_out, path, [
-                    o, g, np.int32(prologue), o_next if prologue else g, delta_out if prologue else g, code,
-                    W, b, vel_w, vel_b, np.int32(mode), scalar(step), scalar(momentum),
-                    np.int64(n_in), np.int64(n_out), np.int64(batch)])
+                    make("WeightGradParams", dtype, **params),
+                    make("UpdateRule", dtype, mode=mode, step=step, momentum=momentum)])
                 return
-            delta = self._hidden_delta(g, o_next, delta_out, code) if prologue else g
+            W, b, vel_w, vel_b = params["W"], params["b"], params["vel_w"], params["vel_b"]
+            delta = self._hidden_delta(g, o_next, delta_out, code) if params["has_prologue"] else g
             if mode == SGD_MOMENTUM:
                 self._cublas(path, o, delta, vel_w, alpha=-step, beta=momentum, trans_a=True)
                 W += vel_w
@@ -425,88 +455,89 @@ class CudaOps(ArrayOps):
                 self._cublas(path, o, delta, W, trans_a=True)
             self._kernel("bias.cu", f"bias_update<{ctype}>")(
                 (-(-n_out // 32), 1, 1), (32, 8, 1),
-                [delta, b, vel_b, np.int32(mode), scalar(step), scalar(momentum), np.int64(batch), np.int64(n_out)])
+                [delta, b, b if vel_b is None else vel_b, np.int32(mode), step, momentum, np.int64(batch),
+                 np.int64(n_out)])
 
         def trial(path: str) -> None:  # same GEMM, gradient written to scratch: W and b stay untouched
-            launch(path, WRITE_GRADIENT, self._scratch("tune_w", (n_in, n_out), dtype),
-                   self._scratch("tune_b", (n_out,), dtype), None, None, False)
+            scratch = dict(params, W=self._scratch("tune_w", (n_in, n_out), dtype),
+                           b=self._scratch("tune_b", (n_out,), dtype), vel_w=None, vel_b=None, o_next=None,
+                           delta_out=None, has_prologue=0)
+            launch(path, scratch, (WRITE_GRADIENT, dtype.type(0), dtype.type(0)))
 
-        # backward.cu's U/V part (no prologue): o, delta, W, b, vel_w, vel_b, M, N, K
-        part = None if prologue else [o, g, W, b, vel_w, vel_b, np.int64(n_in), np.int64(n_out), np.int64(batch)]
-        return _Gemm("weight_grad", dtype, (n_in, n_out, batch), part,
-                     lambda path: launch(path, mode, W, b, vel_w, vel_b, prologue), trial,
-                     (mode, scalar(step), scalar(momentum)))
+        return _Gemm("weight_grad", dtype, (n_in, n_out, batch), params, lambda path: launch(path, params, rule),
+                     trial, rule, groupable=not prologue)
 
-    def _run(self, gemms: Sequence[_Gemm], config: str | None, output: Output | None = None) -> None:
-        """Run GEMMs that touch disjoint memory (at most one propagation, listed first, and two
-        updates): in one backward.cu launch when the tuner put none of them on cuBLAS (on the
-        tile tuned for the largest of them: a launch saved outweighs a tile choice), with the
-        output delta computed inside the propagation when ``output`` is given; else the output
-        delta kernel, then the GEMMs one after another."""
-        paths = [self.gemm_path(g.kind, g.dtype, *g.shape, config, g.trial) for g in gemms]
+    def _groups(self, gemms: Sequence[_Gemm], paths: Sequence[str], output: Output | None) -> bool:
+        """Whether ``gemms`` (and the output delta) run as one backward.cu launch: more than one
+        part to run, none tuned to cuBLAS, at most one propagation (listed first) and two
+        updates, no prologue, one update rule."""
         props = [g for g in gemms if g.kind == "propagate"]
         updates = [g for g in gemms if g.kind == "weight_grad"]
-        fuse_output = output is not None and bool(props)
-        groupable = ((len(gemms) > 1 or fuse_output) and not any(p.startswith("cublas") for p in paths)
-                     and len(props) <= 1 and len(updates) <= 2 and all(u.args is not None for u in updates)
-                     and len({(u.update[0], float(u.update[1]), float(u.update[2])) for u in updates}) <= 1)
-        if output is not None and not (groupable and fuse_output):
-            delta = props[0].args[0] if props else updates[0].args[1]
+        rules = {(int(u.rule[0]), float(u.rule[1]), float(u.rule[2])) for u in updates}
+        return ((len(gemms) > 1 or (output is not None and bool(props)))
+                and not any(p.startswith("cublas") for p in paths)
+                and len(props) <= 1 and len(updates) <= 2 and (not props or gemms[0] is props[0])
+                and all(g.groupable for g in gemms) and len(rules) <= 1)
+
+    def _run(self, gemms: Sequence[_Gemm], config: str | None, output: Output | None = None) -> None:
+        """Run GEMMs that touch disjoint memory: in one backward.cu launch where ``_groups`` says
+        so (on the tile tuned for the largest of them: a launch saved outweighs a tile choice),
+        with the output delta computed inside the propagation when ``output`` is given; else
+        the output delta kernel, then the GEMMs one after another."""
+        paths = [self.gemm_path(g.kind, g.dtype, *g.shape, config, g.trial) for g in gemms]
+        grouped = self._groups(gemms, paths, output)
+        if output is not None and not (grouped and gemms[0].kind == "propagate"):
+            params = gemms[0].params
+            delta = params["delta"] if gemms[0].kind == "propagate" else params["g"]
             self.output_delta(output.y_hat, output.y, output.activation, output.loss, delta, output.loss_out)
             if output.record is not None:
                 self.finish_batch(output.y_hat, output.y, output.loss_out, *output.record)
             output = None
-        if not groupable:
+        if not grouped:
             for gemm, path in zip(gemms, paths):
                 gemm.run(path)
             return
-        dtype = gemms[0].dtype
         path = max(zip(gemms, paths), key=lambda gp: int(np.prod(gp[0].shape)))[1]
-        bm, bn = tile_of(path)
+        self._backward_launch(gemms, path, output)
 
-        def tiles(gemm: _Gemm | None) -> list:
-            if gemm is None:
-                return [np.int64(1), np.int64(0)]
-            M, N = gemm.shape[:2]
-            return [np.int64(-(-N // bn)), np.int64(-(-N // bn) * -(-M // bm))]
-
-        prop = props[0] if props else None
-        u, v = (updates + [None, None])[:2]
-        # An absent part gets a present part's arrays (never dereferenced: it has no tiles).
-        filler = (u or prop).args
-        if u is None:  # a propagation alone (with the output delta): U and V from its arrays
-            filler = [prop.args[2], prop.args[0], prop.args[3], prop.args[3], prop.args[3], prop.args[3],
-                      *prop.args[5:]]
-        p_args = prop.args if prop else [filler[1], filler[2], filler[0], filler[2], np.int32(0), *filler[6:]]
-        parts = max(self.max_blocks, int(tiles(prop)[1]) // int(tiles(prop)[0]))  # loss partials: 1 per row tile
-        partials = self._scratch("partials", (parts,), np.float64)
-        hit_partials = self._scratch("hit_partials", (parts,), np.int64)
+    def _backward_launch(self, gemms: Sequence[_Gemm], path: str, output: Output | None) -> None:
+        """One backward.cu launch on ``path``'s tile: its parts as structs (params.cuh), an absent
+        part with no tiles and null pointers."""
+        dtype = gemms[0].dtype
+        tile = tile_of(path)
+        prop = gemms[0] if gemms[0].kind == "propagate" else None
+        u, v = ([g for g in gemms if g.kind == "weight_grad"] + [None, None])[:2]
+        p_part = prop.part(tile) if prop else {}
+        out = {}
+        record = {}
         if output is not None:
-            codes = self._output_codes(output.y_hat, output.y, output.activation, output.loss, prop.args[0],
-                                       output.loss_out)
-            out_args = [np.int32(1), output.y_hat, output.y, *codes, partials, self._ticket, output.loss_out]
-            record = output.record
-            if record is not None:
-                self._check_record(output.loss_out, *record)
-                out_args += [np.int32(1), record.losses, record.correct, record.step, np.int32(bool(record.count))]
-            else:
-                out_args += [np.int32(0), output.loss_out, hit_partials, hit_partials, np.int32(0)]
-        else:
-            out_args = [np.int32(0), p_args[0], p_args[0], np.int32(0), np.int32(0), partials, self._ticket,
-                        p_args[3], np.int32(0), p_args[3], hit_partials, hit_partials, np.int32(0)]
-        out_args.append(hit_partials)
-        mode, step, momentum = u.update if u else (np.int32(SGD), dtype.type(0), dtype.type(0))
-        n_blocks = sum(int(tiles(gemm)[1]) for gemm in (prop, u, v))
-        args = [*p_args, *tiles(prop), *out_args, *(u.args if u else filler), *tiles(u),
-                *(v.args if v else filler), tiles(v)[0], np.int32(mode), step, momentum]
-        self._kernel("backward.cu", gemm_name("backward", dtype, path))((n_blocks, 1, 1), (BLOCK, 1, 1), args)
+            act_code, loss_code = self._output_codes(output.y_hat, output.y, output.activation, output.loss,
+                                                     p_part["delta"], output.loss_out)
+            parts = max(self.max_blocks, p_part["tiles"] // p_part["tiles_n"])  # loss partials: 1 per row tile
+            out = dict(on=1, y_hat=output.y_hat, y=output.y, act=act_code, loss=loss_code,
+                       loss_out=output.loss_out, partials=self._scratch("partials", (parts,), np.float64),
+                       hit_partials=self._scratch("hit_partials", (parts,), np.int64), ticket=self._ticket)
+            if output.record is not None:
+                r = output.record
+                self._check_record(output.loss_out, r.losses, r.correct, r.step, r.count)
+                record = dict(on=1, losses=r.losses, correct=r.correct, step=r.step, count=int(bool(r.count)))
+        mode, step, momentum = u.rule if u else (SGD, dtype.type(0), dtype.type(0))
+        args = [make("PropagateParams", dtype, **p_part), make("OutputParams", dtype, **out),
+                make("StepRecord", dtype, **record),
+                make("WeightGradParams", dtype, **(u.part(tile) if u else {})),
+                make("WeightGradParams", dtype, **(v.part(tile) if v else {})),
+                make("UpdateRule", dtype, mode=mode, step=step, momentum=momentum)]
+        n_blocks = sum(g.part(tile)["tiles"] for g in gemms)
+        self._kernel("backward.cu", gemm_name("backward", dtype, path))((n_blocks, 1, 1), (threads_of(path), 1, 1),
+                                                                        args)
 
     def backward(self, propagate: Propagate | None, updates: Sequence[Update], output: Output | None = None,
                  config: str | None = None) -> None:
         """An error propagation and up to two weight updates of other layers, the output delta
         first when ``output`` is given (see ArrayOps.backward): one launch of backward.cu when
-        the tuner put none of them on cuBLAS, else each on its own path."""
-        check_backward(propagate, updates, output)
+        the tuner put none of them on cuBLAS, else each on its own path. Raises before any
+        launch if what one part writes overlaps what another reads or writes."""
+        self._check_backward(propagate, updates, output)
         gemms = [self._propagate_gemm(*propagate)] if propagate is not None else []
         for u in updates:
             gemms.append(self._weight_grad_gemm(u.o, u.delta, u.W, u.b, SGD_MOMENTUM if u.momentum else SGD,
@@ -518,6 +549,8 @@ class CudaOps(ArrayOps):
                     config: str | None = None) -> tuple[Any, Any]:
         """grad_w = o^T delta, grad_b = column sums of delta, in one launch
         (with ``o_next``: delta = err * f'(o_next) computed in the prologue)."""
+        check_disjoint(self.xp, [("grad_w", grad_w), ("grad_b", grad_b), ("delta_out", delta_out)],
+                       [("o", o), ("delta", delta), ("o_next", o_next)])
         self._run([self._weight_grad_gemm(o, delta, grad_w, grad_b, WRITE_GRADIENT, 0.0, 0.0, None, None,
                                           o_next, activation, delta_out)], config)
         return grad_w, grad_b
@@ -527,6 +560,8 @@ class CudaOps(ArrayOps):
                    activation: str = "identity", delta_out: Any = None, config: str | None = None) -> None:
         """The SGD step applied to W and b in the weight-gradient GEMM's epilogue (on the cuBLAS
         path: cuBLAS with alpha = -step, beta = 1 into W, then one bias kernel)."""
+        check_disjoint(self.xp, [("W", W), ("b", b), ("vel_w", vel_w), ("vel_b", vel_b), ("delta_out", delta_out)],
+                       [("o", o), ("delta", delta), ("o_next", o_next)])
         mode = SGD_MOMENTUM if momentum else SGD
         self._run([self._weight_grad_gemm(o, delta, W, b, mode, step, momentum, vel_w, vel_b, o_next, activation,
                                           delta_out)], config)

@@ -115,6 +115,62 @@ def check_backward(propagate: Propagate | None, updates: Sequence[Update], outpu
         raise ValueError("output: needs a propagation or an update whose delta it computes")
 
 
+Operands = Sequence[tuple[str, Any]]
+
+
+def same_view(a: Any, b: Any) -> bool:
+    """a and b are the same elements: same start, shape, strides and dtype (an in-place operand)."""
+    from .launch import address
+
+    return a is b or (a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype
+                      and address(a) == address(b))
+
+
+def check_disjoint(xp: Any, writes: Operands, reads: Operands) -> None:
+    """A launch's contract: no array it writes shares memory with another array it writes or
+    reads. Its blocks run in any order and at once, so a write can land before another block
+    has read what it overwrote (a delta written over the error the other tiles still read gave
+    rows of dW off by 78% in a probe). ``writes``, ``reads``: (argument name, array), None
+    skipped; an operand updated in place (W, b of an update) is listed once, as a write. Raises
+    ValueError naming both arguments."""
+    writes = [(n, a) for n, a in writes if a is not None]
+    operands = writes + [(n, a) for n, a in reads if a is not None]
+    for i, (name, written) in enumerate(writes):
+        for other, array in operands[i + 1:]:
+            if written.size and array.size and xp.may_share_memory(written, array):
+                what = "writes" if any(array is a for _, a in writes) else "reads"
+                raise ValueError(f"{name} and {other} overlap in memory: one launch writes {name} and "
+                                 f"{what} {other}, and its blocks run in any order; pass separate arrays")
+
+
+def backward_operands(propagate: Propagate | None, updates: Sequence[Update],
+                      output: Output | None) -> tuple[list, list]:
+    """(writes, reads) of one ``ops.backward`` call, named as its arguments; the delta the output
+    delta computes counts as written (it is, inside the launch, before its part reads it)."""
+    writes, reads = [], []
+    from_output = None
+    if output is not None:
+        from_output = propagate.delta if propagate is not None else updates[0].delta
+        what = "propagate.delta" if propagate is not None else "updates[0].delta"
+        writes += [(what, from_output), ("output.loss_out", output.loss_out)]
+        reads += [("output.y_hat", output.y_hat), ("output.y", output.y)]
+        if output.record is not None:
+            writes += [("output.record.losses", output.record.losses),
+                       ("output.record.correct", output.record.correct), ("output.record.step", output.record.step)]
+    if propagate is not None:
+        writes.append(("propagate.out", propagate.out))
+        reads += [("propagate.W", propagate.W), ("propagate.o", propagate.o)]
+        if propagate.delta is not from_output:
+            reads.append(("propagate.delta", propagate.delta))
+    for i, u in enumerate(updates):
+        writes += [(f"updates[{i}].W", u.W), (f"updates[{i}].b", u.b), (f"updates[{i}].vel_w", u.vel_w),
+                   (f"updates[{i}].vel_b", u.vel_b)]
+        reads.append((f"updates[{i}].o", u.o))
+        if u.delta is not from_output:
+            reads.append((f"updates[{i}].delta", u.delta))
+    return writes, reads
+
+
 class ArrayOps:
     """Unfused reference operations over ``xp`` (numpy or cupy)."""
 
@@ -124,6 +180,22 @@ class ArrayOps:
         self.xp = xp
         self.special = special
         self._scratch_cache: dict = {}
+        self._checked: dict = {}  # backward calls whose operands were checked (see _check_backward)
+
+    def _check_backward(self, propagate: Propagate | None, updates: Sequence[Update],
+                        output: Output | None) -> None:
+        """check_backward and check_disjoint for one backward call, once per set of argument
+        objects: a model passes the same NamedTuples every step (held here, so their ids are
+        not reused; NamedTuples and arrays are immutable in what is checked)."""
+        key = (propagate, *updates, output)
+        seen = self._checked.get(tuple(map(id, key)))
+        if seen is not None and all(a is b for a, b in zip(seen, key)):
+            return
+        check_backward(propagate, updates, output)
+        check_disjoint(self.xp, *backward_operands(propagate, updates, output))
+        if len(self._checked) > 64:
+            self._checked.clear()
+        self._checked[tuple(map(id, key))] = key
 
     def _scratch(self, tag: str, shape: tuple, dtype: Any) -> Any:
         key = (tag, tuple(shape), dtype)
@@ -155,11 +227,20 @@ class ArrayOps:
     # -- forward ------------------------------------------------------------
     def forward(self, o: Any, W: Any, b: Any, activation: str, out: Any, gather: Gather | None = None) -> Any:
         """out = f(o W + b); with ``gather``, o (and gather.yb) are first gathered into."""
+        self._check_forward(o, W, b, out, gather)
         if gather is not None:
             self.gather_batch(*gather[:5], o, gather.yb)
         self.gemm(o, W, out)
         out += b
         return act.activate(self.xp, self.special, activation, out, out)
+
+    def _check_forward(self, o: Any, W: Any, b: Any, out: Any, gather: Gather | None) -> None:
+        if gather is None:
+            check_disjoint(self.xp, [("out", out)], [("o", o), ("W", W), ("b", b)])
+        else:
+            check_disjoint(self.xp, [("out", out), ("o", o), ("gather.yb", gather.yb)],
+                           [("W", W), ("b", b), ("gather.X", gather.X), ("gather.Y", gather.Y),
+                            ("gather.order", gather.order), ("gather.step", gather.step)])
 
     # -- deltas -------------------------------------------------------------
     def output_delta(self, y_hat: Any, y: Any, activation: str, loss: str, out: Any,
@@ -169,6 +250,10 @@ class ArrayOps:
         mse:           delta = (y_hat - y) * f'(y_hat),  loss = 1/2 sum (y_hat - y)^2
         cross_entropy: delta = y_hat - y (softmax),      loss = -sum y log y_hat
         """
+        check_disjoint(self.xp, [("out", out), ("loss_out", loss_out)], [("y_hat", y_hat), ("y", y)])
+        return self._output_delta(y_hat, y, activation, loss, out, loss_out)
+
+    def _output_delta(self, y_hat: Any, y: Any, activation: str, loss: str, out: Any, loss_out: Any) -> Any:
         xp = self.xp
         xp.subtract(y_hat, y, out=out)
         scratch = self._scratch("delta", out.shape, out.dtype)
@@ -176,7 +261,7 @@ class ArrayOps:
         if loss == "mse":
             xp.square(out, out=scratch)
             loss_out[0] = 0.5 * scratch.sum(dtype=xp.float64)
-            act.multiply_derivative(xp, activation, y_hat, out, scratch)
+            act.multiply_derivative(xp, activation, y_hat, out, scratch, self._scratch("delta2", out.shape, out.dtype))
         else:
             xp.maximum(y_hat, xp.finfo(out.dtype).tiny, out=scratch)
             xp.log(scratch, out=scratch)
@@ -185,18 +270,25 @@ class ArrayOps:
         return out
 
     def hidden_delta(self, err: Any, o: Any, activation: str, out: Any) -> Any:
-        """delta = err * f'(o), f' from the saved output."""
+        """delta = err * f'(o), f' from the saved output; ``out`` may be ``err`` itself (in place)."""
+        check_disjoint(self.xp, [("out", out)], [("o", o)] + ([] if same_view(out, err) else [("err", err)]))
         if out is err:
-            return act.multiply_derivative(self.xp, activation, o, out, self._scratch("delta", out.shape, out.dtype))
-        act.derivative(self.xp, activation, o, out)  # f'(o) straight into out: 3 passes, no scratch
+            return act.multiply_derivative(self.xp, activation, o, out, self._scratch("delta", out.shape, out.dtype),
+                                          self._scratch("delta2", out.shape, out.dtype))
+        act.derivative(self.xp, activation, o, out, self._scratch("delta2", out.shape, out.dtype))  # f'(o) into out
         out *= err
         return out
 
     # -- backward GEMMs -----------------------------------------------------
     def propagate(self, delta: Any, W: Any, o: Any, activation: str, out: Any) -> Any:
         """The error one layer down, times its derivative: out = (delta W^T) * f'(o)."""
+        check_disjoint(self.xp, [("out", out)], [("delta", delta), ("W", W), ("o", o)])
+        return self._propagate(delta, W, o, activation, out)
+
+    def _propagate(self, delta: Any, W: Any, o: Any, activation: str, out: Any) -> Any:
         self.gemm(delta, W, out, trans_b=True)
-        return act.multiply_derivative(self.xp, activation, o, out, self._scratch("propagate", out.shape, out.dtype))
+        return act.multiply_derivative(self.xp, activation, o, out, self._scratch("propagate", out.shape, out.dtype),
+                                          self._scratch("propagate2", out.shape, out.dtype))
 
     def _prologue(self, delta: Any, o_next: Any, activation: str, delta_out: Any) -> Any:
         """With ``o_next`` given, ``delta`` holds err and the true delta is err * f'(o_next)."""
@@ -209,6 +301,8 @@ class ArrayOps:
     def weight_grad(self, o: Any, delta: Any, grad_w: Any, grad_b: Any, *, o_next: Any = None,
                     activation: str = "identity", delta_out: Any = None) -> tuple[Any, Any]:
         """grad_w = o^T delta, grad_b = sum over the batch of delta (sums, not means)."""
+        check_disjoint(self.xp, [("grad_w", grad_w), ("grad_b", grad_b), ("delta_out", delta_out)],
+                       [("o", o), ("delta", delta), ("o_next", o_next)])
         delta = self._prologue(delta, o_next, activation, delta_out)
         self.gemm(o, delta, grad_w, trans_a=True)
         delta.sum(axis=0, out=grad_b)
@@ -222,7 +316,12 @@ class ArrayOps:
         momentum == 0: W -= step * o^T delta,  b -= step * sum(delta)
         momentum  > 0: v = momentum v - step * o^T delta;  W += v  (same for b)
         """
-        delta = self._prologue(delta, o_next, activation, delta_out)
+        check_disjoint(self.xp, [("W", W), ("b", b), ("vel_w", vel_w), ("vel_b", vel_b), ("delta_out", delta_out)],
+                       [("o", o), ("delta", delta), ("o_next", o_next)])
+        self._sgd_update(o, self._prologue(delta, o_next, activation, delta_out), W, b, step, momentum, vel_w, vel_b)
+
+    def _sgd_update(self, o: Any, delta: Any, W: Any, b: Any, step: float, momentum: float, vel_w: Any,
+                    vel_b: Any) -> None:
         grad_b = self._scratch("grad_b", b.shape, b.dtype)
         delta.sum(axis=0, out=grad_b)
         if momentum:
@@ -246,16 +345,16 @@ class ArrayOps:
         propagation's, else the first update's) is first computed as the output delta,
         with the loss (and its step record); on CUDA inside the same launch. Here, one
         after another."""
-        check_backward(propagate, updates, output)
+        self._check_backward(propagate, updates, output)
         if output is not None:
             delta = propagate.delta if propagate is not None else updates[0].delta
-            self.output_delta(output.y_hat, output.y, output.activation, output.loss, delta, output.loss_out)
+            self._output_delta(output.y_hat, output.y, output.activation, output.loss, delta, output.loss_out)
             if output.record is not None:
                 self.finish_batch(output.y_hat, output.y, output.loss_out, *output.record)
         if propagate is not None:
-            self.propagate(*propagate)
+            self._propagate(*propagate)
         for update in updates:
-            self.sgd_update(*update)
+            self._sgd_update(*update)
 
     # -- the fit loop's bookkeeping (kernels/batch.cu) ----------------------
     def shuffle_keys(self, key: int, keys: Any, step: Any) -> None:
@@ -285,6 +384,7 @@ class ArrayOps:
         """xb, yb = the rows order[step * stride + r] of X, Y; ``step`` is a (1,) int64 counter
         on the device, so a captured step needs no host work to find its batch."""
         xp, batch = self.xp, xb.shape[0]
+        check_disjoint(xp, [("xb", xb), ("yb", yb)], [("X", X), ("Y", Y), ("order", order), ("step", step)])
         rows = self._scratch("rows", (batch,), xp.int64)
         xp.add(self._arange(batch), step * stride, out=rows)
         index = self._scratch("index", (batch,), xp.int64)
@@ -334,6 +434,7 @@ class NumpyOps(ArrayOps):
 
     def gather_batch(self, X: Any, Y: Any, order: Any, step: Any, stride: int, xb: Any, yb: Any) -> None:
         """As ArrayOps.gather_batch; on the host the counter is read directly (no index arithmetic arrays)."""
+        check_disjoint(np, [("xb", xb), ("yb", yb)], [("X", X), ("Y", Y), ("order", order), ("step", step)])
         first = int(step[0]) * stride
         index = order[first:first + xb.shape[0]]
         self.xp.take(X, index, axis=0, out=xb)
@@ -349,6 +450,7 @@ class NumpyOps(ArrayOps):
 
     def forward(self, o: Any, W: Any, b: Any, activation: str, out: Any, gather: Gather | None = None) -> Any:
         """out = f(o W + b) with the bias added by the GEMM (beta = 1): one pass fewer."""
+        self._check_forward(o, W, b, out, gather)
         if gather is not None:
             self.gather_batch(*gather[:5], o, gather.yb)
         out[...] = b

@@ -54,7 +54,9 @@ def sources_of(path: Path, include_dirs: Sequence[Path], seen: set | None = None
 
 
 def wrapper_source(cu_file: Path, names: Sequence[str]) -> str:
-    lines = [f'#include "{SHIM}"', f'#include "{cu_file}"']
+    lines = [f'#include "{SHIM}"', f'#include "{cu_file}"',
+             'extern "C" __attribute__((visibility("default"))) int emu_take_trap() '
+             '{ return emu::trapped.exchange(false); }']
     for i, name in enumerate(names):
         lines.append(
             f'extern "C" __attribute__((visibility("default"))) void emu_launch_{i}(const unsigned* g, '
@@ -100,14 +102,20 @@ class EmuKernel:
     ``fns``: the kernel's entry point in each loaded copy of its library; a launch runs
     on ``len(fns)`` copies at once, taking blocks in the order ``schedule(n_blocks)`` gives."""
 
-    def __init__(self, fns: Sequence[Any], name: str, schedule: Any):
-        self._fns, self.name, self._schedule = list(fns), name, schedule
+    def __init__(self, fns: Sequence[Any], name: str, schedule: Any, traps: Sequence[Any] = ()):
+        self._fns, self.name, self._schedule, self._traps = list(fns), name, schedule, list(traps)
         self.launches = 0
 
     def __call__(self, grid: Sequence[int], block: Sequence[int], args: Sequence[Any], shared_mem: int = 0) -> None:
         keep, pointers = [], (ctypes.c_void_p * len(args))()
         for i, arg in enumerate(args):
-            if isinstance(arg, np.ndarray):
+            if isinstance(arg, np.ndarray) and arg.dtype.names is not None:  # a struct, by value (as CuPy)
+                if arg.size != 1:
+                    raise ValueError(f"{self.name}: argument {i}: a struct argument holds one record")
+                holder = np.ascontiguousarray(arg)
+                keep.append(holder)
+                pointers[i] = holder.ctypes.data
+            elif isinstance(arg, np.ndarray):
                 if not arg.flags.c_contiguous:
                     raise ValueError(f"{self.name}: argument {i} is not C-contiguous")
                 holder = ctypes.c_void_p(arg.ctypes.data)
@@ -131,14 +139,15 @@ class EmuKernel:
         fns = self._fns[:max(1, min(len(self._fns), n_blocks))] if order is not None else self._fns[:1]
         if len(fns) == 1:
             fns[0](*call)
-            return
-        # ctypes releases the GIL during each call: the copies run the grid together
-        workers = [threading.Thread(target=fn, args=call) for fn in fns[1:]]
-        for w in workers:
-            w.start()
-        fns[0](*call)
-        for w in workers:
-            w.join()
+        else:  # ctypes releases the GIL during each call: the copies run the grid together
+            workers = [threading.Thread(target=fn, args=call) for fn in fns[1:]]
+            for w in workers:
+                w.start()
+            fns[0](*call)
+            for w in workers:
+                w.join()
+        if any([take() for take in self._traps]):  # every copy's flag read (and cleared)
+            raise RuntimeError(f"{self.name}: the kernel trapped (__trap) with block {tuple(block)}")
 
 
 def _copies(path: Path, n: int) -> list[Path]:
@@ -198,7 +207,8 @@ class EmuLoader:
                 fn = getattr(lib, f"emu_launch_{names.index(name)}")
                 fn.restype = None
                 fns.append(fn)
-            self.kernels[key] = EmuKernel(fns, name, self.schedule)
+            traps = [lib.emu_take_trap for lib in self._libs[lib_key]]
+            self.kernels[key] = EmuKernel(fns, name, self.schedule, traps)
         return self.kernels[key]
 
     def gemm(self, a: Any, b: Any, out: Any, tf32: bool = False, **kwargs: Any) -> Any:

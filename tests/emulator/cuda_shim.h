@@ -59,6 +59,12 @@ inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 inline constexpr std::size_t emu_dynamic_shared_max = emu::dynamic_shared_max;
 
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
+// A GPU aborts the launch; here the kernel returns (the caller checks) and the launcher
+// raises (builder.py reads emu_take_trap after every launch).
+namespace emu {
+inline std::atomic<bool> trapped{false};
+}
+inline void __trap() { emu::trapped.store(true); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 template <typename T>

@@ -29,29 +29,35 @@ int main() {
     std::vector<unsigned int> ticket(1, 0);
     const dim3 block{256, 1, 1};
 
-    emu::launch(&forward<float, Simt<float, 64, 64, 16, 4, 4>>, dim3{tiles(N, 64), tiles(B, 64), 1}, block, o.data(), W.data(),
-                b.data(), out.data(), (int)ACT_SIGMOID, B, N, M);
+    using Small = Simt<float, 64, 64, 16, 4, 4>;
+    emu::launch(&forward<float, Small>, dim3{tiles(N, 64), tiles(B, 64), 1}, block,
+                ForwardParams<float>{o.data(), W.data(), b.data(), out.data(), B, N, M, (int)ACT_SIGMOID});
     emu::launch(&output_delta<float>, dim3{3, 1, 1}, block, out.data(), o_next.data(), delta.data(), (int)ACT_SIGMOID,
                 (int)LOSS_MSE, B * N, partials.data(), ticket.data(), loss.data());
-    emu::launch(&propagate<float, Simt<float, 64, 64, 16, 4, 4>>, dim3{tiles(M, 64), tiles(B, 64), 1}, block, delta.data(),
-                W.data(), o.data(), below.data(), (int)ACT_TANH, B, M, N);
-    emu::launch(&weight_grad<float, Simt<float, 64, 64, 16, 4, 4>>, dim3{tiles(N, 64), tiles(M, 64), 1}, block, o.data(),
-                err.data(), 1, o_next.data(), delta.data(), (int)ACT_SIGMOID, W.data(), b.data(), vel_w.data(),
-                vel_b.data(), (int)SGD_MOMENTUM, 0.01f, 0.9f, M, N, B);
+    emu::launch(&propagate<float, Small>, dim3{tiles(M, 64), tiles(B, 64), 1}, block,
+                PropagateParams<float>{delta.data(), W.data(), o.data(), below.data(), B, M, N, (int)ACT_TANH, 0, 0});
+    emu::launch(&weight_grad<float, Small>, dim3{tiles(N, 64), tiles(M, 64), 1}, block,
+                WeightGradParams<float>{o.data(), err.data(), o_next.data(), delta.data(), W.data(), b.data(),
+                                        vel_w.data(), vel_b.data(), M, N, B, (int)ACT_SIGMOID, 1, 0, 0},
+                UpdateRule<float>{(int)SGD_MOMENTUM, 0.01f, 0.9f});
     // backward.cu: blocks of a propagation (with the output delta) and of two updates (plain SGD: no
     // shared velocity) in one grid
     std::vector<float> below2(B * M), W_u = W, b_u = b, W_v = W, b_v = b, losses(4);
     std::vector<long long> correct(4), step(1, 0), hit_partials(8);
     const index_t p_tiles_n = tiles(M, 64), p_tiles = p_tiles_n * tiles(B, 64);
     const index_t u_tiles_n = tiles(N, 64), u_tiles = u_tiles_n * tiles(M, 64);
-    emu::launch(&backward<float, Simt<float, 64, 64, 16, 4, 4>>, dim3{(unsigned int)(p_tiles + 2 * u_tiles), 1, 1},
-                block, delta.data(), W.data(), o.data(), below2.data(), (int)ACT_TANH, B, M, N, p_tiles_n, p_tiles,
-                1, out.data(), o_next.data(), (int)ACT_SIGMOID, (int)LOSS_MSE, partials.data(), ticket.data(),
-                loss.data(),  // P computes the output delta (and the loss) as it loads it ...
-                1, losses.data(), correct.data(), step.data(), 1, hit_partials.data(),  // ... and the step record
-                o.data(), err.data(), W_u.data(), b_u.data(), vel_w.data(), vel_b.data(), M, N, B, u_tiles_n, u_tiles,
-                o.data(), err.data(), W_v.data(), b_v.data(), vel_w.data(), vel_b.data(), M, N, B, u_tiles_n,
-                (int)SGD, 0.01f, 0.0f);
+    emu::launch(&backward<float, Small>, dim3{(unsigned int)(p_tiles + 2 * u_tiles), 1, 1}, block,
+                PropagateParams<float>{delta.data(), W.data(), o.data(), below2.data(), B, M, N, (int)ACT_TANH,
+                                       p_tiles_n, p_tiles},
+                // P computes the output delta (and the loss) as it loads it ...
+                OutputParams<float>{out.data(), o_next.data(), loss.data(), partials.data(), hit_partials.data(),
+                                    ticket.data(), 1, (int)ACT_SIGMOID, (int)LOSS_MSE},
+                StepRecord<float>{losses.data(), correct.data(), step.data(), 1, 1},  // ... and the step record
+                WeightGradParams<float>{o.data(), err.data(), nullptr, nullptr, W_u.data(), b_u.data(), nullptr,
+                                        nullptr, M, N, B, 0, 0, u_tiles_n, u_tiles},
+                WeightGradParams<float>{o.data(), err.data(), nullptr, nullptr, W_v.data(), b_v.data(), nullptr,
+                                        nullptr, M, N, B, 0, 0, u_tiles_n, u_tiles},
+                UpdateRule<float>{(int)SGD, 0.01f, 0.0f});
     emu::launch(&bias_update<float>, dim3{tiles(N, 32), 1, 1}, dim3{32, 8, 1}, delta.data(), b.data(),
                 vel_b.data(), (int)SGD_MOMENTUM, 0.01f, 0.9f, B, N);
     emu::launch(&bias_activation<float>, dim3{2, 1, 1}, block, out.data(), b.data(), (int)ACT_TANH, B, N);

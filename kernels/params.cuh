@@ -1,0 +1,100 @@
+// Launch parameters of the GEMM kernels: one struct per part of a launch, passed by
+// value. gpu_backprop/ops/launch.py declares the same fields in the same order (a test
+// compiles these structs and compares every field's offset with the NumPy layout), so
+// a reordered or retyped field fails a test instead of binding the wrong value. A part
+// that a launch does not run has no tiles and null pointers.
+#pragma once
+#include "common.cuh"
+
+// out = f(o W + b)                      o: M x K, W: K x N, b: N, out: M x N
+template <typename T>
+struct ForwardParams {
+    const T* o;
+    const T* W;
+    const T* b;
+    T* out;
+    index_t M, N, K;  // batch, outputs, inputs
+    int act;
+};
+
+// forward_gather's input rows: o[r] = X[order[step * stride + r]] (written to o as loaded),
+// yb[r] = Y[the same row]
+template <typename T>
+struct GatherParams {
+    const T* X;
+    const T* Y;
+    const long long* order;
+    const long long* step;
+    T* yb;
+    index_t stride, n_y;
+};
+
+// out = (delta W^T) * f'(o)             delta: M x K, W: N x K, o and out: M x N
+template <typename T>
+struct PropagateParams {
+    const T* delta;
+    const T* W;
+    const T* o;
+    T* out;
+    index_t M, N, K;  // batch, inputs (the width below), outputs
+    int act;
+    index_t tiles_n, tiles;  // backward.cu: tiles in a row of the output, in all (0: absent)
+};
+
+// W, b <- update(o^T delta, column sums of delta)   o: K x M, g: K x N
+// with has_prologue: delta = g * f'(o_next), written once to delta_out; else delta = g
+template <typename T>
+struct WeightGradParams {
+    const T* o;
+    const T* g;
+    const T* o_next;
+    T* delta_out;
+    T* W;
+    T* b;
+    T* vel_w;
+    T* vel_b;
+    index_t M, N, K;  // inputs, outputs, batch
+    int act, has_prologue;
+    index_t tiles_n, tiles;
+};
+
+// What the weight-gradient epilogue does with the gradient (common.cuh apply_update).
+template <typename T>
+struct UpdateRule {
+    int mode;
+    T step, momentum;
+};
+
+// backward.cu's output delta, computed as the propagation loads it (on = 0: delta is read):
+// delta = output delta of (y_hat, y) (delta.cu), loss summed over the first tile column.
+template <typename T>
+struct OutputParams {
+    const T* y_hat;
+    const T* y;
+    T* loss_out;
+    double* partials;
+    long long* hit_partials;
+    unsigned int* ticket;
+    int on, act, loss;
+};
+
+// The fit loop's per-step record, kept by whichever kernel finishes the loss:
+// losses[step] = loss, correct[step] = hits (if count), step += 1.
+template <typename T>
+struct StepRecord {
+    T* losses;
+    long long* correct;
+    long long* step;
+    int on, count;
+};
+
+// The block every GEMM kernel is written for is its core's THREADS threads in x; the
+// launchers derive the same number from the same tile (gpu_backprop/ops/cuda.py threads_of).
+// Any other block traps rather than computing part of a tile. (Not __launch_bounds__: with
+// it ptxas spilled the tiny tile's backward to reach 80 registers on sm_90.)
+template <class Core>
+__device__ __forceinline__ bool launched_as_core() {
+    if (blockDim.x == Core::THREADS && blockDim.y == 1 && blockDim.z == 1) return true;
+    __trap();
+    return false;
+}
