@@ -200,7 +200,9 @@ class EmuLoader:
                 raise ValueError(f"{name}: tensor-core kernels do not run in the CPU emulator")
             lib_key = (file, tuple(names))
             if lib_key not in self._libs:
-                path = build(self.kernels_dir / file, names, self.extra_flags, include_dirs=[self.kernels_dir])
+                # the project's kernels/ after kernels_dir: probes in tests/emulator include common.cuh
+                path = build(self.kernels_dir / file, names, self.extra_flags,
+                             include_dirs=list(dict.fromkeys([self.kernels_dir, KERNELS])))
                 self._libs[lib_key] = [ctypes.CDLL(str(p)) for p in _copies(path, self.slots)]
             fns = []
             for lib in self._libs[lib_key]:
