@@ -72,9 +72,14 @@ def test_save_refuses_device_fifo_socket_directory(tmp_path, d, capsys):
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(sock_path))
     (tmp_path / "dir").mkdir()
+    targets = [(fifo, "FIFO"), (sock_path, "socket"), (tmp_path / "dir", "directory")]
+    if os.geteuid() == 0:  # a twin of /dev/null of our own: a regression must not replace the real one
+        os.mknod(tmp_path / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        targets.append((tmp_path / "null", "character device"))
+    else:
+        targets.append(("/dev/null", "character device"))  # not root: a regression cannot replace it
     model = MLP([3, 4, 3], device="cpu")
-    for target, kind in (("/dev/null", "character device"), (fifo, "FIFO"), (sock_path, "socket"),
-                         (tmp_path / "dir", "directory")):
+    for target, kind in targets:
         before = os.lstat(target).st_mode
         with pytest.raises(FileError, match=f"is a {kind}: expected a regular file"):
             model.save(target)
@@ -278,7 +283,8 @@ def test_csv_labels_near_1e12(tmp_path, capsys):
 
 # -- 6. sizes that exhaust memory are refused with the figure and the limit -------------------
 def test_sizes_beyond_memory_are_refused(capsys, monkeypatch):
-    fails("train", "--hidden", "100000000000", capsys=capsys, match="GiB available on cpu")
+    line = fails("train", "--hidden", "100000000000", capsys=capsys, match="--hidden: a 64-100000000000-10 float32")
+    assert "GiB available on cpu" in line
     with pytest.raises(MemoryError, match=r"sizes: a 64-100000000000-10 float32 network needs .* GiB"):
         MLP([64, 10**11, 10], device="cpu")
     monkeypatch.setattr(model_mod, "available_bytes", lambda device: 100 * 2**20)
@@ -442,6 +448,13 @@ def test_json_output_is_strict(tmp_path, d, m, capsys):
     assert status == 0 and strict(out)["n"] == 60
     status, out, _ = main("train", "--data", "regression", "--epochs", "2", "--json", capsys=capsys)
     assert status == 0 and strict(out)["test_accuracy"] is None
+    # inputs float32 holds, but outputs it does not: refused, never "Infinity" in the JSON
+    big = MLP([3, 2, 1], activation="identity", output="identity", device="cpu")
+    big.task = "regression"
+    big.set_params({"W0": np.full((3, 2), 1e30), "b0": np.zeros(2), "W1": np.full((2, 1), 1e30), "b1": np.zeros(1)})
+    big.save(tmp_path / "big.npz")
+    fails("predict", "--model", tmp_path / "big.npz", "--data", d, "--json", capsys=capsys,
+          match="the outputs overflow float32")
 
 
 def test_no_runtime_warnings_on_stderr(tmp_path, d, capsys):
@@ -477,3 +490,55 @@ def test_plot_path_goes_through_the_same_gate(tmp_path, d, capsys, monkeypatch):
     monkeypatch.setattr(files, "check_writable", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     MLP([3, 2], device="cpu").save(tmp_path / "m.npz")
     assert calls == ["path"]  # MLP.save asks the same function
+
+
+# -- what already worked, kept: loading never unpickles; kill -9 never leaves a corrupt model --
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # unpickling would create the marker file
+
+
+def _with_config(path, out, config):
+    with np.load(path) as f:
+        contents = {k: f[k] for k in f.files}
+    contents["config"] = config
+    np.savez(out, **contents)
+    return out
+
+
+def test_loading_never_unpickles(tmp_path, m, capsys):
+    marker = tmp_path / "unpickled"
+    payload = np.empty(1, dtype=object)
+    payload[0] = _Payload(str(marker))
+    for name in ("W0", "config", "extra_meta"):
+        bad = tamper(m, tmp_path / f"p-{name}.npz", None, **{name: payload}) if name != "config" else \
+            _with_config(m, tmp_path / "p-config.npz", payload)
+        fails("predict", "--model", bad, "--data", tmp_path / "d.npz", capsys=capsys, match="Python objects")
+    np.savez(tmp_path / "pd.npz", X=payload, y=payload)
+    fails("train", "--data", tmp_path / "pd.npz", capsys=capsys, match="Python objects")
+    assert not marker.exists()
+
+
+def test_kill_during_save_never_leaves_a_corrupt_model(tmp_path):
+    import signal
+    import time
+
+    path = tmp_path / "m.npz"
+    MLP([64, 256, 10], device="cpu", seed=0).save(path)
+    script = ("import sys; from gpu_backprop import MLP\n"
+              "models = [MLP([64, 256, 10], device='cpu', seed=s) for s in (1, 2)]\n"
+              "print('ready', flush=True)\n"
+              "while True:\n    for m in models: m.save(sys.argv[1])\n")
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE,
+                                env={**os.environ, "GPU_BACKPROP_DEVICE": "cpu"})
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(rng.uniform(0.05, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        assert MLP.load(path, device="cpu").sizes == [64, 256, 10]  # the old model or the new, whole
