@@ -178,8 +178,8 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
             start = time.perf_counter()
             loss, accuracy = trainer.epoch()
             history.seconds.append(time.perf_counter() - start)
-            params = (*model.weights, *model.biases)
-            if not (math.isfinite(loss) and all(bool(model.xp.isfinite(p).all()) for p in params)):
+            params, xp = (*model.weights, *model.biases), model.xp
+            if not (math.isfinite(loss) and bool(xp.stack([xp.isfinite(p).all() for p in params]).all())):
                 for p, good in zip(params, kept):
                     p[...] = good
                 model._velocity = None
