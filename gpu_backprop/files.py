@@ -42,6 +42,8 @@ def check_writable(path: "str | os.PathLike", what: str = "path",
     text = os.fspath(path)
     if not isinstance(text, str) or not text.strip():
         raise FileError(f"{what}: expected a file name, got {text!r}")
+    if text.endswith(("/", os.sep)):  # names a folder, which realpath would silently drop
+        raise FileError(f"{what}: expected a file name, got the folder path {text!r}")
     target = Path(os.path.realpath(text))
     try:
         st = os.stat(target)

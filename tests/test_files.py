@@ -131,6 +131,7 @@ def test_save_writes_through_a_symlink_and_keeps_the_mode(tmp_path, monkeypatch)
     ("dir", "is a directory"),
     ("missing/m.npz", "folder"),
     ("", "expected a file name"),
+    ("new/", "expected a file name, got the folder path"),
 ])
 def test_bad_save_path_is_refused_before_training(tmp_path, d, capsys, monkeypatch, where, match):
     (tmp_path / "dir").mkdir()
