@@ -48,17 +48,24 @@ def address(array: Any) -> int:
     """The device (or, for NumPy arrays in the shim, host) address of an array's first element; 0 for None."""
     if array is None:
         return 0
-    data = array.data
-    return int(data.ptr) if hasattr(data, "ptr") else int(array.ctypes.data)
+    if isinstance(array, np.ndarray):
+        return int(array.ctypes.data)
+    return int(array.data.ptr)
+
+
+def _layout(name: str, dtype: Any) -> tuple[np.dtype, tuple[str, ...], frozenset, tuple[bool, ...]]:
+    key = (name, "layout", np.dtype(dtype))
+    if key not in _DTYPES:
+        dt = struct_dtype(name, dtype)
+        _DTYPES[key] = (dt, dt.names, frozenset(dt.names), tuple(t is PTR for _, t in STRUCTS[name]))
+    return _DTYPES[key]
 
 
 def make(name: str, dtype: Any, **values: Any) -> np.ndarray:
     """One record of ``name<T>`` (a (1,) structured array, passed by value); arrays become their
     addresses, fields not given are 0 (absent pointers, no tiles). A field the struct lacks raises."""
-    record = np.zeros(1, dtype=struct_dtype(name, dtype))
-    for field, value in values.items():
-        if field not in record.dtype.names:
-            raise KeyError(f"{name} has no field {field!r}")
-        kind = dict(STRUCTS[name])[field]
-        record[field] = address(value) if kind is PTR else value
-    return record
+    dt, names, known, pointer = _layout(name, dtype)
+    if not known.issuperset(values):
+        raise KeyError(f"{name} has no field {sorted(set(values) - known)[0]!r}")
+    row = tuple(address(values.get(f)) if p else values.get(f, 0) for f, p in zip(names, pointer))
+    return np.array([row], dtype=dt)
