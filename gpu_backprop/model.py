@@ -217,6 +217,9 @@ class MLP:
         from .train import fit
 
         n_rows = int(getattr(X, "shape", (0,))[0]) if getattr(X, "ndim", 0) >= 1 else 0
+        dtype = getattr(X, "dtype", None)
+        if getattr(X, "ndim", 0) == 2 and dtype is not None and dtype.kind == "f" and dtype.itemsize > self.dtype.itemsize:
+            data_mod.check_features(X, self.sizes[0], "X", dtype=self.dtype)  # 1e300 as float32 is Inf
         if isinstance(batch_size, (int, np.integer)) and batch_size > 0:
             check_memory(self.sizes, self.dtype, self.device, batch=min(int(batch_size), n_rows), rows=n_rows,
                          momentum=bool(momentum), have_params=True)

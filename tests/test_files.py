@@ -436,6 +436,8 @@ def test_inputs_that_overflow_the_model_dtype_are_refused(tmp_path, m, capsys):
     (tmp_path / "o.csv").write_text("a,b,c\n0.5,0.5,1e300\n")
     fails("predict", "--model", m, "--data", tmp_path / "o.csv", "--json", capsys=capsys,
           match="column 'c' holds values up to")
+    with pytest.raises(ValueError, match=r"X: column 1 holds values up to 1e\+300, beyond the range of float32"):
+        MLP([3, 2], device="cpu").fit(np.array([[0.5, 1e300, 0.5]] * 4), np.array([0, 1, 0, 1]))
     raw = MLP.load(m, device="cpu")  # the API, without the CLI's standardisation
     with pytest.raises(ValueError, match=r"X: column 1 holds values up to 1e\+300, beyond the range of float32"):
         raw.predict(np.array([[0.5, 1e300, 0.5]]))
