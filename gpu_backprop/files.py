@@ -47,7 +47,7 @@ def check_writable(path: "str | os.PathLike", what: str = "path",
     target = Path(os.path.realpath(text))
     try:
         st = os.stat(target)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there: the folder check says why
         st = None
     except OSError as exc:
         raise FileError(f"{what}: cannot use {text!r}: {exc.strerror or exc}") from None
@@ -62,9 +62,17 @@ def check_writable(path: "str | os.PathLike", what: str = "path",
             raise FileError(f"{what}: {text!r} is read-only: expected a writable file or a new name")
     folder = target.parent
     if not folder.is_dir():
-        raise FileError(f"{what}: folder {str(folder)!r} does not exist: expected an existing folder")
+        state = "is not a folder" if folder.exists() else "does not exist"
+        raise FileError(f"{what}: folder {str(folder)!r} {state}: expected an existing folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise FileError(f"{what}: folder {str(folder)!r} is not writable: expected a writable folder")
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    if len(f".{target.name}.XXXXXXXX.tmp".encode()) > name_max:  # the temporary file beside it
+        raise FileError(f"{what}: file name {target.name[:20]!r}... is {len(target.name.encode())} bytes: "
+                        f"expected at most {name_max - 13}")
     return target
 
 

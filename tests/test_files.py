@@ -132,6 +132,8 @@ def test_save_writes_through_a_symlink_and_keeps_the_mode(tmp_path, monkeypatch)
     ("missing/m.npz", "folder"),
     ("", "expected a file name"),
     ("new/", "expected a file name, got the folder path"),
+    ("d.npz/m.npz", "is not a folder"),
+    ("m" * 250 + ".npz", "expected at most 242"),
 ])
 def test_bad_save_path_is_refused_before_training(tmp_path, d, capsys, monkeypatch, where, match):
     (tmp_path / "dir").mkdir()
