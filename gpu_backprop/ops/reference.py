@@ -11,7 +11,7 @@ Names follow MATH.md: ``o`` a layer's input (the previous output), ``W``
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -182,20 +182,26 @@ class ArrayOps:
         self._scratch_cache: dict = {}
         self._checked: dict = {}  # backward calls whose operands were checked (see _check_backward)
 
+    def _check_once(self, objects: tuple, check: Callable[[], None]) -> None:
+        """Run ``check`` unless it passed for these very objects: a training step passes the same
+        arrays and NamedTuples every time (held here, so their ids are not reused; an array's
+        memory and a NamedTuple's members never change), and the checks cost more than a
+        small step's arithmetic."""
+        ids = tuple(map(id, objects))
+        if ids in self._checked:  # the objects held under these ids are alive: they are these objects
+            return
+        check()
+        if len(self._checked) > 256:
+            self._checked.clear()
+        self._checked[ids] = objects
+
     def _check_backward(self, propagate: Propagate | None, updates: Sequence[Update],
                         output: Output | None) -> None:
-        """check_backward and check_disjoint for one backward call, once per set of argument
-        objects: a model passes the same NamedTuples every step (held here, so their ids are
-        not reused; NamedTuples and arrays are immutable in what is checked)."""
-        key = (propagate, *updates, output)
-        seen = self._checked.get(tuple(map(id, key)))
-        if seen is not None and all(a is b for a, b in zip(seen, key)):
-            return
-        check_backward(propagate, updates, output)
-        check_disjoint(self.xp, *backward_operands(propagate, updates, output))
-        if len(self._checked) > 64:
-            self._checked.clear()
-        self._checked[tuple(map(id, key))] = key
+        """check_backward and check_disjoint for one backward call."""
+        def check() -> None:
+            check_backward(propagate, updates, output)
+            check_disjoint(self.xp, *backward_operands(propagate, updates, output))
+        self._check_once(("backward", propagate, *updates, output), check)
 
     def _scratch(self, tag: str, shape: tuple, dtype: Any) -> Any:
         key = (tag, tuple(shape), dtype)
@@ -203,6 +209,10 @@ class ArrayOps:
         if buf is None:
             buf = self._scratch_cache[key] = self.xp.empty(shape, dtype=dtype)
         return buf
+
+    def _second_scratch(self, activation: str, tag: str, like: Any) -> Any:
+        """tanh's derivative, (1-o)(1+o), needs a buffer for its second factor; the others none."""
+        return self._scratch(tag, like.shape, like.dtype) if activation == "tanh" else None
 
     # -- GEMM ---------------------------------------------------------------
     def gemm(self, a: Any, b: Any, out: Any, *, alpha: float = 1.0, beta: float = 0.0,
@@ -229,18 +239,24 @@ class ArrayOps:
         """out = f(o W + b); with ``gather``, o (and gather.yb) are first gathered into."""
         self._check_forward(o, W, b, out, gather)
         if gather is not None:
-            self.gather_batch(*gather[:5], o, gather.yb)
+            self._gather(*gather[:5], o, gather.yb)
         self.gemm(o, W, out)
         out += b
         return act.activate(self.xp, self.special, activation, out, out)
 
     def _check_forward(self, o: Any, W: Any, b: Any, out: Any, gather: Gather | None) -> None:
-        if gather is None:
-            check_disjoint(self.xp, [("out", out)], [("o", o), ("W", W), ("b", b)])
-        else:
-            check_disjoint(self.xp, [("out", out), ("o", o), ("gather.yb", gather.yb)],
-                           [("W", W), ("b", b), ("gather.X", gather.X), ("gather.Y", gather.Y),
-                            ("gather.order", gather.order), ("gather.step", gather.step)])
+        def check() -> None:
+            if gather is None:
+                check_disjoint(self.xp, [("out", out)], [("o", o), ("W", W), ("b", b)])
+            else:
+                check_disjoint(self.xp, [("out", out), ("o", o), ("gather.yb", gather.yb)],
+                               [("W", W), ("b", b), ("gather.X", gather.X), ("gather.Y", gather.Y),
+                                ("gather.order", gather.order), ("gather.step", gather.step)])
+        self._check_once(("forward", o, W, b, out, gather), check)
+
+    def _check_gather_disjoint(self, X: Any, Y: Any, order: Any, step: Any, xb: Any, yb: Any) -> None:
+        self._check_once(("gather", X, Y, order, step, xb, yb), lambda: check_disjoint(
+            self.xp, [("xb", xb), ("yb", yb)], [("X", X), ("Y", Y), ("order", order), ("step", step)]))
 
     # -- deltas -------------------------------------------------------------
     def output_delta(self, y_hat: Any, y: Any, activation: str, loss: str, out: Any,
@@ -261,7 +277,7 @@ class ArrayOps:
         if loss == "mse":
             xp.square(out, out=scratch)
             loss_out[0] = 0.5 * scratch.sum(dtype=xp.float64)
-            act.multiply_derivative(xp, activation, y_hat, out, scratch, self._scratch("delta2", out.shape, out.dtype))
+            act.multiply_derivative(xp, activation, y_hat, out, scratch, self._second_scratch(activation, "delta2", out))
         else:
             xp.maximum(y_hat, xp.finfo(out.dtype).tiny, out=scratch)
             xp.log(scratch, out=scratch)
@@ -274,8 +290,8 @@ class ArrayOps:
         check_disjoint(self.xp, [("out", out)], [("o", o)] + ([] if same_view(out, err) else [("err", err)]))
         if out is err:
             return act.multiply_derivative(self.xp, activation, o, out, self._scratch("delta", out.shape, out.dtype),
-                                          self._scratch("delta2", out.shape, out.dtype))
-        act.derivative(self.xp, activation, o, out, self._scratch("delta2", out.shape, out.dtype))  # f'(o) into out
+                                          self._second_scratch(activation, "delta2", out))
+        act.derivative(self.xp, activation, o, out, self._second_scratch(activation, "delta2", out))  # f'(o) into out
         out *= err
         return out
 
@@ -288,7 +304,7 @@ class ArrayOps:
     def _propagate(self, delta: Any, W: Any, o: Any, activation: str, out: Any) -> Any:
         self.gemm(delta, W, out, trans_b=True)
         return act.multiply_derivative(self.xp, activation, o, out, self._scratch("propagate", out.shape, out.dtype),
-                                          self._scratch("propagate2", out.shape, out.dtype))
+                                          self._second_scratch(activation, "propagate2", out))
 
     def _prologue(self, delta: Any, o_next: Any, activation: str, delta_out: Any) -> Any:
         """With ``o_next`` given, ``delta`` holds err and the true delta is err * f'(o_next)."""
@@ -383,8 +399,11 @@ class ArrayOps:
     def gather_batch(self, X: Any, Y: Any, order: Any, step: Any, stride: int, xb: Any, yb: Any) -> None:
         """xb, yb = the rows order[step * stride + r] of X, Y; ``step`` is a (1,) int64 counter
         on the device, so a captured step needs no host work to find its batch."""
+        self._check_gather_disjoint(X, Y, order, step, xb, yb)
+        self._gather(X, Y, order, step, stride, xb, yb)
+
+    def _gather(self, X: Any, Y: Any, order: Any, step: Any, stride: int, xb: Any, yb: Any) -> None:
         xp, batch = self.xp, xb.shape[0]
-        check_disjoint(xp, [("xb", xb), ("yb", yb)], [("X", X), ("Y", Y), ("order", order), ("step", step)])
         rows = self._scratch("rows", (batch,), xp.int64)
         xp.add(self._arange(batch), step * stride, out=rows)
         index = self._scratch("index", (batch,), xp.int64)
@@ -434,7 +453,10 @@ class NumpyOps(ArrayOps):
 
     def gather_batch(self, X: Any, Y: Any, order: Any, step: Any, stride: int, xb: Any, yb: Any) -> None:
         """As ArrayOps.gather_batch; on the host the counter is read directly (no index arithmetic arrays)."""
-        check_disjoint(np, [("xb", xb), ("yb", yb)], [("X", X), ("Y", Y), ("order", order), ("step", step)])
+        self._check_gather_disjoint(X, Y, order, step, xb, yb)
+        self._gather(X, Y, order, step, stride, xb, yb)
+
+    def _gather(self, X: Any, Y: Any, order: Any, step: Any, stride: int, xb: Any, yb: Any) -> None:
         first = int(step[0]) * stride
         index = order[first:first + xb.shape[0]]
         self.xp.take(X, index, axis=0, out=xb)
@@ -452,7 +474,7 @@ class NumpyOps(ArrayOps):
         """out = f(o W + b) with the bias added by the GEMM (beta = 1): one pass fewer."""
         self._check_forward(o, W, b, out, gather)
         if gather is not None:
-            self.gather_batch(*gather[:5], o, gather.yb)
+            self._gather(*gather[:5], o, gather.yb)
         out[...] = b
         blas.gemm(o, W, out, beta=1.0)
         return act.activate(self.xp, self.special, activation, out, out)
