@@ -305,3 +305,75 @@ def test_fuzz_model_header_and_arrays(header, mutation):
     raw = rewrite_npz(edit_header(base["model.npz"], *header), *mutation)
     args = ["predict", "--model", "{dir}/m.npz", "--data", "{dir}/data.npz"]
     in_folder({"m.npz": raw, "data.npz": base["data.npz"]}, args, ("m.npz",))
+
+
+# -- output paths: whatever --save names, nothing the user had is replaced or damaged ----------
+def make_tree(folder: Path) -> dict:
+    """Every kind of thing a --save path can land on; returns name -> what it is."""
+    base = valid_files()
+    (folder / "in.npz").write_bytes(base["data.npz"])
+    (folder / "old.npz").write_bytes(b"an older model")
+    (folder / "dir").mkdir()
+    (folder / "dir" / "inner.npz").write_bytes(b"inner")
+    os.mkfifo(folder / "fifo")
+    os.symlink(folder / "in.npz", folder / "link-in")
+    os.symlink(folder / "old.npz", folder / "link-old")
+    os.symlink(folder / "dir", folder / "link-dir")
+    os.symlink(folder / "missing" / "x.npz", folder / "dangling-deep")
+    os.symlink(folder / "new-target.npz", folder / "dangling")
+    os.link(folder / "in.npz", folder / "hard-in")
+    return kinds(folder)
+
+
+def kinds(folder: Path) -> dict:
+    import stat as st_
+
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        mode = os.lstat(p).st_mode
+        kind = ("link:" + os.readlink(p)) if st_.S_ISLNK(mode) else "dir" if st_.S_ISDIR(mode) else \
+            "fifo" if st_.S_ISFIFO(mode) else "file"
+        out[str(p.relative_to(folder))] = kind
+    return out
+
+
+path_names = st.sampled_from(["in.npz", "old.npz", "dir", "dir/inner.npz", "dir/new.npz", "fifo", "link-in",
+                              "link-old", "link-dir", "link-dir/inner.npz", "dangling", "dangling-deep",
+                              "hard-in", "new.npz", "missing/new.npz", "in.npz/x", "", ".", "..", "dir/",
+                              "./in.npz", "dir/../in.npz", "link-dir/../in.npz", "old.npz/"])
+
+
+@FUZZ
+@given(name=path_names, relative=st.booleans())
+def test_fuzz_save_paths(name, relative):
+    folder = Path(tempfile.mkdtemp(prefix="fuzz-paths-"))
+    try:
+        before = make_tree(folder)
+        contents = {p: (folder / p).read_bytes() for p, kind in before.items() if kind == "file"}
+        target = name if relative else (f"{folder}/{name}" if name else "")
+        cwd = os.getcwd()
+        os.chdir(folder)
+        try:
+            out, err = io.StringIO(), io.StringIO()
+            import contextlib
+
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                status = cli.main(["train", "--data", str(folder / "in.npz"), "--epochs", "1", "--hidden", "4",
+                                   "--device", "cpu", "--json", "--save", target])
+        finally:
+            os.chdir(cwd)
+        lines = [line for line in err.getvalue().splitlines() if line]
+        assert status in (0, 2) and (status == 0) == (not lines) and len(lines) <= 1, (status, lines)
+        assert (folder / "in.npz").read_bytes() == contents["in.npz"], target  # the input, by any name
+        after = kinds(folder)
+        for path, kind in before.items():  # nothing changed kind: links stay links, the FIFO a FIFO
+            assert after.get(path) == kind, (target, path, kind, after.get(path))
+        written = None
+        if status == 0:
+            written = str(Path(os.path.realpath(folder / target)).relative_to(folder.resolve()))
+            assert MLP.load(folder / written, device="cpu").sizes == [3, 4, 3]
+        for path, kind in after.items():  # only the file written is new or different
+            if kind == "file" and path != written:
+                assert (folder / path).read_bytes() == contents.get(path), (target, path)
+    finally:
+        shutil.rmtree(folder)
