@@ -299,6 +299,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"n": len(X), "predictions": predictions}
     if y is not None:
         result.update(model.evaluate(X, _encode(y, classes, model)))
+        if not np.isfinite(result["loss"]):
+            raise UsageError(f"data {args.data!r}: the loss against its targets overflows {model.dtype.name} "
+                             f"(outputs up to {float(np.abs(outputs).max()):.3g})")
     if args.json:
         print(json.dumps(result, allow_nan=False))
     else:

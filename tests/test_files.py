@@ -460,6 +460,14 @@ def test_json_output_is_strict(tmp_path, d, m, capsys):
     big.save(tmp_path / "big.npz")
     fails("predict", "--model", tmp_path / "big.npz", "--data", d, "--json", capsys=capsys,
           match="the outputs overflow float32")
+    # outputs float32 holds (3e19), a loss it does not ((3e19)^2 / 2): refused, and no RuntimeWarning
+    big = MLP([3, 1], activation="identity", output="identity", device="cpu")
+    big.task = "regression"
+    big.set_params({"W0": np.full((3, 1), 1e19), "b0": np.zeros(1)})
+    big.save(tmp_path / "big.npz")
+    np.savez(tmp_path / "ones.npz", X=np.ones((4, 3)), y=np.zeros((4, 1)))
+    fails("predict", "--model", tmp_path / "big.npz", "--data", tmp_path / "ones.npz", "--json", capsys=capsys,
+          match="the loss against its targets overflows float32 (outputs up to 3e+19)")
 
 
 def test_no_runtime_warnings_on_stderr(tmp_path, d, capsys):
