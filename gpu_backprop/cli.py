@@ -233,13 +233,18 @@ def _save(model: MLP, ds: data_mod.Dataset, args: argparse.Namespace, inputs: li
     except (OSError, ValueError) as exc:
         failure = f"--save: cannot write {args.save!r}: {_why(exc)}"
     for folder in (os.getcwd(), tempfile.gettempdir()):
+        fallback = None
         try:
             fd, fallback = tempfile.mkstemp(prefix="gpu-backprop-model-", suffix=".npz", dir=folder)
             os.close(fd)
             write_model(model, fallback, extra, "--save")
             return f"{failure}; {what} was saved to {fallback!r} instead"
         except (OSError, ValueError):
-            continue
+            if fallback is not None:  # no empty file left behind
+                try:
+                    os.unlink(fallback)
+                except OSError:
+                    pass
     return f"{failure}; no fallback file could be written either"
 
 

@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import tracemalloc
 import warnings
 
@@ -171,6 +172,31 @@ def test_failed_save_writes_a_fallback_and_says_where(tmp_path, d, capsys, monke
     saved = list(cwd.iterdir())
     assert len(saved) == 1 and f"saved to '{saved[0]}' instead" in line
     assert MLP.load(saved[0], device="cpu").sizes == [3, 64, 3]
+
+
+def test_fallback_that_also_fails_leaves_nothing(tmp_path, d, capsys, monkeypatch):
+    out, cwd, tmp = (tmp_path / n for n in ("out", "cwd", "tmp"))
+    for folder in (out, cwd, tmp):
+        folder.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    real = files.write_atomically
+
+    def write_fails(path, *args, **kwargs):  # every write fails once training is done: disk full
+        raise OSError(28, "No space left on device")
+
+    fit = MLP.fit
+
+    def fit_then_fill_the_disk(self, *args, **kwargs):
+        history = fit(self, *args, **kwargs)
+        monkeypatch.setattr(model_mod, "write_atomically", write_fails)
+        return history
+
+    monkeypatch.setattr(MLP, "fit", fit_then_fill_the_disk)
+    line = fails("train", "--data", d, "--epochs", "1", "--save", out / "m.npz", "--json", capsys=capsys,
+                 match="No space left on device; no fallback file could be written either")
+    assert list(cwd.iterdir()) == [] and list(tmp.iterdir()) == [] and list(out.iterdir()) == [], line
+    assert real is files.write_atomically
 
 
 # -- 3. corrupt files are refused in one line -------------------------------------------------
