@@ -50,6 +50,8 @@ def check_features(X: Any, n_features: int | None = None, name: str = "X", dtype
         raise ValueError(f"{name}: expected a 2-D array (samples x features), got shape {tuple(X.shape)}")
     if X.shape[0] == 0:
         raise ValueError(f"{name}: empty: expected at least one sample, got shape {tuple(X.shape)}")
+    if X.shape[1] == 0:
+        raise ValueError(f"{name}: no features: expected at least one column, got shape {tuple(X.shape)}")
     if n_features is not None and X.shape[1] != n_features:
         raise ValueError(f"{name}: expected {n_features} features per sample (the model's input width), "
                          f"got shape {tuple(X.shape)}")

@@ -430,6 +430,7 @@ def test_validation_labels_are_checked_before_training(monkeypatch):
     ("a,b,t\n1,2,0\n3,\xff,1\n".encode("latin-1"), ["--label", "t"], "is not UTF-8 text"),
     ("a,a,t\n1,2,0\n3,4,1\n", ["--label", "a"], "label: 'a' names 2 columns"),
     ("a,b,t\n1,2,0\n3,1e999,1\n", ["--label", "t"], "X: contains NaN or Inf (column 'b', row 1)"),
+    ("t\n0\n1\n0\n1\n", ["--label", "t"], "X: no features: expected at least one column"),
 ])
 def test_bad_csv_names_the_line_and_column(tmp_path, capsys, content, args, match):
     path = tmp_path / "d.csv"
