@@ -171,9 +171,5 @@ def read(path: "str | os.PathLike", max_bytes: int | None = None) -> tuple[dict[
     return config, arrays
 
 
-def n_parameters(sizes: list[int]) -> int:
-    return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
-
-
 __all__ = ["FORMAT_VERSION", "ModelFileError", "check_config", "check_arrays", "check_values", "read",
-           "header_text", "parse_header", "n_parameters"]
+           "header_text", "parse_header"]
