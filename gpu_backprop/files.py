@@ -95,7 +95,8 @@ def write_atomically(path: "str | os.PathLike", write: Callable[[BinaryIO], None
 
     A crash at any moment leaves the old file or nothing, never half a file. The path is
     checked by :func:`check_writable` first; an existing file keeps its mode (and, for root,
-    its owner); a new one gets the umask's mode. Returns the path written (a symlink's target).
+    its owner); a new one gets the umask's mode. Returns the path as given, or for a symlink
+    the target written.
     """
     target = check_writable(path, what, inputs)
     try:
@@ -118,7 +119,7 @@ def write_atomically(path: "str | os.PathLike", write: Callable[[BinaryIO], None
         except OSError:
             pass
         raise
-    return target
+    return target if os.path.islink(path) else Path(path)  # the name given, unless a link's target
 
 
 # -- reading .npz without trusting it -------------------------------------------------------
