@@ -57,20 +57,21 @@ struct TileFetch {
 
 // The main loop both cores share: store the fetched tiles, fetch the next ones
 // (their global reads in flight during this tile's arithmetic), hook, multiply,
-// repeat over K. Every element is loaded exactly once (a prologue's side effect too).
+// repeat over k in [k_begin, K) (a split-K slice takes part of K). Every element is
+// loaded exactly once (a prologue's side effect too).
 template <class Core, bool A_KROWS, bool B_KROWS, typename T, typename Acc, typename LoadA, typename LoadB,
           typename OnTile>
 __device__ __forceinline__ void gemm_mainloop(Acc& acc, T (&As)[Core::BK][Core::BM + Core::PAD],
                                               T (&Bs)[Core::BK][Core::BN + Core::PAD], LoadA load_a,
                                               LoadB load_b, OnTile on_tile, index_t m0, index_t n0, index_t M,
-                                              index_t N, index_t K) {
+                                              index_t N, index_t K, index_t k_begin = 0) {
     const int tid = threadIdx.x;
     TileFetch<T, Core::BM, Core::BK, Core::PAD, A_KROWS, Core::THREADS> a;
     TileFetch<T, Core::BN, Core::BK, Core::PAD, B_KROWS, Core::THREADS> b;
     Core::zero(acc);
-    a.fetch(load_a, m0, 0, M, K, tid);
-    b.fetch(load_b, n0, 0, N, K, tid);
-    for (index_t k0 = 0; k0 < K; k0 += Core::BK) {
+    a.fetch(load_a, m0, k_begin, M, K, tid);
+    b.fetch(load_b, n0, k_begin, N, K, tid);
+    for (index_t k0 = k_begin; k0 < K; k0 += Core::BK) {
         a.store(As, tid);
         b.store(Bs, tid);
         __syncthreads();  // sync: tile loaded

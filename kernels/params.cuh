@@ -58,6 +58,19 @@ struct WeightGradParams {
     index_t tiles_n, tiles;
 };
 
+// Split-K of the weight gradient (weight_grad.cu): slice z of `splits` sums k in
+// [z slice_k, (z + 1) slice_k) into partials[z] (M x N) and bias_partials[z] (N); the last
+// slice of a tile to finish, by tickets[tile] (zero between launches), adds the slices in
+// order and applies the update. splits <= 1: no split, no workspace.
+template <typename T>
+struct SplitK {
+    T* partials;
+    T* bias_partials;
+    unsigned int* tickets;
+    index_t slice_k;
+    int splits;
+};
+
 // What the weight-gradient epilogue does with the gradient (common.cuh apply_update).
 template <typename T>
 struct UpdateRule {
@@ -87,6 +100,22 @@ struct StepRecord {
     long long* step;
     int on, count;
 };
+
+// Whether this block is the last of `count` to take `ticket` (every thread of each of the
+// `count` blocks calls it); the last one resets the ticket for the next launch, and sees
+// every global write the others made before their call.
+__device__ __forceinline__ bool last_to_arrive(unsigned int* ticket, unsigned int count) {
+    __shared__ bool is_last;
+    __threadfence();  // this thread's writes are visible before its block takes the ticket
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        is_last = atomicAdd(ticket, 1u) == count - 1;
+        if (is_last) *ticket = 0u;
+    }
+    __syncthreads();
+    if (is_last) __threadfence();
+    return is_last;
+}
 
 // The block every GEMM kernel is written for is its core's THREADS threads in x; the
 // launchers derive the same number from the same tile (gpu_backprop/ops/cuda.py threads_of).

@@ -14,13 +14,21 @@
 // (tile_m == 0) see every delta element of their columns exactly once:
 // they write delta_out and sum the bias gradient. weight_grad_tile computes
 // one BM x BN tile; backward.cu runs it beside an error propagation.
+//
+// Split-K (params.cuh SplitK): the batch is cut into slices, one block per tile and
+// slice (blockIdx.z), so a layer of few tiles and a large batch fills the GPU. Each
+// slice writes its partial tile (and bias sums) to a workspace; the last slice of the
+// tile to finish adds them in slice order, so the bits do not depend on which finishes
+// last, and runs the epilogue. A delta element is still written once: by the tile_m == 0
+// block of the slice that holds its batch row.
 #pragma once
 #include "gemm_tile.cuh"
 #include "params.cuh"
 
 template <typename T, class Core>
 __device__ __forceinline__ void weight_grad_tile(GemmTiles<Core>& tiles, index_t tile_m, index_t tile_n,
-                                                 const WeightGradParams<T>& p, const UpdateRule<T>& rule) {
+                                                 const WeightGradParams<T>& p, const UpdateRule<T>& rule,
+                                                 const SplitK<T>& split = SplitK<T>{}, index_t slice = 0) {
     const T* __restrict__ o = p.o;
     const T* __restrict__ g = p.g;
     const T* __restrict__ o_next = p.o_next;
@@ -44,19 +52,43 @@ __device__ __forceinline__ void weight_grad_tile(GemmTiles<Core>& tiles, index_t
         if (bias_block && tid < BN)
             for (int kk = 0; kk < BK; ++kk) bias_acc += tile[kk][tid];
     };
+    const bool is_split = split.splits > 1;
+    const index_t k_begin = is_split ? slice * split.slice_k : 0;
+    const index_t k_end = is_split && k_begin + split.slice_k < K ? k_begin + split.slice_k : K;
     typename Core::Acc acc;
     gemm_mainloop<Core, true, true>(
         acc, tiles.A, tiles.B, [&](index_t m, index_t k) { return o[k * M + m]; }, load_delta, sum_bias, m0, n0,
-        M, N, K);
+        M, N, k_end, k_begin);
+    const bool owns_bias = bias_block && tid < BN && n0 + tid < N;
+    if (is_split) {
+        T* __restrict__ partial = split.partials + slice * M * N;
+        Core::for_each_output(acc, m0, n0, M, N, [&](index_t m, index_t n, T v) { partial[m * N + n] = v; });
+        if (owns_bias) split.bias_partials[slice * N + n0 + tid] = bias_acc;
+        const index_t tile = tile_m * ((N + BN - 1) / BN) + tile_n;
+        if (!last_to_arrive(split.tickets + tile, (unsigned int)split.splits)) return;
+        const volatile T* partials = split.partials;  // other blocks' writes: not through a stale cache
+        const volatile T* bias_partials = split.bias_partials;
+        Core::for_each_output(acc, m0, n0, M, N, [&](index_t m, index_t n, T) {
+            T v = partials[m * N + n];
+            for (int s = 1; s < split.splits; ++s) v += partials[s * M * N + m * N + n];
+            apply_update(mode, p.W, p.vel_w, m * N + n, v, step, momentum);
+        });
+        if (owns_bias) {
+            T v = bias_partials[n0 + tid];
+            for (int s = 1; s < split.splits; ++s) v += bias_partials[s * N + n0 + tid];
+            apply_update(mode, p.b, p.vel_b, n0 + tid, v, step, momentum);
+        }
+        return;
+    }
     Core::for_each_output(acc, m0, n0, M, N, [&](index_t m, index_t n, T v) {
         apply_update(mode, p.W, p.vel_w, m * N + n, v, step, momentum);
     });
-    if (bias_block && tid < BN && n0 + tid < N) apply_update(mode, p.b, p.vel_b, n0 + tid, bias_acc, step, momentum);
+    if (owns_bias) apply_update(mode, p.b, p.vel_b, n0 + tid, bias_acc, step, momentum);
 }
 
 template <typename T, class Core>
-__global__ void weight_grad(WeightGradParams<T> p, UpdateRule<T> rule) {
+__global__ void weight_grad(WeightGradParams<T> p, UpdateRule<T> rule, SplitK<T> split) {
     __shared__ GemmTiles<Core> tiles;
     if (!launched_as_core<Core>()) return;
-    weight_grad_tile<T, Core>(tiles, blockIdx.y, blockIdx.x, p, rule);
+    weight_grad_tile<T, Core>(tiles, blockIdx.y, blockIdx.x, p, rule, split, blockIdx.z);
 }

@@ -34,6 +34,9 @@ TF32_THREADS = 256    # Tf32::THREADS: 8 warps of 32 x 16
 PATHS = (*CONFIGS, "cublas")
 # precision="tf32" paths (float32): our tensor-core kernels, or cuBLAS in its TF32 math mode
 TF32_PATHS = ("tf32", "cublas_tf32")
+# Split-K weight gradients ("large/s4": the large tile, the batch cut in 4 slices), tuned among
+# PATHS where every slice keeps at least MIN_SLICE batch rows; no new kernel to compile.
+SPLIT_CONFIGS, SPLITS, MIN_SLICE = ("small", "large"), (2, 4, 8), 64
 PRECISIONS = ("fp32", "tf32")
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 LOSS_CODES = {"mse": 0, "cross_entropy": 1}
@@ -46,18 +49,32 @@ UNTYPED = ("shuffle_keys",)  # kernels that are not templated on the float type
 
 
 def gemm_name(kernel: str, dtype: Any, config: str) -> str:
+    config = split_of(config)[0]
     ctype = CTYPES[np.dtype(dtype)]
     core = "Tf32" if config == "tf32" else f"Simt<{ctype}, {', '.join(map(str, CONFIGS[config]))}>"
     return f"{kernel}<{ctype}, {core}>"
 
 
+def split_of(path: str) -> tuple[str, int]:
+    """(tile config, slices) of a path: "large/s4" -> ("large", 4); "small" -> ("small", 1)."""
+    config, _, splits = path.partition("/s")
+    return config, int(splits) if splits else 1
+
+
+def split_paths(K: int) -> tuple[str, ...]:
+    """The split-K candidates for a weight gradient over a batch of K rows."""
+    return tuple(f"{c}/s{s}" for c in SPLIT_CONFIGS for s in SPLITS if K >= s * MIN_SLICE)
+
+
 def tile_of(config: str) -> tuple[int, int]:
+    config = split_of(config)[0]
     return TF32_TILE if config == "tf32" else CONFIGS[config][:2]
 
 
 def threads_of(config: str) -> int:
     """The block of a GEMM kernel on ``config``: one thread per TM x TN outputs (Simt's THREADS, which
     the kernels check: any other block traps)."""
+    config = split_of(config)[0]
     if config == "tf32":
         return TF32_THREADS
     bm, bn, _, tm, tn = CONFIGS[config]
@@ -205,6 +222,7 @@ class CudaOps(ArrayOps):
         # backward calls seen (the NamedTuples a model passes every step) and the launches built
         # for them: a step with the same arguments replays those (structs, tiles, tuned paths)
         self._launches: dict = {}
+        self._zeroed: dict = {}
 
     # -- plumbing -------------------------------------------------------------
     def _kernel(self, file: str, name: str) -> Any:
@@ -236,23 +254,25 @@ class CudaOps(ArrayOps):
         """``config`` when given, else the tuned (or default) path for this shape: among our
         tiles and cuBLAS, or for precision="tf32" (float32) among our tensor-core kernels and
         cuBLAS's TF32 mode."""
+        splits = split_paths(K) if kind == "weight_grad" else ()
         if config is not None:
-            if config not in (*PATHS, *TF32_PATHS):
-                raise ValueError(f"config: expected one of {', '.join(PATHS + TF32_PATHS)}, got {config!r}")
+            if config not in (*PATHS, *TF32_PATHS) and not (kind == "weight_grad" and config in split_paths(2**62)):
+                raise ValueError(f"config: expected one of {', '.join(PATHS + TF32_PATHS)}"
+                                 f"{' or a split like large/s4' if kind == 'weight_grad' else ''}, got {config!r}")
             if config in TF32_PATHS and np.dtype(dtype) != np.float32:
                 raise TypeError(f"config: {config} needs float32 arrays, got {np.dtype(dtype).name}")
             return config
         if self.precision == "tf32" and np.dtype(dtype) == np.float32:
             return self.tuner.choose(f"{kind}|tf32|{M}x{N}x{K}", TF32_PATHS, trial, default="tf32")
         key = f"{kind}|{np.dtype(dtype).name}|{M}x{N}x{K}"
-        return self.tuner.choose(key, PATHS, trial, default=self.gemm_config(M, N))
+        return self.tuner.choose(key, PATHS + splits, trial, default=self.gemm_config(M, N))
 
     def _cublas(self, path: str, a: Any, b: Any, out: Any, **kwargs: Any) -> None:
         self.loader.gemm(a, b, out, tf32=path == "cublas_tf32", **kwargs)
 
-    def _gemm(self, kernel: str, dtype: Any, M: int, N: int, config: str, args: list) -> None:
+    def _gemm(self, kernel: str, dtype: Any, M: int, N: int, config: str, args: list, slices: int = 1) -> None:
         bm, bn = tile_of(config)
-        grid = (-(-N // bn), -(-M // bm), 1)
+        grid = (-(-N // bn), -(-M // bm), slices)
         self._kernel(GEMM_FILES[kernel], gemm_name(kernel, dtype, config))(grid, (threads_of(config), 1, 1), args)
 
     def _grid_1d(self, n: int) -> tuple[int, int, int]:
@@ -443,9 +463,10 @@ class CudaOps(ArrayOps):
         def launch(path: str, params: dict, rule: tuple) -> None:
             mode, step, momentum = rule
             if not path.startswith("cublas"):
+                split, slices = self._split_k(path, dtype, n_in, n_out, batch)
                 self._gemm("weight_grad", dtype, n_in, n_out, path, [
                     make("WeightGradParams", dtype, **params),
-                    make("UpdateRule", dtype, mode=mode, step=step, momentum=momentum)])
+                    make("UpdateRule", dtype, mode=mode, step=step, momentum=momentum), split], slices)
                 return
             W, b, vel_w, vel_b = params["W"], params["b"], params["vel_w"], params["vel_b"]
             delta = self._hidden_delta(g, o_next, delta_out, code) if params["has_prologue"] else g
@@ -470,6 +491,29 @@ class CudaOps(ArrayOps):
         return _Gemm("weight_grad", dtype, (n_in, n_out, batch), params, lambda path: launch(path, params, rule),
                      trial, rule, groupable=not prologue)
 
+    def _split_k(self, path: str, dtype: Any, M: int, N: int, K: int) -> tuple[np.ndarray, int]:
+        """The SplitK struct of a weight gradient on ``path`` and its number of slices: each a
+        multiple of BK batch rows; workspace and tickets kept per shape (tickets zeroed once,
+        reset by the kernel)."""
+        config, splits = split_of(path)
+        if splits <= 1:
+            return make("SplitK", dtype), 1
+        bk = CONFIGS[config][2]
+        slice_k = -(-(-(-K // splits)) // bk) * bk
+        slices = -(-K // slice_k)
+        tiles = -(-M // CONFIGS[config][0]) * -(-N // CONFIGS[config][1])
+        tickets = self._zeros(f"tickets/{config}", (tiles,), np.uint32)
+        return make("SplitK", dtype, partials=self._scratch("split_w", (slices, M, N), dtype),
+                    bias_partials=self._scratch("split_b", (slices, N), dtype), tickets=tickets, slice_k=slice_k,
+                    splits=slices), slices
+
+    def _zeros(self, tag: str, shape: tuple, dtype: Any) -> Any:
+        """A cached buffer, zeroed when first made (the kernels leave it zero again)."""
+        key = (tag, tuple(shape), np.dtype(dtype))
+        if key not in self._zeroed:
+            self._zeroed[key] = self.xp.zeros(shape, dtype=dtype)
+        return self._zeroed[key]
+
     def _groups(self, gemms: Sequence[_Gemm], paths: Sequence[str], output: Output | None) -> bool:
         """Whether ``gemms`` (and the output delta) run as one backward.cu launch: more than one
         part to run, none tuned to cuBLAS, at most one propagation (listed first) and two
@@ -478,7 +522,7 @@ class CudaOps(ArrayOps):
         updates = [g for g in gemms if g.kind == "weight_grad"]
         rules = {(int(u.rule[0]), float(u.rule[1]), float(u.rule[2])) for u in updates}
         return ((len(gemms) > 1 or (output is not None and bool(props)))
-                and not any(p.startswith("cublas") for p in paths)
+                and not any(p.startswith("cublas") or split_of(p)[1] > 1 for p in paths)
                 and len(props) <= 1 and len(updates) <= 2 and (not props or gemms[0] is props[0])
                 and all(g.groupable for g in gemms) and len(rules) <= 1)
 

@@ -26,6 +26,7 @@ STRUCTS: dict[str, list[tuple[str, Any]]] = {
     "WeightGradParams": [("o", PTR), ("g", PTR), ("o_next", PTR), ("delta_out", PTR), ("W", PTR), ("b", PTR),
                          ("vel_w", PTR), ("vel_b", PTR), ("M", INDEX), ("N", INDEX), ("K", INDEX), ("act", INT),
                          ("has_prologue", INT), ("tiles_n", INDEX), ("tiles", INDEX)],
+    "SplitK": [("partials", PTR), ("bias_partials", PTR), ("tickets", PTR), ("slice_k", INDEX), ("splits", INT)],
     "UpdateRule": [("mode", INT), ("step", T), ("momentum", T)],
     "OutputParams": [("y_hat", PTR), ("y", PTR), ("loss_out", PTR), ("partials", PTR), ("hit_partials", PTR),
                      ("ticket", PTR), ("on", INT), ("act", INT), ("loss", INT)],

@@ -39,7 +39,15 @@ int main() {
     emu::launch(&weight_grad<float, Small>, dim3{tiles(N, 64), tiles(M, 64), 1}, block,
                 WeightGradParams<float>{o.data(), err.data(), o_next.data(), delta.data(), W.data(), b.data(),
                                         vel_w.data(), vel_b.data(), M, N, B, (int)ACT_SIGMOID, 1, 0, 0},
-                UpdateRule<float>{(int)SGD_MOMENTUM, 0.01f, 0.9f});
+                UpdateRule<float>{(int)SGD_MOMENTUM, 0.01f, 0.9f}, SplitK<float>{});
+    // the same gradient in 3 split-K slices of 16 batch rows, added by the last slice of each tile
+    std::vector<float> W_split = W, b_split = b, partials_w(3 * M * N), partials_b(3 * N);
+    std::vector<unsigned int> split_tickets(tiles(M, 64) * tiles(N, 64), 0);
+    emu::launch(&weight_grad<float, Small>, dim3{tiles(N, 64), tiles(M, 64), 3}, block,
+                WeightGradParams<float>{o.data(), err.data(), o_next.data(), delta.data(), W_split.data(),
+                                        b_split.data(), nullptr, nullptr, M, N, B, (int)ACT_SIGMOID, 1, 0, 0},
+                UpdateRule<float>{(int)SGD, 0.01f, 0.0f},
+                SplitK<float>{partials_w.data(), partials_b.data(), split_tickets.data(), 16, 3});
     // backward.cu: blocks of a propagation (with the output delta) and of two updates (plain SGD: no
     // shared velocity) in one grid
     std::vector<float> below2(B * M), W_u = W, b_u = b, W_v = W, b_v = b, losses(4);
@@ -67,6 +75,7 @@ int main() {
     for (float x : below2) checksum += x;
     for (float x : W_u) checksum += x;
     for (float x : W_v) checksum += x;
+    for (float x : W_split) checksum += x;
     std::printf("checksum %.6f\n", checksum);
     return 0;
 }
