@@ -23,8 +23,9 @@ from gpu_backprop.files import FileError
 
 
 @pytest.fixture(autouse=True)
-def _cpu(monkeypatch):
+def _cpu(monkeypatch, tmp_path):
     monkeypatch.setenv("GPU_BACKPROP_DEVICE", "cpu")
+    monkeypatch.chdir(tmp_path)  # a fallback save lands here, never in the checkout
 
 
 def main(*args, capsys):
