@@ -58,10 +58,15 @@ def run_cli(folder: Path, args: list[str], names: tuple[str, ...]) -> None:
     out, err = io.StringIO(), io.StringIO()
     import contextlib
 
-    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), \
-            contextlib.redirect_stderr(err):
-        warnings.simplefilter("always")
-        status = cli.main(args + ["--device", "cpu", "--json"])  # an uncaught exception fails the test
+    cwd = os.getcwd()
+    os.chdir(folder)  # a fallback save would land here, and count as a file that appeared
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):
+            warnings.simplefilter("always")
+            status = cli.main(args + ["--device", "cpu", "--json"])  # an uncaught exception fails the test
+    finally:
+        os.chdir(cwd)
     assert not caught, [str(w.message) for w in caught]
     after = {p.name: p.read_bytes() for p in folder.iterdir()}
     saved = {n for n in after if n.startswith("out")}
