@@ -1,6 +1,7 @@
 """A small run of every fused kernel for compute-sanitizer (memcheck, racecheck):
-odd shapes, both dtypes, both tile configurations, momentum, the delta prologue,
-the grouped backward launch (with and without the output delta inside).
+odd shapes, both dtypes, every tile configuration, momentum, the delta prologue,
+the grouped backward launch (with and without the output delta inside), split-K
+weight gradients (partials, tickets and the last slice's sum).
 CuPy's memory pool is switched off so each array is its own cudaMalloc and an
 out-of-bounds access cannot land silently inside a neighbour's allocation."""
 import numpy as np
@@ -45,6 +46,13 @@ def main() -> None:
             # ... and the first backward launch, with the output delta and the loss computed inside it
             ops.backward(Propagate(xp.empty((batch, n_out), dtype), grad_w, o, "sigmoid", below), [],
                          Output(o_next, err, "sigmoid", "mse", xp.empty(1, dtype)), config=config)
+        for split in ("small/s2", "large/s4"):  # 301 batch rows: slices of unequal length
+            o = xp.asarray(rng.random((301, 65)), dtype=dtype)
+            err = xp.asarray(rng.standard_normal((301, 127)), dtype=dtype)
+            W, b = xp.zeros((65, 127), dtype), xp.zeros(127, dtype)
+            ops.sgd_update(o, err, W, b, 0.01, 0.9, xp.zeros_like(W), xp.zeros_like(b),
+                           o_next=xp.asarray(rng.random((301, 127)), dtype=dtype), activation="sigmoid",
+                           delta_out=xp.empty((301, 127), dtype), config=split)
     xp.cuda.runtime.deviceSynchronize()
     print("sanitize_run: ok")
 

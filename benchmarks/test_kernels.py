@@ -12,7 +12,7 @@ from gpu_backprop.ops import NumpyOps
 from .conftest import CPU_SKIPPED_SIZES
 from .harness import rotation
 from .measure import run_benchmark
-from .peers import OPS, PEERS, ours, peer_reason, torch_device, torch_or_skip, torch_sync
+from .peers import OPS, PEERS, SPLIT_OPS, ours, peer_reason, torch_device, torch_or_skip, torch_sync
 
 CASES = [(op, size) for op in OPS for size in OPS[op].sizes]
 
@@ -30,6 +30,8 @@ def test_kernel(benchmark, backend, ceilings, budget, op, size, peer):
     reason = peer_reason(peer, backend, size)
     if reason:
         pytest.skip(reason)
+    if peer == "ours-splitk" and op not in SPLIT_OPS:
+        pytest.skip(f"split-K applies to the GEMMs over the batch ({', '.join(SPLIT_OPS)})")
     if backend.kind == "cpu" and size in CPU_SKIPPED_SIZES:
         pytest.skip(f"{size} takes seconds per call on the CPU: GPU runs only")
     spec = OPS[op]
@@ -55,6 +57,21 @@ def test_kernel(benchmark, backend, ceilings, budget, op, size, peer):
         from gpu_backprop.ops.cuda import CudaOps, cupy_loader
 
         ops = CudaOps(backend.xp, cupyx.scipy.special, cupy_loader(get_device("cuda")), tuner=Tuner(enabled=False))
+        fn = ours(ops, backend.xp, op)
+    elif peer == "ours-splitk":  # tuned on the card among split-K slices of our tiles (never cuBLAS)
+        import cupyx.scipy.special
+
+        from gpu_backprop.ops.autotune import Tuner, device_key
+        from gpu_backprop.ops.cuda import CudaOps, cupy_loader, split_of
+
+        class SplitOnly(Tuner):
+            def choose(self, key, candidates, trial, default):
+                splits = [c for c in candidates if split_of(c)[1] > 1]
+                return super().choose(key, splits, trial, default) if splits else default
+
+        loader = cupy_loader(get_device("cuda"))
+        ops = CudaOps(backend.xp, cupyx.scipy.special, loader,
+                      tuner=SplitOnly(f"{device_key(loader)}|split-only", loader.time, enabled=True))
         fn = ours(ops, backend.xp, op)
     else:
         fn = spec.plain
