@@ -138,10 +138,10 @@ def one_hot(labels: np.ndarray, n_outputs: int, dtype: Any = np.float32) -> np.n
 
 
 def labels_from_outputs(y_hat: np.ndarray) -> np.ndarray:
-    """argmax per row; a single sigmoid unit is thresholded at 0.5."""
-    if y_hat.shape[1] == 1:
-        return (y_hat[:, 0] > 0.5).astype(np.int64)
-    return np.argmax(y_hat, axis=1)
+    """argmax per row; a single sigmoid unit is thresholded at 0.5 (ops.activations.predicted_class)."""
+    from .ops.activations import predicted_class
+
+    return predicted_class(np, y_hat)
 
 
 def infer_task(y: Any) -> str:

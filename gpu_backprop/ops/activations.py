@@ -77,6 +77,13 @@ def derivative(xp: Any, name: str, o: Any, out: Any, scratch: Any = None) -> Any
     return out
 
 
+def predicted_class(xp: Any, y: Any) -> Any:
+    """The class each row of outputs predicts: its argmax (ties and NaN: the first, as
+    numpy.argmax); a single output unit: y > 1/2. kernels/common.cuh's argmax_row is the
+    same rule."""
+    return (y[:, 0] > 0.5).astype(xp.int64) if y.shape[1] == 1 else xp.argmax(y, axis=1)
+
+
 def multiply_derivative(xp: Any, name: str, o: Any, inout: Any, scratch: Any, scratch2: Any = None) -> Any:
     """inout *= f'(o), using ``scratch`` (same shape) where a second buffer is needed, and
     ``scratch2`` for tanh's second factor (a temporary when not given)."""
