@@ -194,6 +194,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "train_loss": history.loss[-1], "train_accuracy": history.accuracy[-1],
         "test_loss": test["loss"], "test_accuracy": test["accuracy"],
         "seconds": seconds, "seconds_per_epoch": float(np.median(history.seconds)),
+        "gemm_paths": model.ops.gemm_paths(),  # CUDA: the tile, split or cuBLAS each layer's GEMMs ran on
     }
     if args.save:
         message = _save(model, ds, args, inputs, "the trained model")

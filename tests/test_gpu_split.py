@@ -43,3 +43,16 @@ def test_split_weight_grad_on_the_card(gpu, path, shape, dtype):
     for w, b, d in grads[1:]:  # deterministic: whichever slice finishes last
         np.testing.assert_array_equal(w, grads[0][0])
         np.testing.assert_array_equal(b, grads[0][1])
+
+
+def test_the_paths_of_a_fit_are_reported_on_the_card():
+    """What `gpu-backprop train --json` prints as gemm_paths: each GEMM shape of the step and its path."""
+    from gpu_backprop import MLP, data
+    from gpu_backprop.ops.cuda import CONFIGS, split_of
+
+    ds = data.digits()
+    model = MLP([64, 64, 10], device="cuda", seed=0)
+    model.fit(ds.X_train, ds.y_train, epochs=1, batch_size=32)
+    paths = model.ops.gemm_paths()
+    assert {key.split("|")[0] for key in paths} == {"forward", "propagate", "weight_grad"}
+    assert all(split_of(path)[0] in (*CONFIGS, "cublas") for path in paths.values()), paths

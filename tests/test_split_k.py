@@ -16,6 +16,19 @@ from .emulator.builder import KERNELS, EmuLoader
 from .reference_formulas import f_prime_from_output
 from .test_emulated_kernels import Always, close, gemm_terms, inputs, nan, sgd_terms
 
+
+class ByKind(Tuner):
+    """One path per kind of GEMM: propagate, weight_grad, forward."""
+
+    def __init__(self, propagate, weight_grad, forward):
+        super().__init__(enabled=False)
+        self.paths = {"propagate": propagate, "weight_grad": weight_grad, "forward": forward}
+
+    def choose(self, key, candidates, trial, default):
+        path = self.paths[key.split("|")[0]]
+        assert path in candidates, (key, path, candidates)
+        return path
+
 twin = NumpyOps()
 DTYPES = [np.float32, np.float64]
 # (batch, n_in, n_out): one slice only, slices shorter than a tile's k step, a batch of 4097
@@ -141,3 +154,18 @@ def test_the_tuner_offers_splits_only_where_each_slice_has_rows(loader):
     assert split_paths(4096) and all(split_of(p)[1] * 64 <= 4096 for p in split_paths(4096))
     with pytest.raises(ValueError, match="config: expected one of"):
         ops.propagate(np.ones((2, 2)), np.ones((2, 2)), np.ones((2, 2)), "tanh", np.empty((2, 2)), config="large/s2")
+
+
+def test_the_paths_each_gemm_ran_on_are_reported(loader):
+    """What `gpu-backprop train --json` prints as gemm_paths: every GEMM shape of a step and its path."""
+    from gpu_backprop import MLP
+
+    model = MLP([13, 9, 5], device="cpu", seed=0)
+    model.ops = CudaOps(np, scipy.special, loader, tuner=ByKind("large", "large/s2", "large"))
+    rng = np.random.default_rng(0)
+    model.fit(rng.standard_normal((300, 13)), rng.integers(0, 5, 300), epochs=1, batch_size=300, lr=0.1)
+    paths = model.ops.gemm_paths()
+    assert paths == {"forward|float32|300x9x13": "large", "forward|float32|300x5x9": "large",
+                     "propagate|float32|300x9x5": "large", "weight_grad|float32|9x5x300": "large/s2",
+                     "weight_grad|float32|13x9x300": "large/s2"}
+    assert NumpyOps().gemm_paths() == {}

@@ -223,6 +223,7 @@ class CudaOps(ArrayOps):
         # for them: a step with the same arguments replays those (structs, tiles, tuned paths)
         self._launches: dict = {}
         self._zeroed: dict = {}
+        self._chosen: dict = {}  # gemm_paths()
 
     # -- plumbing -------------------------------------------------------------
     def _kernel(self, file: str, name: str) -> Any:
@@ -254,6 +255,16 @@ class CudaOps(ArrayOps):
         """``config`` when given, else the tuned (or default) path for this shape: among our
         tiles and cuBLAS, or for precision="tf32" (float32) among our tensor-core kernels and
         cuBLAS's TF32 mode."""
+        path = self._gemm_path(kind, dtype, M, N, K, config, trial)
+        self._chosen[f"{kind}|{np.dtype(dtype).name}|{M}x{N}x{K}"] = path
+        return path
+
+    def gemm_paths(self) -> dict[str, str]:
+        """The path each GEMM shape ran on ("kind|dtype|MxNxK": a tile, a split like large/s4, or
+        cublas): what the tuner chose, or the config forced."""
+        return dict(self._chosen)
+
+    def _gemm_path(self, kind: str, dtype: Any, M: int, N: int, K: int, config: str | None, trial: Any) -> str:
         splits = split_paths(K) if kind == "weight_grad" else ()
         if config is not None:
             if config not in (*PATHS, *TF32_PATHS) and not (kind == "weight_grad" and config in split_paths(2**62)):

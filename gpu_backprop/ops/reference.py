@@ -182,6 +182,11 @@ class ArrayOps:
         self._scratch_cache: dict = {}
         self._checked: dict = {}  # backward calls whose operands were checked (see _check_backward)
 
+    def gemm_paths(self) -> dict[str, str]:
+        """The path each GEMM shape ran on ("kind|dtype|MxNxK": path); the CPU and unfused paths
+        have one way only: empty."""
+        return {}
+
     def _check_once(self, objects: tuple, check: Callable[[], None]) -> None:
         """Run ``check`` unless it passed for these very objects: a training step passes the same
         arrays and NamedTuples every time (held here, so their ids are not reused; an array's
