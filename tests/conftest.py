@@ -33,3 +33,14 @@ def pytest_terminal_summary(terminalreporter):
         write("ptxas report (compiler arch kernel: registers, shared memory, spill/stack bytes)")
         for compiler, arch, kernel, registers, smem, spill in report:
             write(f"  {compiler:5} {arch} {kernel:55} {registers:4} regs {smem:6} B smem {spill} B spill")
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    """(cupy, fused ops) for `gpu` tests: a fresh ops object, not the one the device caches (which
+    every MLP(device="cuda") trains on), so a test cannot change what later tests run."""
+    from gpu_backprop import get_device
+    from gpu_backprop.ops import make_ops
+
+    device = get_device("cuda")
+    return device.xp, make_ops(device, fused=True)

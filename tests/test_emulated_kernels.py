@@ -21,6 +21,8 @@ DTYPES = [np.float32, np.float64]
 ACTS = ["sigmoid", "tanh", "relu", "identity"]
 # (batch, n_in, n_out): 1, 7, 33, 129 and one under/over the tile edges 64 and 128 (and BK 8/16)
 SHAPES = [(1, 1, 1), (7, 33, 1), (1, 129, 7), (33, 63, 65), (129, 65, 127), (17, 127, 63), (15, 9, 129)]
+# weight gradients also with the batch split (tests/test_split_k.py: long batches, determinism)
+SPLITS = ("small/s2", "large/s4")
 twin = NumpyOps()
 
 
@@ -164,7 +166,7 @@ def test_propagate(emu, rng, config, dtype, index, shape):
           terms=gemm_terms(delta, W.T) * np.abs(f_prime_from_output(act, f64[2])))
 
 
-@pytest.mark.parametrize("config", PATHS)
+@pytest.mark.parametrize("config", PATHS + SPLITS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("index,shape", list(enumerate(SHAPES)))
 @pytest.mark.parametrize("prologue", [False, True])
@@ -188,7 +190,7 @@ def test_weight_grad(emu, rng, config, dtype, index, shape, prologue):
         close(kwargs["delta_out"], f64["delta_out"], dtype)
 
 
-@pytest.mark.parametrize("config", PATHS)
+@pytest.mark.parametrize("config", PATHS + SPLITS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (33, 65, 63), (129, 7, 129)])

@@ -1,8 +1,6 @@
 """The CUDA-on-CPU shim schedules blocks as a GPU may: in a seeded shuffled order and
 several at once, each with its own __shared__ storage, so a kernel that depends on
 block order or on one block finishing before another fails on the CPU."""
-import shutil
-
 import numpy as np
 import pytest
 import scipy.special
@@ -11,7 +9,7 @@ from gpu_backprop.ops import NumpyOps
 from gpu_backprop.ops.autotune import Tuner
 from gpu_backprop.ops.cuda import CudaOps
 
-from .emulator.builder import HERE, KERNELS, EmuLoader
+from .emulator.builder import HERE, EmuLoader, planted_kernels
 
 
 def run_probe(loader, n_blocks):
@@ -49,13 +47,9 @@ def test_same_seed_same_order():
 def last_block_by_index(tmp_path_factory):
     """delta.cu with a planted order assumption: the block of the highest index, rather than
     the last to take a ticket, sums the loss partials (right only if it finishes last)."""
-    planted = tmp_path_factory.mktemp("kernels")
-    shutil.copytree(KERNELS, planted, dirs_exist_ok=True)
-    source = (planted / "delta.cu").read_text()
-    line = "is_last = atomicAdd(ticket, 1u) == parts - 1;"
-    assert line in source
-    (planted / "delta.cu").write_text(source.replace(line, "atomicAdd(ticket, 1u); is_last = part == parts - 1;"))
-    return planted
+    return planted_kernels(tmp_path_factory.mktemp("kernels"), "delta.cu",
+                           "is_last = atomicAdd(ticket, 1u) == parts - 1;",
+                           "atomicAdd(ticket, 1u); is_last = part == parts - 1;")
 
 
 def output_losses(loader):

@@ -3,18 +3,12 @@ the same on the CUDA-on-CPU shim). Skipped, with the reason, where no CUDA devic
 import numpy as np
 import pytest
 
-from gpu_backprop import MLP, get_device
-from gpu_backprop.ops import NumpyOps, Output, Propagate, Update, make_ops
+from gpu_backprop import MLP
+from gpu_backprop.ops import NumpyOps, Propagate, Update
 from gpu_backprop.train import Trainer
 
 pytestmark = pytest.mark.gpu
 twin = NumpyOps()
-
-
-@pytest.fixture(scope="module")
-def gpu():
-    device = get_device("cuda")
-    return device.xp, make_ops(device, fused=True)  # a fresh ops object, not the device's cached one
 
 
 def test_cupy_arrays_that_overlap_are_refused(gpu):

@@ -4,17 +4,10 @@ CUDA device is usable."""
 import numpy as np
 import pytest
 
-from gpu_backprop import get_device
-from gpu_backprop.ops import NumpyOps, make_ops
+from gpu_backprop.ops import NumpyOps
 
 pytestmark = pytest.mark.gpu
 twin = NumpyOps()
-
-
-@pytest.fixture(scope="module")
-def gpu():
-    device = get_device("cuda")
-    return device.xp, make_ops(device, fused=True)  # a fresh ops object, not the device's cached one
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -1,9 +1,8 @@
 """Split-K weight gradients (kernels/weight_grad.cu, ops/cuda.py ``large/s4``...) on the CUDA-on-CPU
 shim, against the float64 twin: the batch cut into slices that run as separate blocks, shuffled
 and several at once; the last slice of each tile adds the partials in slice order and applies
-the update. Per-element rounding bounds, NaN-poisoned outputs, bit-identical repeats."""
-import shutil
-
+the update. Per-element rounding bounds, NaN-poisoned outputs, bit-identical repeats. (The
+short-batch shapes and the SGD and momentum epilogues run with splits in test_emulated_kernels.)"""
 import numpy as np
 import pytest
 import scipy.special
@@ -12,9 +11,8 @@ from gpu_backprop.ops import NumpyOps
 from gpu_backprop.ops.autotune import Tuner
 from gpu_backprop.ops.cuda import CudaOps, split_of, split_paths
 
-from .emulator.builder import KERNELS, EmuLoader
-from .reference_formulas import f_prime_from_output
-from .test_emulated_kernels import Always, close, gemm_terms, inputs, nan, sgd_terms
+from .emulator.builder import EmuLoader, planted_kernels
+from .test_emulated_kernels import Always, close, gemm_terms, inputs, nan
 
 
 class ByKind(Tuner):
@@ -67,33 +65,6 @@ def test_split_weight_grad(loader, rng, path, shape, dtype, prologue):
         close(kwargs["delta_out"], f64["delta_out"], dtype)
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-@pytest.mark.parametrize("path", SPLITS)
-def test_split_sgd_update(loader, rng, path, momentum):
-    dtype, (batch, n_in, n_out) = np.float32, (257, 65, 130)
-    o, W = inputs(rng, dtype, batch, n_in, n_out, "relu")
-    b = rng.standard_normal(n_out).astype(dtype)
-    err = rng.standard_normal((batch, n_out)).astype(dtype)
-    o_next, _ = inputs(rng, dtype, batch, n_out, 1, "sigmoid")
-    vel_w, vel_b = rng.standard_normal(W.shape).astype(dtype), rng.standard_normal(n_out).astype(dtype)
-    step = 0.3 / batch
-    before = [a.astype(np.float64) for a in (W, b, vel_w, vel_b)]
-    expected = [a.copy() for a in before]
-    twin.sgd_update(o.astype(np.float64), err.astype(np.float64), *expected[:2], step, momentum, *expected[2:],
-                    o_next=o_next.astype(np.float64), activation="sigmoid", delta_out=np.empty(err.shape))
-    ops_on(loader, path).sgd_update(o, err, W, b, step, momentum, vel_w if momentum else None,
-                                    vel_b if momentum else None, o_next=o_next, activation="sigmoid",
-                                    delta_out=nan(err.shape, dtype), config=path)
-    delta = np.abs(err.astype(np.float64) * f_prime_from_output("sigmoid", o_next))
-    w_terms, vw_terms = sgd_terms(before[0], gemm_terms(o.T, delta), step, momentum, before[2])
-    b_terms, vb_terms = sgd_terms(before[1], delta.sum(axis=0), step, momentum, before[3])
-    close(W, expected[0], dtype, k=batch + 6, terms=w_terms)
-    close(b, expected[1], dtype, k=batch + 6, terms=b_terms)
-    if momentum:
-        close(vel_w, expected[2], dtype, k=batch + 6, terms=vw_terms)
-        close(vel_b, expected[3], dtype, k=batch + 6, terms=vb_terms)
-
-
 def split_gradient(loader, path, seed=1):
     rng = np.random.default_rng(seed)
     o, g = rng.standard_normal((1000, 70)).astype(np.float32), rng.standard_normal((1000, 40)).astype(np.float32)
@@ -114,13 +85,9 @@ def test_split_bits_do_not_depend_on_which_slice_finishes_last(loader, path):
 def last_slice_by_index(tmp_path_factory):
     """weight_grad.cu with a planted race: the slice of the highest index adds the partials without
     waiting for the ticket (right only if every other slice has finished)."""
-    planted = tmp_path_factory.mktemp("kernels")
-    shutil.copytree(KERNELS, planted, dirs_exist_ok=True)
-    source = (planted / "weight_grad.cu").read_text()
-    line = "if (!last_to_arrive(split.tickets + tile, (unsigned int)split.splits)) return;"
-    assert line in source
-    (planted / "weight_grad.cu").write_text(source.replace(line, "if (slice != split.splits - 1) return;"))
-    return planted
+    return planted_kernels(tmp_path_factory.mktemp("kernels"), "weight_grad.cu",
+                           "if (!last_to_arrive(split.tickets + tile, (unsigned int)split.splits)) return;",
+                           "if (slice != split.splits - 1) return;")
 
 
 def test_planted_early_sum_passes_in_order_and_fails_shuffled(last_slice_by_index):

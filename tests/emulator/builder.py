@@ -96,6 +96,16 @@ def build(cu_file: Path, names: Sequence[str], extra_flags: Sequence[str] = (), 
     return target
 
 
+def planted_kernels(folder: Path, file: str, line: str, replacement: str) -> Path:
+    """A copy of kernels/ in ``folder`` with ``line`` of ``file`` replaced: a planted fault."""
+    shutil.copytree(KERNELS, folder, dirs_exist_ok=True)
+    source = (folder / file).read_text()
+    if line not in source:
+        raise ValueError(f"{file}: {line!r} not found (the planted fault no longer applies)")
+    (folder / file).write_text(source.replace(line, replacement))
+    return Path(folder)
+
+
 class EmuKernel:
     """One instantiated kernel, called like cupy.RawKernel: ``k(grid, block, args)``.
 
