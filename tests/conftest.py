@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 # The `rng` fixture (a fixed seed per test; --fuzz for fresh ones) is in the repository's conftest.py.
 
