@@ -23,14 +23,15 @@ __device__ __forceinline__ double output_delta_at(T yh, T target, T& delta, int 
     const T diff = yh - target;
     if (loss_kind == LOSS_MSE) {
         delta = diff * derivative(act, yh);
-        return 0.5 * (double)diff * (double)diff;
+        const T square = diff * diff;  // in T, as the twin: a float32 overflow shows as Inf, as on the CPU
+        return 0.5 * (double)square;
     }
-    // y log(y_hat) with 0 log 0 = 0; y_hat clamped away from 0 so log stays finite. The
-    // clamp is written so NaN passes through (as numpy.maximum in the twin): a diverged
-    // run must show a NaN loss, not log(tiny).
+    // -y log(y_hat), y_hat clamped away from 0 so log stays finite (0 log tiny = 0). Written as
+    // the twin computes it: the clamp lets NaN through (as numpy.maximum), and a target of 0
+    // times a NaN or infinite log is NaN, so a diverged run shows a NaN loss on every device.
     const T tiny = sizeof(T) == 4 ? T(1.17549435e-38) : T(2.2250738585072014e-308);
     delta = diff;
-    return target != T(0) ? -(double)(target * log(yh < tiny ? tiny : yh)) : 0.0;
+    return -(double)(target * log(yh < tiny ? tiny : yh));
 }
 
 // The loss summed over `parts` blocks without float atomics: each block's sum goes to

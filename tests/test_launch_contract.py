@@ -18,6 +18,8 @@ from gpu_backprop.ops.autotune import Tuner
 from gpu_backprop.ops.cuda import CudaOps
 from gpu_backprop.train import Trainer
 
+from .test_emulated_kernels import Always
+
 from .emulator.builder import EmuLoader
 
 twin = NumpyOps()
@@ -109,6 +111,28 @@ def test_backward_refuses_a_part_that_writes_what_another_reads(emu, rng, ops):
         target.backward(Propagate(out, W, o, "tanh", out), [], Output(y_hat, y, "sigmoid", "mse", np.zeros(1)))
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_an_update_of_the_output_delta_waits_for_it(loader, seed):
+    """backward(propagation, update, output) where the update reads the output's delta: inside
+    one grid only the propagation computes that delta as it loads it, while the update's blocks
+    would read it from memory at the same time (a review found W2 all NaN from a NaN-filled delta
+    on the shuffled shim). The output delta runs first, as in the twin."""
+    rng = np.random.default_rng(seed)
+    B, n_in, n_out = 64, 40, 30
+    o, W, o2 = rng.random((B, n_in)), rng.standard_normal((n_in, n_out)), rng.random((B, n_in))
+    y_hat, y = rng.random((B, n_out)), rng.random((B, n_out))
+    W2, b2 = rng.standard_normal((n_in, n_out)), rng.standard_normal(n_out)
+    results = []
+    for ops in (twin, CudaOps(np, scipy.special, EmuLoader(seed=seed), tuner=Always("small"))):
+        d, out, loss = np.full((B, n_out), np.nan), np.full((B, n_in), np.nan), np.zeros(1)
+        w, b = W2.copy(), b2.copy()
+        ops.backward(Propagate(d, W, o, "sigmoid", out), [Update(o2, d, w, b, 0.01)],
+                     Output(y_hat, y, "sigmoid", "mse", loss))
+        results.append((d, out, w, b, loss))
+    for expected, actual in zip(*results):
+        np.testing.assert_allclose(actual, expected, rtol=1e-12, atol=1e-14)
+
+
 def test_in_place_elementwise_is_allowed(emu, rng):
     """hidden_delta in place (out is err): each element is read and written by one thread."""
     err, o = rng.standard_normal((9, 33)), np.tanh(rng.standard_normal((9, 33)))
@@ -168,12 +192,25 @@ def test_forward_keeps_nan_and_inf_where_the_twin_does(emu, activation):
 @pytest.mark.parametrize("loss,activation", [("mse", "sigmoid"), ("cross_entropy", "identity")])
 def test_output_loss_is_nan_where_the_twin_is(emu, loss, activation):
     """The probe of the issue: a NaN output under cross-entropy gave a finite loss (the clamp)."""
-    y_hat = np.array([[np.nan, 0.5], [0.25, 0.75]])
     y = np.array([[1.0, 0.0], [0.0, 1.0]])
-    for name, fn in (("fused", emu.output_delta), ("twin", twin.output_delta)):
-        loss_out = np.zeros(1)
-        fn(y_hat, y, activation, loss, np.empty_like(y), loss_out)
-        assert np.isnan(loss_out[0]), name
+    for bad in ([[np.nan, 0.5], [0.25, 0.75]], [[0.5, np.nan], [0.25, 0.75]], [[0.5, np.inf], [0.25, 0.75]]):
+        y_hat = np.array(bad)  # where the target is 1, and where it is 0 (0 log NaN is NaN, as in the twin)
+        for name, fn in (("fused", emu.output_delta), ("twin", twin.output_delta)):
+            loss_out = np.zeros(1)
+            with np.errstate(invalid="ignore"):
+                fn(y_hat, y, activation, loss, np.empty_like(y), loss_out)
+            assert np.isnan(loss_out[0]) or (loss == "mse" and np.isinf(loss_out[0])), (name, bad)
+
+
+def test_a_float32_loss_that_overflows_is_inf_as_in_the_twin(emu):
+    """The squared error is formed in the array's type, as the twin forms it: a float32 difference
+    of 2e19 squares to Inf on both (the kernel once squared in double and gave 2e38)."""
+    y_hat, y = np.array([[2e19, 0.0]], np.float32), np.zeros((1, 2), np.float32)
+    for fn in (emu.output_delta, twin.output_delta):
+        loss_out = np.zeros(1, np.float32)
+        with np.errstate(over="ignore"):
+            fn(y_hat, y, "identity", "mse", np.empty_like(y), loss_out)
+        assert np.isposinf(loss_out[0])
 
 
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])

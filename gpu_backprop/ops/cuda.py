@@ -206,7 +206,11 @@ def cupy_loader(device: Any) -> CupyLoader:
 class CudaOps(ArrayOps):
     """The fused kernels: per layer 1 forward GEMM and 1 backward launch (backward.cu runs the
     error propagation of one layer beside the update of the layer above; the first computes the
-    output delta and the loss as it loads them)."""
+    output delta and the loss as it loads them).
+
+    One object serves one stream at a time: its loss ticket, split-K tickets and workspaces
+    are shared by its launches, which must not be in flight on two streams at once (fit and
+    the rest of the library run on the device's training stream)."""
 
     fused = True
 
@@ -507,7 +511,7 @@ class CudaOps(ArrayOps):
         multiple of BK batch rows; workspace and tickets kept per shape (tickets zeroed once,
         reset by the kernel)."""
         config, splits = split_of(path)
-        if splits <= 1:
+        if splits <= 1 or K == 0:
             return make("SplitK", dtype), 1
         bk = CONFIGS[config][2]
         slice_k = -(-(-(-K // splits)) // bk) * bk
@@ -546,7 +550,11 @@ class CudaOps(ArrayOps):
         paths = [self.gemm_path(g.kind, g.dtype, *g.shape, config, g.trial) for g in gemms]
         grouped = self._groups(gemms, paths, output)
         launches: list = []
-        if output is not None and not (grouped and gemms[0].kind == "propagate"):
+        # Inside the group only the propagation computes the output delta as it loads it: an
+        # update that reads the same delta needs it written first, by a launch of its own.
+        fused_output = (grouped and gemms[0].kind == "propagate"
+                        and not any(g.params["g"] is gemms[0].params["delta"] for g in gemms[1:]))
+        if output is not None and not fused_output:
             params = gemms[0].params
             delta = params["delta"] if gemms[0].kind == "propagate" else params["g"]
             out = output
