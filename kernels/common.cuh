@@ -65,6 +65,17 @@ __device__ __forceinline__ void apply_update(int mode, T* p, T* v, index_t i, T 
     }
 }
 
+// A global load that sees another block's writes made before a ticket said they are done:
+// from L2 (ld.global.cg), not a possibly stale L1 line; the shim reads memory as it is.
+template <typename T>
+__device__ __forceinline__ T load_coherent(const T* p) {
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+    return __ldcg(p);
+#else
+    return *(const volatile T*)p;
+#endif
+}
+
 // 16 bytes of T, loaded and stored as one vector access (ld/st.global.v4.f32, .v2.f64) by the
 // elementwise kernels wherever every pointer they touch is 16-byte aligned.
 template <typename T>

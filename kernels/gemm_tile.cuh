@@ -141,6 +141,96 @@ struct Simt {
     }
 };
 
+// Warp tiles (siboehm's SGEMM kernel 10, CUTLASS's SIMT warp level): warp w owns a WM x WN
+// sub-tile of the block's BM x BN, cut into WMITER x WNITER pieces; in each piece a lane owns
+// TM consecutive rows and TN consecutive columns, so its fragments are contiguous in shared
+// memory and read as 16-byte vectors (ld.shared.v4.f32: TM/4 + TN/4 loads per TM x TN FMAs for
+// float, where Simt reads TM + TN scalars strided). PAD keeps every tile row 16-byte aligned
+// (GemmTiles is 16-byte aligned); the fetch's scalar stores are conflict-free with it (row
+// stride BM + 4 words: 8 k-rows x 4 m land on 32 banks).
+template <typename T, int BM_, int BN_, int BK_, int WM, int WN, int WMITER, int WNITER, int TM, int TN>
+struct Warp {
+    static const int BM = BM_, BN = BN_, BK = BK_, PAD = 16 / sizeof(T);
+    static const int THREADS = (BM / WM) * (BN / WN) * 32;  // the launchers' block (ops/cuda.py threads_of)
+    static const int WSUBM = WM / WMITER, WSUBN = WN / WNITER;  // one piece of a warp's sub-tile
+    static const int LANES_N = WSUBN / TN, LANES_M = WSUBM / TM;
+    static const int VEC = 16 / sizeof(T);                      // elements of one 16-byte shared load
+    static_assert(BM % WM == 0 && BN % WN == 0 && WM % WMITER == 0 && WN % WNITER == 0, "warp tiling");
+    static_assert(LANES_M * LANES_N == 32, "a piece is TM x TN per lane over the 32 lanes");
+    static_assert(TM % VEC == 0 && TN % VEC == 0, "fragments read as whole 16-byte vectors");
+    static_assert(THREADS <= 1024 && BN <= THREADS, "at most 1024 threads; one bias column per thread");
+    static_assert((BM + PAD) * sizeof(T) % 16 == 0 && (BN + PAD) * sizeof(T) % 16 == 0 &&
+                      WSUBM * sizeof(T) % 16 == 0 && WSUBN * sizeof(T) % 16 == 0,
+                  "every fragment starts 16-byte aligned");
+    typedef T Value;
+    struct Acc {
+        T v[WMITER * TM][WNITER * TN];
+    };
+
+    // The first row and column of this lane's fragments in the block tile.
+    static __device__ __forceinline__ int row0() {
+        const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+        return (warp / (BN / WN)) * WM + (lane / LANES_N) * TM;
+    }
+    static __device__ __forceinline__ int col0() {
+        const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+        return (warp % (BN / WN)) * WN + (lane % LANES_N) * TN;
+    }
+
+    static __device__ __forceinline__ void zero(Acc& acc) {
+#pragma unroll
+        for (int i = 0; i < WMITER * TM; ++i)
+#pragma unroll
+            for (int j = 0; j < WNITER * TN; ++j) acc.v[i][j] = T(0);
+    }
+
+    // COUNT consecutive elements of shared memory (16-byte aligned) into registers, a vector at a time.
+    template <int COUNT>
+    static __device__ __forceinline__ void load_vectors(T* dst, const T* src) {
+#pragma unroll
+#if !defined(__CUDACC__) && !defined(__CUDACC_RTC__)
+        if (reinterpret_cast<unsigned long long>(src) % 16) __trap();  // a GPU faults on a misaligned vector
+#endif
+        for (int p = 0; p < COUNT / VEC; ++p) {
+            const Pack<T> v = reinterpret_cast<const Pack<T>*>(src)[p];
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) dst[p * VEC + e] = v.v[e];
+        }
+    }
+
+    static __device__ __forceinline__ void multiply(Acc& acc, const T (&As)[BK][BM + PAD],
+                                                    const T (&Bs)[BK][BN + PAD]) {
+        const int m0 = row0(), n0 = col0();
+#pragma unroll
+        for (int kk = 0; kk < BK; ++kk) {
+            T a[WMITER * TM], b[WNITER * TN];
+#pragma unroll
+            for (int i = 0; i < WMITER; ++i) load_vectors<TM>(a + i * TM, &As[kk][m0 + i * WSUBM]);
+#pragma unroll
+            for (int j = 0; j < WNITER; ++j) load_vectors<TN>(b + j * TN, &Bs[kk][n0 + j * WSUBN]);
+#pragma unroll
+            for (int i = 0; i < WMITER * TM; ++i)
+#pragma unroll
+                for (int j = 0; j < WNITER * TN; ++j) acc.v[i][j] += a[i] * b[j];
+        }
+    }
+
+    template <typename Epilogue>
+    static __device__ __forceinline__ void for_each_output(const Acc& acc, index_t m0, index_t n0, index_t M,
+                                                           index_t N, Epilogue epilogue) {
+        const int r0 = row0(), c0 = col0();
+#pragma unroll
+        for (int i = 0; i < WMITER * TM; ++i) {
+            const index_t m = m0 + r0 + (i / TM) * WSUBM + i % TM;
+#pragma unroll
+            for (int j = 0; j < WNITER * TN; ++j) {
+                const index_t n = n0 + c0 + (j / TN) * WSUBN + j % TN;
+                if (m < M && n < N) epilogue(m, n, acc.v[i][j]);
+            }
+        }
+    }
+};
+
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 // Tensor cores: float operands rounded to TF32 (10-bit mantissa), products summed in float.
 // Fragment layouts of mma.sync.m16n8k8 .tf32 (PTX ISA), lane = 4 g + t:
@@ -224,8 +314,8 @@ struct Tf32 {
 // and handed to the tile functions, so kernels that run several GEMMs share one pair.
 template <class Core>
 struct GemmTiles {
-    typename Core::Value A[Core::BK][Core::BM + Core::PAD];
-    typename Core::Value B[Core::BK][Core::BN + Core::PAD];
+    alignas(16) typename Core::Value A[Core::BK][Core::BM + Core::PAD];  // 16-byte aligned: Warp reads vectors
+    alignas(16) typename Core::Value B[Core::BK][Core::BN + Core::PAD];
 };
 
 struct NoTileHook {

@@ -66,16 +66,17 @@ __device__ __forceinline__ void weight_grad_tile(GemmTiles<Core>& tiles, index_t
         if (owns_bias) split.bias_partials[slice * N + n0 + tid] = bias_acc;
         const index_t tile = tile_m * ((N + BN - 1) / BN) + tile_n;
         if (!last_to_arrive(split.tickets + tile, (unsigned int)split.splits)) return;
-        const volatile T* partials = split.partials;  // other blocks' writes: not through a stale cache
-        const volatile T* bias_partials = split.bias_partials;
+        const T* partials = split.partials;  // other blocks' writes: read from L2 (load_coherent)
         Core::for_each_output(acc, m0, n0, M, N, [&](index_t m, index_t n, T) {
-            T v = partials[m * N + n];
-            for (int s = 1; s < split.splits; ++s) v += partials[s * M * N + m * N + n];
+            T v = load_coherent(partials + m * N + n);
+#pragma unroll 1  // one loop per output: unrolled, the sums of 64 outputs were 20k instructions
+            for (int s = 1; s < split.splits; ++s) v += load_coherent(partials + s * M * N + m * N + n);
             apply_update(mode, p.W, p.vel_w, m * N + n, v, step, momentum);
         });
         if (owns_bias) {
-            T v = bias_partials[n0 + tid];
-            for (int s = 1; s < split.splits; ++s) v += bias_partials[s * N + n0 + tid];
+            T v = load_coherent(split.bias_partials + n0 + tid);
+#pragma unroll 1
+            for (int s = 1; s < split.splits; ++s) v += load_coherent(split.bias_partials + s * N + n0 + tid);
             apply_update(mode, p.b, p.vel_b, n0 + tid, v, step, momentum);
         }
         return;

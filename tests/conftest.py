@@ -22,7 +22,7 @@ TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The ptxas resource report of the compile checks, one line per kernel."""
+    """The ptxas resource report of the compile checks and the SASS checks' counts, one line per kernel."""
     import importlib
 
     try:
@@ -34,6 +34,15 @@ def pytest_terminal_summary(terminalreporter):
         write("ptxas report (compiler arch kernel: registers, shared memory, spill/stack bytes)")
         for compiler, arch, kernel, registers, smem, spill in report:
             write(f"  {compiler:5} {arch} {kernel:55} {registers:4} regs {smem:6} B smem {spill} B spill")
+    try:
+        sass = importlib.import_module("tests.test_sass").REPORT
+    except ImportError:
+        return
+    if sass:
+        write = terminalreporter.write_line
+        write("sm_90 SASS (kernel: FMAs, 128-bit shared loads, narrower shared loads, FMA share of the three)")
+        for kernel, fma, wide, narrow, share in sorted(sass):
+            write(f"  {kernel:62} {fma:5} FMA {wide:4} LDS.128 {narrow:4} LDS {share:6.1%}")
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ ACTS = ["sigmoid", "tanh", "relu", "identity"]
 # (batch, n_in, n_out): 1, 7, 33, 129 and one under/over the tile edges 64 and 128 (and BK 8/16)
 SHAPES = [(1, 1, 1), (7, 33, 1), (1, 129, 7), (33, 63, 65), (129, 65, 127), (17, 127, 63), (15, 9, 129)]
 # weight gradients also with the batch split (tests/test_split_k.py: long batches, determinism)
-SPLITS = ("small/s2", "large/s4")
+SPLITS = ("small/s2", "large/s4", "warp/s2")
 twin = NumpyOps()
 
 

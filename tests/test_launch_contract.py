@@ -152,7 +152,7 @@ def test_adjacent_arrays_pass_and_one_shared_element_fails():
 
 
 # -- the block a GEMM kernel runs with -------------------------------------------------------
-@pytest.mark.parametrize("config", ["tiny", "small", "large"])
+@pytest.mark.parametrize("config", list(cuda_ops.CONFIGS))
 def test_gemm_kernels_trap_on_a_block_their_core_was_not_written_for(loader, config):
     """The launchers derive the block from the tile (threads_of); a kernel launched with any
     other block traps (a launch error on a GPU, an exception here) instead of computing part

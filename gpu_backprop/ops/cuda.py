@@ -25,9 +25,14 @@ from .launch import make
 from .reference import ArrayOps, Gather, Output, Propagate, Update, check_disjoint, mixed_key, same_view
 
 BLOCK = 256  # threads per block of the elementwise kernels (any multiple of 32 up to 1024)
-# Tiles of the CUDA-core GEMMs (gemm_tile.cuh Simt): name: (BM, BN, BK, TM, TN); threads_of gives the block.
-# "tiny": 2 x 2 outputs per thread and a deep K step, for the latency-bound layers of small nets.
-CONFIGS = {"tiny": (32, 32, 32, 2, 2), "small": (64, 64, 16, 4, 4), "large": (128, 128, 8, 8, 8)}
+# Tiles of the CUDA-core GEMMs (gemm_tile.cuh): name: (BM, BN, BK, threads, the core with {T} for the
+# float type). Simt: each thread TM x TN outputs strided across the tile; "tiny": 2 x 2 outputs per
+# thread and a deep K step, for the latency-bound layers of small nets. Warp: warp tiles of 64 x 32,
+# each lane 2 x 2 pieces of 4 x 4 contiguous outputs, read from shared memory as 16-byte vectors.
+CONFIGS = {"tiny": (32, 32, 32, 256, "Simt<{T}, 32, 32, 32, 2, 2>"),
+           "small": (64, 64, 16, 256, "Simt<{T}, 64, 64, 16, 4, 4>"),
+           "large": (128, 128, 8, 256, "Simt<{T}, 128, 128, 8, 8, 8>"),
+           "warp": (128, 128, 8, 256, "Warp<{T}, 128, 128, 8, 64, 32, 2, 2, 4, 4>")}
 TF32_TILE = (64, 64)  # gemm_tile.cuh Tf32: tensor cores, float32 only, precision="tf32"
 TF32_THREADS = 256    # Tf32::THREADS: 8 warps of 32 x 16
 # fp32/fp64 GEMM paths: our fused kernels with either tile, or cuBLAS with our elementwise kernels
@@ -36,7 +41,7 @@ PATHS = (*CONFIGS, "cublas")
 TF32_PATHS = ("tf32", "cublas_tf32")
 # Split-K weight gradients ("large/s4": the large tile, the batch cut in 4 slices), tuned among
 # PATHS where every slice keeps at least MIN_SLICE batch rows; no new kernel to compile.
-SPLIT_CONFIGS, SPLITS, MIN_SLICE = ("small", "large"), (2, 4, 8), 64
+SPLIT_CONFIGS, SPLITS, MIN_SLICE = ("small", "large", "warp"), (2, 4, 8), 64
 PRECISIONS = ("fp32", "tf32")
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 LOSS_CODES = {"mse": 0, "cross_entropy": 1}
@@ -51,7 +56,7 @@ UNTYPED = ("shuffle_keys",)  # kernels that are not templated on the float type
 def gemm_name(kernel: str, dtype: Any, config: str) -> str:
     config = split_of(config)[0]
     ctype = CTYPES[np.dtype(dtype)]
-    core = "Tf32" if config == "tf32" else f"Simt<{ctype}, {', '.join(map(str, CONFIGS[config]))}>"
+    core = "Tf32" if config == "tf32" else CONFIGS[config][4].format(T=ctype)
     return f"{kernel}<{ctype}, {core}>"
 
 
@@ -72,13 +77,10 @@ def tile_of(config: str) -> tuple[int, int]:
 
 
 def threads_of(config: str) -> int:
-    """The block of a GEMM kernel on ``config``: one thread per TM x TN outputs (Simt's THREADS, which
-    the kernels check: any other block traps)."""
+    """The block of a GEMM kernel on ``config``: its core's THREADS, which the kernels check (any
+    other block traps; a test launches each config with this number)."""
     config = split_of(config)[0]
-    if config == "tf32":
-        return TF32_THREADS
-    bm, bn, _, tm, tn = CONFIGS[config]
-    return (bm // tm) * (bn // tn)
+    return TF32_THREADS if config == "tf32" else CONFIGS[config][3]
 
 
 def names_in(file: str) -> list[str]:

@@ -1,0 +1,102 @@
+"""Static checks on the sm_90 machine code (SASS, from nvcc's cubin through cuobjdump) where
+speed depends on the shape of the code and no GPU is at hand to time it:
+
+- the warp-tiled core reads its fragments from shared memory as 16-byte vectors (LDS.128), at
+  least (WMITER TM + WNITER TN) / VEC per k step of each GEMM in a kernel;
+- no GEMM kernel touches local memory (LDL/STL: spills or stack arrays);
+- the FMA share of each kernel's FMA and shared-load instructions is printed, and for the
+  warp-tiled core held to 98% of the design's: per k step a lane's WMITER TM x WNITER TN = 64
+  FMAs against (WMITER TM + WNITER TN) / VEC vector loads, 64 / (64 + 4) = 94% in float and
+  64 / (64 + 8) = 89% in double (the Simt cores: 64 / (64 + 16) at best, printed beside).
+"""
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpu_backprop.ops.cuda import CONFIGS, GEMM_FILES, gemm_name, kernel_source
+
+from .test_compile import _require, demangle
+
+REPORT: list = []  # (kernel, FMAs, 128-bit shared loads, other shared loads, FMA share) for the summary
+
+
+def tool(name: str) -> str | None:
+    """A CUDA binary utility from PATH or from the nvidia-cuda-* wheels of the test extra."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for base in map(Path, sys.path):
+        for candidate in base.glob(f"nvidia/cu*/bin/{name}"):
+            return str(candidate)
+    return None
+
+
+@pytest.fixture(scope="module")
+def sass(tmp_path_factory):
+    """{kernel name: [opcodes]} of every GEMM kernel instantiation, sm_90."""
+    nvcc, cuobjdump, nvdisasm = shutil.which("nvcc"), tool("cuobjdump"), tool("nvdisasm")
+    _require(nvcc is not None, "nvcc")
+    _require(cuobjdump is not None and nvdisasm is not None, "cuobjdump and nvdisasm (pip install nvidia-cuda-cuobjdump "
+                                                            "nvidia-cuda-nvdisasm)")
+    tmp = tmp_path_factory.mktemp("sass")
+    code: dict = {}
+    for file in dict.fromkeys(GEMM_FILES.values()):
+        names = [gemm_name(k, dt, c) for k, f in GEMM_FILES.items() if f == file
+                 for dt in (np.float32, np.float64) for c in CONFIGS]
+        source = kernel_source(file) + "\nstatic void* const instances[] = {\n" + \
+            ",\n".join(f"    (void*)&{name}" for name in names) + "\n};\n"
+        (tmp / file).write_text(source)
+        cubin = tmp / f"{file}.cubin"
+        proc = subprocess.run([nvcc, "-std=c++17", "-cubin", "-arch=sm_90", "-o", str(cubin), str(tmp / file)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        env = {"PATH": f"{Path(nvdisasm).parent}:/usr/bin:/bin", "NVDISASM_PATH": nvdisasm}
+        dump = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, env=env)
+        assert dump.returncode == 0, dump.stderr
+        for section in re.split(r"\n\s*Function : ", dump.stdout)[1:]:
+            symbol, body = section.split("\n", 1)
+            code[demangle(symbol.strip())] = re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)",
+                                                        body, re.M)
+    return code
+
+
+def counts(opcodes: list) -> tuple[int, int, int]:
+    fma = sum(op.startswith(("FFMA", "DFMA")) for op in opcodes)
+    wide = sum(op.startswith("LDS.128") for op in opcodes)
+    narrow = sum(op.startswith("LDS") and not op.startswith(("LDS.128", "LDS.U8")) for op in opcodes)
+    return fma, wide, narrow
+
+
+def test_every_gemm_kernel_was_disassembled(sass):
+    assert len(sass) == len(GEMM_FILES) * 2 * len(CONFIGS), sorted(sass)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kernel", list(GEMM_FILES))
+def test_warp_core_reads_shared_memory_as_vectors(sass, kernel, dtype):
+    name = next(n for n in sass if n.startswith(f"{kernel}<") and "Warp<" in n
+                and ("double" in n) == (dtype == np.float64))
+    bm, bn, bk, threads, core = CONFIGS["warp"]
+    wm, wn, wmiter, wniter, tm, tn = map(int, re.findall(r"\d+", core.split(",", 4)[4]))
+    vec = 16 // np.dtype(dtype).itemsize
+    fma, wide, narrow = counts(sass[name])
+    share = fma / (fma + wide + narrow)
+    REPORT.append((name, fma, wide, narrow, share))
+    loads_per_k = (wmiter * tm + wniter * tn) // vec
+    design = wmiter * tm * wniter * tn / (wmiter * tm * wniter * tn + loads_per_k)
+    assert wide >= bk * loads_per_k, (name, wide)
+    assert share >= 0.98 * design, (name, share, design)
+
+
+def test_no_gemm_kernel_touches_local_memory(sass):
+    for name, opcodes in sass.items():
+        local = [op for op in opcodes if op.startswith(("LDL", "STL"))]
+        assert not local, (name, local[:5])
+        if "Warp<" not in name:
+            fma, wide, narrow = counts(opcodes)
+            REPORT.append((name, fma, wide, narrow, fma / max(1, fma + wide + narrow)))
