@@ -14,7 +14,14 @@ import json
 import sys
 from pathlib import Path
 
-ORDER = ["ours-graph", "ours-fused", "ours-tf32", "ours-numpy", "cupy-unfused", "numpy", "torch-eager", "torch-autograd", "torch-compile"]
+ORDER = ["ours-graph", "ours-fused", "ours-splitk", "ours-tf32", "ours-numpy", "cupy-unfused", "numpy", "torch-eager",
+         "torch-autograd", "torch-compile"]
+# The benchmark targets of the issues, one headline row each (op, size): ours at its best (any of our
+# float32 paths) against the best other implementation of the same run.
+TARGETS = [("delta_hidden", "2^26"), ("delta_output", "2^26"), ("weight_grad_sgd", "typical-B4096"),
+           ("gemm_core", "4096^3"), ("propagate", "typical-B4096"), ("train_step", "small"),
+           ("train_step", "typical-B256"), ("train_step", "typical-B4096"), ("digits_epoch", "64-64-10 B=32")]
+OURS = ("ours-graph", "ours-fused", "ours-splitk", "ours-numpy")  # ours-tf32 computes in another precision
 
 
 def load(*paths: "str | Path") -> dict:
@@ -91,6 +98,25 @@ def markdown(data: dict) -> str:
     timers = sorted({r["timer"] for r in table if r["timer"]})
     lines += ["", f"Time: {'; '.join(timers)} over rotated input sets larger than the cache; "
                   "speed-up = other time / this time."]
+    return "\n".join(lines) + "\n"
+
+
+def headline(data: dict) -> str:
+    """One row per benchmark target: our fastest float32 path, the fastest other implementation,
+    their ratio (> 1: ours faster), ours against the run's measured ceiling, and the card."""
+    table = rows(data)
+    lines = ["| operation | size | ours | best other | ours vs it | ours, of the ceiling | card |",
+             "|---|---|---|---|---|---|---|"]
+    for op, size in TARGETS:
+        here = [r for r in table if r["op"] == op and r["size"] == size]
+        ours = min((r for r in here if r["peer"] in OURS), key=lambda r: r["time_s"], default=None)
+        other = min((r for r in here if not r["peer"].startswith("ours")), key=lambda r: r["time_s"], default=None)
+        if ours is None:
+            continue
+        versus = f"{other['peer']} {_time(other['time_s'])}" if other else "-"
+        ratio = f"**{other['time_s'] / ours['time_s']:.2f}x**" if other else "-"
+        lines.append(f"| {op} | {size} | {ours['peer']} {_time(ours['time_s'])} | {versus} | {ratio} | "
+                     f"{_rate(ours)[1] or '-'} | {ours['device']} |")
     return "\n".join(lines) + "\n"
 
 

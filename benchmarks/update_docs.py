@@ -6,8 +6,9 @@ committed JSON in benchmarks/results/, so no figure is ever copied by hand.
 
 A run is one or more JSON files sharing a stem prefix ``<card>-<date>``
 (e.g. ``h100-2026-12-01-step.json`` and ``h100-2026-12-01-kernels.json``);
-runs are listed newest first; the README shows the newest GPU run, or the
-newest run of any kind when no GPU run exists yet.
+runs are listed newest first; the README shows a headline table of the newest GPU
+run (one row per benchmark target), or of the newest run of any kind when no GPU run
+exists yet; RESULTS.md holds every figure.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from .report import chart, load, markdown
+from .report import chart, headline, load, markdown
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -53,8 +54,10 @@ def readme_section() -> str:
     name, files = (gpu or all_runs)[0]
     note = "" if gpu else ("No GPU run has been committed yet; this is the CPU suite. "
                            "`benchmarks/device_check.sh` produces the GPU tables.\n\n")
-    return (f"{START}\nLatest run: **{name}** (all runs: [benchmarks/RESULTS.md](benchmarks/RESULTS.md)).\n\n"
-            f"{note}{markdown(load(*files))}\n![{name}](benchmarks/results/{name}.png)\n{END}")
+    return (f"{START}\nLatest run: **{name}**: each benchmark target, ours at its best against the best other "
+            f"implementation in the same run (every figure of every run, with GB/s, GFLOP/s and all speed-ups: "
+            f"[benchmarks/RESULTS.md](benchmarks/RESULTS.md)).\n\n"
+            f"{note}{headline(load(*files))}\n![{name}](benchmarks/results/{name}.png)\n{END}")
 
 
 def updated_readme() -> str:
