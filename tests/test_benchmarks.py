@@ -62,3 +62,14 @@ def test_report_rejects_other_json(tmp_path, capsys):
 
 def test_results_documents_are_generated():
     assert update_docs.main(["--check"]) == 0, "run: python -m benchmarks.update_docs"
+
+
+def test_headline_takes_our_fastest_float32_path_against_the_fastest_other():
+    def bench(op, size, peer, seconds):
+        return {"extra_info": {"op": op, "size": size, "peer": peer, "time_s": seconds, "device": "Card X",
+                               "gflops": 1.0, "pct_gemm_ceiling": 42.0}}
+    data = {"benchmarks": [bench("gemm_core", "4096^3", "ours-fused", 4.0), bench("gemm_core", "4096^3", "ours-splitk", 2.0),
+                           bench("gemm_core", "4096^3", "ours-tf32", 0.5),  # another precision: not a headline
+                           bench("gemm_core", "4096^3", "cupy-unfused", 3.0), bench("gemm_core", "4096^3", "torch-eager", 5.0)]}
+    rows = [line for line in report.headline(data).splitlines() if line.startswith("| gemm_core")]
+    assert rows == ["| gemm_core | 4096^3 | ours-splitk 2.00 s | cupy-unfused 3.00 s | **1.50x** | 42% of GEMM | Card X |"]
