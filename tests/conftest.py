@@ -25,24 +25,21 @@ def pytest_terminal_summary(terminalreporter):
     """The ptxas resource report of the compile checks and the SASS checks' counts, one line per kernel."""
     import importlib
 
-    try:
-        report = importlib.import_module("tests.test_compile").REPORT
-    except ImportError:
-        return
-    if report:
-        write = terminalreporter.write_line
-        write("ptxas report (compiler arch kernel: registers, shared memory, spill/stack bytes)")
-        for compiler, arch, kernel, registers, smem, spill in report:
-            write(f"  {compiler:5} {arch} {kernel:55} {registers:4} regs {smem:6} B smem {spill} B spill")
-    try:
-        sass = importlib.import_module("tests.test_sass").REPORT
-    except ImportError:
-        return
-    if sass:
-        write = terminalreporter.write_line
-        write("sm_90 SASS (kernel: FMAs, 128-bit shared loads, narrower shared loads, FMA share of the three)")
-        for kernel, fma, wide, narrow, share in sorted(sass):
-            write(f"  {kernel:62} {fma:5} FMA {wide:4} LDS.128 {narrow:4} LDS {share:6.1%}")
+    reports = [
+        ("tests.test_compile", "ptxas report (compiler arch kernel: registers, shared memory, spill/stack bytes)",
+         lambda c, arch, k, regs, smem, spill: f"{c:5} {arch} {k:55} {regs:4} regs {smem:6} B smem {spill} B spill"),
+        ("tests.test_sass", "sm_90 SASS (kernel: FMAs, 128-bit shared loads, narrower shared loads, FMA share of the three)",
+         lambda k, fma, wide, narrow, share: f"{k:62} {fma:5} FMA {wide:4} LDS.128 {narrow:4} LDS {share:6.1%}"),
+    ]
+    for module, title, line in reports:
+        try:
+            rows = importlib.import_module(module).REPORT
+        except ImportError:
+            continue
+        if rows:
+            terminalreporter.write_line(title)
+            for row in (sorted(rows) if module.endswith("sass") else rows):
+                terminalreporter.write_line("  " + line(*row))
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import numpy as np
 from . import activations as act
 from .autotune import Tuner
 from .launch import make
-from .reference import ArrayOps, Gather, Output, Propagate, Update, check_disjoint, mixed_key, same_view
+from .reference import ArrayOps, Gather, Output, Propagate, Update, check_disjoint, mixed_key
 
 BLOCK = 256  # threads per block of the elementwise kernels (any multiple of 32 up to 1024)
 # Tiles of the CUDA-core GEMMs (gemm_tile.cuh): name: (BM, BN, BK, threads, the core with {T} for the
@@ -42,6 +42,7 @@ TF32_PATHS = ("tf32", "cublas_tf32")
 # Split-K weight gradients ("large/s4": the large tile, the batch cut in 4 slices), tuned among
 # PATHS where every slice keeps at least MIN_SLICE batch rows; no new kernel to compile.
 SPLIT_CONFIGS, SPLITS, MIN_SLICE = ("small", "large", "warp"), (2, 4, 8), 64
+SPLIT_PATHS = tuple(f"{c}/s{s}" for c in SPLIT_CONFIGS for s in SPLITS)
 PRECISIONS = ("fp32", "tf32")
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 LOSS_CODES = {"mse": 0, "cross_entropy": 1}
@@ -68,7 +69,7 @@ def split_of(path: str) -> tuple[str, int]:
 
 def split_paths(K: int) -> tuple[str, ...]:
     """The split-K candidates for a weight gradient over a batch of K rows."""
-    return tuple(f"{c}/s{s}" for c in SPLIT_CONFIGS for s in SPLITS if K >= s * MIN_SLICE)
+    return tuple(p for p in SPLIT_PATHS if K >= split_of(p)[1] * MIN_SLICE)
 
 
 def tile_of(config: str) -> tuple[int, int]:
@@ -228,7 +229,6 @@ class CudaOps(ArrayOps):
         # backward calls seen (the NamedTuples a model passes every step) and the launches built
         # for them: a step with the same arguments replays those (structs, tiles, tuned paths)
         self._launches: dict = {}
-        self._zeroed: dict = {}
         self._chosen: dict = {}  # gemm_paths()
 
     # -- plumbing -------------------------------------------------------------
@@ -273,7 +273,7 @@ class CudaOps(ArrayOps):
     def _gemm_path(self, kind: str, dtype: Any, M: int, N: int, K: int, config: str | None, trial: Any) -> str:
         splits = split_paths(K) if kind == "weight_grad" else ()
         if config is not None:
-            if config not in (*PATHS, *TF32_PATHS) and not (kind == "weight_grad" and config in split_paths(2**62)):
+            if config not in (*PATHS, *TF32_PATHS) and not (kind == "weight_grad" and config in SPLIT_PATHS):
                 raise ValueError(f"config: expected one of {', '.join(PATHS + TF32_PATHS)}"
                                  f"{' or a split like large/s4' if kind == 'weight_grad' else ''}, got {config!r}")
             if config in TF32_PATHS and np.dtype(dtype) != np.float32:
@@ -340,7 +340,7 @@ class CudaOps(ArrayOps):
     # -- deltas ---------------------------------------------------------------
     def output_delta(self, y_hat: Any, y: Any, activation: str, loss: str, out: Any, loss_out: Any) -> Any:
         codes = self._output_codes(y_hat, y, activation, loss, out, loss_out)
-        check_disjoint(self.xp, [("out", out), ("loss_out", loss_out)], [("y_hat", y_hat), ("y", y)])
+        self._check_output_delta(y_hat, y, out, loss_out)
         dtype, n = np.dtype(y_hat.dtype), int(y_hat.size)
         partials = self._scratch("partials", (self.max_blocks,), np.float64)
         self._kernel("delta.cu", f"output_delta<{CTYPES[dtype]}>")(
@@ -364,7 +364,7 @@ class CudaOps(ArrayOps):
         dtype = self._dtype_of("err", err)
         for name, array in (("err", err), ("o", o), ("out", out)):
             self._check(name, array, err.shape, dtype)
-        check_disjoint(self.xp, [("out", out)], [("o", o)] + ([] if same_view(out, err) else [("err", err)]))
+        self._check_hidden_delta(err, o, out)
         return self._hidden_delta(err, o, out, np.int32(act.CODES[act.check_activation(activation)]))
 
     def _hidden_delta(self, err: Any, o: Any, out: Any, code: np.int32) -> Any:
@@ -392,7 +392,7 @@ class CudaOps(ArrayOps):
         self._check("step", step, (1,), np.int64)
         self._check("xb", xb, (batch, n_x), dtype)
         self._check("yb", yb, (batch, n_y), dtype)
-        check_disjoint(self.xp, [("xb", xb), ("yb", yb)], [("X", X), ("Y", Y), ("order", order), ("step", step)])
+        self._check_gather_disjoint(X, Y, order, step, xb, yb)
 
     def gather_batch(self, X: Any, Y: Any, order: Any, step: Any, stride: int, xb: Any, yb: Any) -> None:
         self._check_gather(X, Y, order, step, xb, yb)
@@ -425,7 +425,7 @@ class CudaOps(ArrayOps):
     def propagate(self, delta: Any, W: Any, o: Any, activation: str, out: Any, config: str | None = None) -> Any:
         """out = (delta W^T) * f'(o): the derivative in our GEMM's epilogue (or cuBLAS, then
         the derivative in place, where tuned faster)."""
-        check_disjoint(self.xp, [("out", out)], [("delta", delta), ("W", W), ("o", o)])
+        self._check_propagate(delta, W, o, out)
         self._run([self._propagate_gemm(delta, W, o, activation, out)], config)
         return out
 
@@ -519,17 +519,10 @@ class CudaOps(ArrayOps):
         slice_k = -(-(-(-K // splits)) // bk) * bk
         slices = -(-K // slice_k)
         tiles = -(-M // CONFIGS[config][0]) * -(-N // CONFIGS[config][1])
-        tickets = self._zeros(f"tickets/{config}", (tiles,), np.uint32)
+        tickets = self._scratch(f"tickets/{config}", (tiles,), np.uint32, zeroed=True)
         return make("SplitK", dtype, partials=self._scratch("split_w", (slices, M, N), dtype),
                     bias_partials=self._scratch("split_b", (slices, N), dtype), tickets=tickets, slice_k=slice_k,
                     splits=slices), slices
-
-    def _zeros(self, tag: str, shape: tuple, dtype: Any) -> Any:
-        """A cached buffer, zeroed when first made (the kernels leave it zero again)."""
-        key = (tag, tuple(shape), np.dtype(dtype))
-        if key not in self._zeroed:
-            self._zeroed[key] = self.xp.zeros(shape, dtype=dtype)
-        return self._zeroed[key]
 
     def _groups(self, gemms: Sequence[_Gemm], paths: Sequence[str], output: Output | None) -> bool:
         """Whether ``gemms`` (and the output delta) run as one backward.cu launch: more than one
@@ -633,8 +626,7 @@ class CudaOps(ArrayOps):
                     config: str | None = None) -> tuple[Any, Any]:
         """grad_w = o^T delta, grad_b = column sums of delta, in one launch
         (with ``o_next``: delta = err * f'(o_next) computed in the prologue)."""
-        check_disjoint(self.xp, [("grad_w", grad_w), ("grad_b", grad_b), ("delta_out", delta_out)],
-                       [("o", o), ("delta", delta), ("o_next", o_next)])
+        self._check_update(o, delta, grad_w, grad_b, None, None, o_next, delta_out, ("grad_w", "grad_b"))
         self._run([self._weight_grad_gemm(o, delta, grad_w, grad_b, WRITE_GRADIENT, 0.0, 0.0, None, None,
                                           o_next, activation, delta_out)], config)
         return grad_w, grad_b
@@ -644,8 +636,7 @@ class CudaOps(ArrayOps):
                    activation: str = "identity", delta_out: Any = None, config: str | None = None) -> None:
         """The SGD step applied to W and b in the weight-gradient GEMM's epilogue (on the cuBLAS
         path: cuBLAS with alpha = -step, beta = 1 into W, then one bias kernel)."""
-        check_disjoint(self.xp, [("W", W), ("b", b), ("vel_w", vel_w), ("vel_b", vel_b), ("delta_out", delta_out)],
-                       [("o", o), ("delta", delta), ("o_next", o_next)])
+        self._check_update(o, delta, W, b, vel_w, vel_b, o_next, delta_out)
         mode = SGD_MOMENTUM if momentum else SGD
         self._run([self._weight_grad_gemm(o, delta, W, b, mode, step, momentum, vel_w, vel_b, o_next, activation,
                                           delta_out)], config)

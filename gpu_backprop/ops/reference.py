@@ -211,11 +211,14 @@ class ArrayOps:
             check_disjoint(self.xp, *backward_operands(propagate, updates, output))
         self._check_once((propagate, *updates, output), check)
 
-    def _scratch(self, tag: str, shape: tuple, dtype: Any) -> Any:
+    def _scratch(self, tag: str, shape: tuple, dtype: Any, zeroed: bool = False) -> Any:
+        """A buffer kept per (tag, shape, dtype); ``zeroed``: zero when first made (for counters
+        the kernels leave at zero again)."""
         key = (tag, tuple(shape), dtype)
         buf = self._scratch_cache.get(key)
         if buf is None:
-            buf = self._scratch_cache[key] = self.xp.empty(shape, dtype=dtype)
+            make = self.xp.zeros if zeroed else self.xp.empty
+            buf = self._scratch_cache[key] = make(shape, dtype=dtype)
         return buf
 
     def _second_scratch(self, activation: str, tag: str, like: Any) -> Any:
@@ -265,6 +268,22 @@ class ArrayOps:
                                 ("gather.order", gather.order), ("gather.step", gather.step)])
         self._check_once((o, W, b, out, gather), check)
 
+    def _check_output_delta(self, y_hat: Any, y: Any, out: Any, loss_out: Any) -> None:
+        check_disjoint(self.xp, [("out", out), ("loss_out", loss_out)], [("y_hat", y_hat), ("y", y)])
+
+    def _check_hidden_delta(self, err: Any, o: Any, out: Any) -> None:
+        """``out`` may be ``err`` itself (in place: each element read and written by one thread)."""
+        check_disjoint(self.xp, [("out", out)], [("o", o)] + ([] if same_view(out, err) else [("err", err)]))
+
+    def _check_propagate(self, delta: Any, W: Any, o: Any, out: Any) -> None:
+        check_disjoint(self.xp, [("out", out)], [("delta", delta), ("W", W), ("o", o)])
+
+    def _check_update(self, o: Any, delta: Any, W: Any, b: Any, vel_w: Any, vel_b: Any, o_next: Any,
+                      delta_out: Any, names: tuple[str, str] = ("W", "b")) -> None:
+        """A weight gradient's operands: ``names`` of what it writes (grad_w, grad_b without an update)."""
+        check_disjoint(self.xp, [(names[0], W), (names[1], b), ("vel_w", vel_w), ("vel_b", vel_b),
+                                 ("delta_out", delta_out)], [("o", o), ("delta", delta), ("o_next", o_next)])
+
     def _check_gather_disjoint(self, X: Any, Y: Any, order: Any, step: Any, xb: Any, yb: Any) -> None:
         self._check_once((X, Y, order, step, xb, yb), lambda: check_disjoint(
             self.xp, [("xb", xb), ("yb", yb)], [("X", X), ("Y", Y), ("order", order), ("step", step)]))
@@ -277,7 +296,7 @@ class ArrayOps:
         mse:           delta = (y_hat - y) * f'(y_hat),  loss = 1/2 sum (y_hat - y)^2
         cross_entropy: delta = y_hat - y (softmax),      loss = -sum y log y_hat
         """
-        check_disjoint(self.xp, [("out", out), ("loss_out", loss_out)], [("y_hat", y_hat), ("y", y)])
+        self._check_output_delta(y_hat, y, out, loss_out)
         return self._output_delta(y_hat, y, activation, loss, out, loss_out)
 
     def _output_delta(self, y_hat: Any, y: Any, activation: str, loss: str, out: Any, loss_out: Any) -> Any:
@@ -298,7 +317,7 @@ class ArrayOps:
 
     def hidden_delta(self, err: Any, o: Any, activation: str, out: Any) -> Any:
         """delta = err * f'(o), f' from the saved output; ``out`` may be ``err`` itself (in place)."""
-        check_disjoint(self.xp, [("out", out)], [("o", o)] + ([] if same_view(out, err) else [("err", err)]))
+        self._check_hidden_delta(err, o, out)
         if out is err:
             return act.multiply_derivative(self.xp, activation, o, out, self._scratch("delta", out.shape, out.dtype),
                                           self._second_scratch(activation, "delta2", out))
@@ -309,7 +328,7 @@ class ArrayOps:
     # -- backward GEMMs -----------------------------------------------------
     def propagate(self, delta: Any, W: Any, o: Any, activation: str, out: Any) -> Any:
         """The error one layer down, times its derivative: out = (delta W^T) * f'(o)."""
-        check_disjoint(self.xp, [("out", out)], [("delta", delta), ("W", W), ("o", o)])
+        self._check_propagate(delta, W, o, out)
         return self._propagate(delta, W, o, activation, out)
 
     def _propagate(self, delta: Any, W: Any, o: Any, activation: str, out: Any) -> Any:
@@ -328,8 +347,7 @@ class ArrayOps:
     def weight_grad(self, o: Any, delta: Any, grad_w: Any, grad_b: Any, *, o_next: Any = None,
                     activation: str = "identity", delta_out: Any = None) -> tuple[Any, Any]:
         """grad_w = o^T delta, grad_b = sum over the batch of delta (sums, not means)."""
-        check_disjoint(self.xp, [("grad_w", grad_w), ("grad_b", grad_b), ("delta_out", delta_out)],
-                       [("o", o), ("delta", delta), ("o_next", o_next)])
+        self._check_update(o, delta, grad_w, grad_b, None, None, o_next, delta_out, ("grad_w", "grad_b"))
         delta = self._prologue(delta, o_next, activation, delta_out)
         self.gemm(o, delta, grad_w, trans_a=True)
         delta.sum(axis=0, out=grad_b)
@@ -343,8 +361,7 @@ class ArrayOps:
         momentum == 0: W -= step * o^T delta,  b -= step * sum(delta)
         momentum  > 0: v = momentum v - step * o^T delta;  W += v  (same for b)
         """
-        check_disjoint(self.xp, [("W", W), ("b", b), ("vel_w", vel_w), ("vel_b", vel_b), ("delta_out", delta_out)],
-                       [("o", o), ("delta", delta), ("o_next", o_next)])
+        self._check_update(o, delta, W, b, vel_w, vel_b, o_next, delta_out)
         self._sgd_update(o, self._prologue(delta, o_next, activation, delta_out), W, b, step, momentum, vel_w, vel_b)
 
     def _sgd_update(self, o: Any, delta: Any, W: Any, b: Any, step: float, momentum: float, vel_w: Any,
