@@ -7,8 +7,9 @@
 #      the launch contract, NaN propagation, stream ordering);
 #   3. compute-sanitizer memcheck and racecheck over a small run of every kernel;
 #   4. digits trained on the GPU and on the CPU: accuracies must match;
-#   5. the GPU benchmark suite -> bench_step.json, bench_kernels.json, bench_compile.json,
-#      bench.md (table), bench.png (chart); the training step first, torch.compile (minutes of
+#   5. every GEMM path forced in turn against cuBLAS (benchmarks/gemm_sweep.py -> gemm_sweep.json);
+#   6. the GPU benchmark suite -> bench_step.json, bench_kernels.json, bench_compile.json,
+#      bench.png (chart; the table is printed); the training step first, torch.compile (minutes of
 #      compilation) last, each part with its own time limit so one overrun loses only itself.
 # Before and after on one machine: with an older revision unpacked in .base/
 # (benchmarks/prepare_baseline.sh REV, carried), its training-step and digits benchmarks run
@@ -56,6 +57,18 @@ note "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
 run cuda-usable 60 $python -c "from gpu_backprop import get_device; print(get_device('cuda'))" || { cat "$summary"; exit 1; }
 export GPU_BACKPROP_REQUIRE_GPU=1  # the gpu tests fail instead of skipping
 
+# cold start (issue 16): empty CuPy kernel cache and tuner cache, one epoch of digits, whole-process
+# wall time (import, data, NVRTC compiles, tuning, the epoch); then the same again with both caches warm
+section "cold start"
+cold_cupy=$(mktemp -d); cold_tuner=$(mktemp -d)
+for start in cold warm; do
+    t0=$(date +%s.%N)
+    CUPY_CACHE_DIR="$cold_cupy" GPU_BACKPROP_CACHE="$cold_tuner" timeout 120 \
+        $python -m gpu_backprop.cli train --device cuda --epochs 1 --json >> "$log" 2>&1
+    rc=$?
+    note "$start start: digits, 1 epoch on cuda, process wall $($python -c "print(round($(date +%s.%N) - $t0, 2))") s (exit $rc)"
+done
+
 # every test marked `gpu`, in whichever file it lives (test_gpu.py, test_gpu_contract.py, test_streams.py, ...);
 # only those files are collected: the others may import what this machine lacks (hypothesis)
 gpu_files=$(grep -l "mark.gpu" tests/test_*.py)
@@ -90,6 +103,8 @@ bench() {  # bench NAME LIMIT FILE -k EXPR
     run "bench-$1" "$2" $python -m pytest "benchmarks/$3" --bench-device cuda --bench-budget 0.15 -q -p no:cacheprovider \
         -k "$4" --benchmark-json="$out/bench_$1.json" --benchmark-columns=median,rounds
 }
+run gemm-sweep 120 $python -m benchmarks.gemm_sweep "$out/gemm_sweep.json"
+grep -E "^(core|wgrad|forward)" "$log" | tee -a "$summary" > /dev/null
 bench step 100 test_train_step.py "not torch-compile"
 bench kernels 120 test_kernels.py "not large or weight_grad"
 bench compile 80 test_train_step.py "torch-compile"
@@ -97,12 +112,12 @@ results=$(ls "$out"/bench_step.json "$out"/bench_kernels.json "$out"/bench_compi
 if [ -n "$results" ]; then
     png=(--png "$out/bench.png")
     [ -f "$out/bench_baseline.json" ] && png=()
-    $python -m benchmarks.report $results "${png[@]}" --markdown "$out/bench.md" >> "$log" 2>&1
+    $python -m benchmarks.report $results "${png[@]}" --markdown /tmp/bench.md >> "$log" 2>&1
 fi
 if [ -f "$out/bench_baseline.json" ] && [ -f "$out/bench_step.json" ]; then
     $python -m benchmarks.report --compare "$out/bench_baseline.json" "$out/bench_step.json" 2>> "$log" \
         | sed 's/^/base -> now: /' | tee -a "$summary"
 fi
 echo; cat "$summary"
-[ -f "$out/bench.md" ] && cat "$out/bench.md"
+[ -f /tmp/bench.md ] && cat /tmp/bench.md
 exit $status

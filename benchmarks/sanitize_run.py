@@ -1,5 +1,5 @@
 """A small run of every fused kernel for compute-sanitizer (memcheck, racecheck):
-odd shapes, both dtypes, every tile configuration, momentum, the delta prologue,
+odd shapes, both dtypes, every tile configuration (CONFIGS), momentum, the delta prologue,
 the grouped backward launch (with and without the output delta inside), split-K
 weight gradients (partials, tickets and the last slice's sum).
 CuPy's memory pool is switched off so each array is its own cudaMalloc and an
@@ -24,7 +24,7 @@ def main() -> None:
     ops, xp = device.ops(fused=True), device.xp
     rng = np.random.default_rng(0)
     for dtype in (np.float32, np.float64):
-        for config in ("tiny", "small", "large"):
+        for config in ("tiny", "small", "large", "warp"):
             batch, n_in, n_out = 129, 65, 127
             o = xp.asarray(rng.random((batch, n_in)), dtype=dtype)
             err = xp.asarray(rng.standard_normal((batch, n_out)), dtype=dtype)
@@ -46,7 +46,7 @@ def main() -> None:
             # ... and the first backward launch, with the output delta and the loss computed inside it
             ops.backward(Propagate(xp.empty((batch, n_out), dtype), grad_w, o, "sigmoid", below), [],
                          Output(o_next, err, "sigmoid", "mse", xp.empty(1, dtype)), config=config)
-        for split in ("small/s2", "large/s4"):  # 301 batch rows: slices of unequal length
+        for split in ("small/s2", "large/s4", "warp/s8"):  # 301 batch rows: slices of unequal length
             o = xp.asarray(rng.random((301, 65)), dtype=dtype)
             err = xp.asarray(rng.standard_normal((301, 127)), dtype=dtype)
             W, b = xp.zeros((65, 127), dtype), xp.zeros(127, dtype)
