@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable
@@ -90,6 +91,21 @@ class Device:
             return None, ""
         why_not = ops.capture_blocker(output)
         return (None, why_not) if why_not else (self.capture, "")
+
+    def time_step(self, fn: Callable[[], Any]) -> float:
+        """Seconds ``fn`` takes to run, from issue to completion: CUDA events around it on the
+        current stream (the host waits for the end), or the host clock on the CPU."""
+        if self.kind != "cuda":
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+        cuda = self.xp.cuda
+        start, stop = cuda.Event(), cuda.Event()
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        return cuda.get_elapsed_time(start, stop) / 1e3
 
     def capture(self, fn: Callable[[], Any]) -> Callable[[], None] | None:
         """Record the kernels ``fn`` launches into a CUDA graph (nothing runs now) and

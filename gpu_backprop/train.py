@@ -1,6 +1,7 @@
 """The fit loop: data on the device once, shuffled mini-batches, history, progress."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -37,34 +38,53 @@ Capture = Callable[[Callable[[], Any]], "Callable[[], None] | None"]
 
 
 class StepRunner:
-    """Runs the steps of one fit: the first step of each batch size runs plainly (it
-    allocates every buffer, compiles and tunes every kernel); the same step is then
-    captured into a CUDA graph and every later step of that size replays it.
+    """Runs the steps of one fit, each batch size on its own course: the first step runs
+    plainly (it allocates every buffer, compiles and tunes every kernel, cuBLAS among the
+    GEMM paths); the second runs in the ops' capturable mode (our kernels only: CuPy refuses
+    cuBLAS inside a capture), is captured into a CUDA graph, and every later step of that
+    size replays it. With ``time`` (the device's step timer), the third step is a timed
+    replay and the fourth a timed plain step, and the faster of the two runs every step
+    after: a replay saves the launches' host cost, the plain step keeps cuBLAS where the
+    tuner found it faster, which wins on large layers.
 
-    ``make(batch)`` builds the step for a batch size: a closure over fixed buffers
-    only (a graph bakes in addresses), called with no arguments. The short last
-    batch of an epoch gets a graph of its own. ``capture(fn)`` returns a replay
-    function, or None where there are no graphs (the CPU, ``graphs=False``); a
-    capture that fails falls back to plain steps for that size, with one log line.
+    ``make(batch)`` builds the step for a batch size: a closure over fixed buffers only (a
+    graph bakes in addresses), called with no arguments. The short last batch of an epoch
+    gets a graph of its own. ``capture(fn)`` returns a replay function, or None where there
+    are no graphs (the CPU, ``graphs=False``); a capture that fails falls back to plain
+    steps for that size, with one log line.
     """
 
-    def __init__(self, make: Callable[[int], Callable[[], None]], capture: Capture | None):
-        self.make, self.capture = make, capture
+    def __init__(self, make: Callable[[int], Callable[[], None]], capture: Capture | None,
+                 capturable: Callable[[], Any] = contextlib.nullcontext,
+                 time: Callable[[Callable[[], Any]], float] | None = None):
+        self.make, self.capture, self.capturable, self.time = make, capture, capturable, time
         self.steps: dict[int, Callable[[], None]] = {}
         self.replays: dict[int, Callable[[], None] | None] = {}
+        self.calls: dict[int, int] = {}
+        self.timings: dict[int, dict[str, float]] = {}  # batch: seconds of one replay and one plain step
         self.captured = self.replayed = 0
 
     def __call__(self, batch: int) -> None:
+        calls = self.calls[batch] = self.calls.get(batch, 0) + 1
         replay = self.replays.get(batch)
         if replay is not None:
-            replay()
+            if self.time is not None and calls == 4:
+                self._choose(batch)
+                return
+            if self.time is not None and calls == 3:
+                self.timings[batch] = {"replay": self.time(replay)}
+            else:
+                replay()
             self.replayed += 1
             return
         if batch not in self.steps:
             self.steps[batch] = self.make(batch)
         step = self.steps[batch]
-        step()
-        if batch not in self.replays and self.capture is not None:
+        if calls != 2 or self.capture is None:
+            step()
+            return
+        with self.capturable():
+            step()  # compiles and tunes what the capturable mode runs: nothing may do so inside a capture
             try:
                 self.replays[batch] = self.capture(step)
                 self.captured += self.replays[batch] is not None
@@ -72,6 +92,15 @@ class StepRunner:
                 log.info("CUDA graph capture failed at batch size %d (%s: %s); plain steps",
                          batch, type(exc).__name__, exc)
                 self.replays[batch] = None
+
+    def _choose(self, batch: int) -> None:
+        """Run the fourth step plainly, timed, and keep the faster of replay and plain step."""
+        timing = self.timings[batch]
+        timing["plain"] = self.time(self.steps[batch])
+        if timing["plain"] < timing["replay"]:
+            self.replays[batch] = None
+        log.info("batch size %d: %s steps (replay %.0f us, plain %.0f us)", batch,
+                 "plain" if self.replays[batch] is None else "graph", timing["replay"] * 1e6, timing["plain"] * 1e6)
 
 
 def batch_slices(n: int, batch_size: int) -> list[slice]:
@@ -132,7 +161,11 @@ class Trainer:
                 model.train_step(xb, yb, lr, momentum, loss_out=buffers.loss, record=record, gather=gather)
             return step
 
-        self.steps = StepRunner(make, capture or _graph_capture(model, graphs))
+        if capture is None:  # the device's: graph against plain step timed on the card
+            capture = _graph_capture(model, graphs)
+            self.steps = StepRunner(make, capture, model.ops.capturable, capture and model.device.time_step)
+        else:
+            self.steps = StepRunner(make, capture, model.ops.capturable)
 
     def epoch(self) -> tuple[float, float | None]:
         """One pass over the data; (mean loss, accuracy or None)."""

@@ -190,3 +190,59 @@ def test_another_devices_corrupt_entry_is_left_alone(tmp_path, caplog):
         tuner.choose("k", list(TIMES), record.append, default="small")
     assert "ignored" not in caplog.text  # not ours to judge: its own tuner says so
     assert json.loads(path.read_text()) == {"H200": [1, 2], "H100": {"j": "large", "k": "cublas"}}
+
+
+def test_the_capturable_mode_keeps_cublas_out_under_a_key_of_its_own(tmp_path):
+    """CuPy refuses cuBLAS calls inside a CUDA-graph capture: in ``capturable()`` the tuner
+    chooses among our kernels only, and keeps that choice beside the free one. Planted faults:
+    cuBLAS left among the candidates; the same key for both (each mode would re-tune the other's)."""
+    tried = []
+
+    def timer(fn):
+        fn()
+        return {"cublas": 1.0, "cublas_tf32": 1.0, "large": 2.0}.get(tried[-1], 3.0)
+
+    tuner = Tuner("H100", timer, enabled=True, path=tmp_path / "a.json")
+    stub = loader(xp=np)
+    args = ("weight_grad", np.float32, 64, 64, 4096, None, tried.append)
+    ops = cuda.CudaOps(np, scipy.special, stub, tuner=tuner)
+    assert ops.gemm_path(*args) == "cublas" and "cublas" in tried
+    tried.clear()
+    with ops.capturable():
+        assert ops.gemm_path(*args) == "large"
+    assert tried and "cublas" not in tried
+    tried.clear()
+    assert ops.gemm_path(*args) == "cublas" and tried == []  # both choices kept: nothing timed again
+    tf32 = cuda.CudaOps(np, scipy.special, stub, tuner=tuner, precision="tf32")
+    with tf32.capturable():
+        assert tf32.gemm_path(*args) == "tf32"
+    assert tried == ["tf32"]
+    assert json.loads((tmp_path / "a.json").read_text())["H100"] == {
+        "weight_grad|float32|64x64x4096": "cublas", "weight_grad|float32|64x64x4096|graph": "large",
+        "weight_grad|tf32|64x64x4096|graph": "tf32"}
+
+
+def test_cublas_tf32_sets_the_math_mode_by_its_value_and_restores_it(monkeypatch):
+    """CuPy 14's cublas module has no CUBLAS_TF32_TENSOR_OP_MATH (the first H100 run failed on
+    it): the loader sets cublas_api.h's value, 3, for the call only. Planted fault: the
+    attribute read from CuPy (AttributeError here, as on the card)."""
+    import sys
+
+    modes, calls = [0], []
+    lib = types.SimpleNamespace(CUBLAS_TENSOR_OP_MATH=1, getMathMode=lambda h: modes[-1],
+                                setMathMode=lambda h, m: modes.append(m))
+    fake = types.SimpleNamespace(gemm=lambda *a, **k: calls.append((a[:2], modes[-1])) or "out")
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cublas=fake))
+    monkeypatch.setitem(sys.modules, "cupy.cublas", fake)
+    monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs", types.SimpleNamespace(cublas=lib))
+    monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs.cublas", lib)
+    monkeypatch.setitem(sys.modules, "cupy_backends", types.SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "cupy_backends.cuda", types.SimpleNamespace(libs=sys.modules["cupy_backends.cuda.libs"]))
+    runtime = types.SimpleNamespace(getDeviceProperties=lambda i: {"multiProcessorCount": 132, "name": b"H100"})
+    xp = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime, device=types.SimpleNamespace(
+        get_cublas_handle=lambda: 7)))
+    gemm = cuda.CupyLoader(xp, 0).gemm
+    assert gemm(1, 2, None, trans_a=True, tf32=True) == "out"
+    assert calls == [(("T", "N"), 3)] and modes == [0, 3, 0]
+    gemm(1, 2, None)
+    assert calls[-1] == (("N", "N"), 0)

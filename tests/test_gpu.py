@@ -142,7 +142,9 @@ def test_bad_device_arrays_are_refused(gpu):
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_captured_steps_equal_plain_steps(momentum):
+def test_captured_steps_equal_plain_steps(momentum, monkeypatch):
+    # untuned: the free and the capturable mode run the same kernels, so the bits must agree
+    monkeypatch.setattr(Tuner, "choose", lambda self, key, candidates, trial, default: default)
     ds = data.digits(seed=0)
     params, runners = [], []
     for graphs in (False, True):
@@ -152,9 +154,25 @@ def test_captured_steps_equal_plain_steps(momentum):
         params.append(model.get_params())
         runners.append(model.last_steps)
     assert runners[0].captured == 0
-    assert runners[1].captured == 2 and runners[1].replayed == 3 * 5 - 2  # 300 = 4 x 64 + 44
+    # 300 = 4 x 64 + 44: a graph per size, each replayed at least at its timed third step
+    assert runners[1].captured == 2 and runners[1].replayed >= 2 and set(runners[1].timings) == {64, 44}
     for key in params[0]:
         np.testing.assert_array_equal(params[1][key], params[0][key])
+
+
+def test_steps_tuned_to_cublas_are_still_captured(monkeypatch):
+    """The first H100 run: the tuner put a digits GEMM on cuBLAS, CuPy refused cuBLAS inside the
+    capture, and every step ran plainly (10x slower epochs). The capture runs in the capturable
+    mode, where only our kernels are candidates."""
+    def prefer_cublas(self, key, candidates, trial, default):
+        return "cublas" if "cublas" in candidates else default
+
+    monkeypatch.setattr(Tuner, "choose", prefer_cublas)
+    ds = data.digits(seed=0)
+    model = MLP([64, 33, 10], device="cuda", seed=2)
+    model.fit(ds.X_train[:300], ds.y_train[:300], epochs=3, batch_size=64, lr=0.5, graphs=True)
+    assert model.last_steps.captured == 2
+    assert "cublas" in model.ops.gemm_paths().values()  # the plain steps did run on cuBLAS
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

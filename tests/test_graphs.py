@@ -74,7 +74,7 @@ def test_replayed_steps_equal_plain_steps(momentum):
     assert histories[1].loss == histories[0].loss and histories[1].accuracy == histories[0].accuracy
     # 20 samples in batches of 7: sizes 7, 7, 6; the short last batch has a graph of its own
     assert sorted(steps.replays) == [6, 7] and steps.captured == 2
-    assert steps.replayed == 3 * 3 - 2  # every step after the first of each size is a replay
+    assert steps.replayed == 3 * 3 - 4  # every step after the second of each size is a replay
     # a step is its layers' forward and backward launches (2 layers), nothing on the host in between
     assert [[name for name, *_ in graph] for graph in capture.graphs] == [["forward", "forward", "backward", "backward"]] * 2
 
@@ -83,9 +83,9 @@ def test_a_step_that_needs_its_host_code_differs_when_replayed(monkeypatch):
     """The stand-in has teeth: a step that gathers its batch on the host (reading the device's
     counter there, as a CUDA graph never would) replays the captured batch's rows again, so the
     weights differ from plain steps, as they would on a GPU."""
-    X, y = data()
+    X, y = data(21)  # batches of 7 only: the capture's host gather (third batch) reads 7 rows
     plain = MLP([6, 5, 3], device="cpu", seed=1)
-    fit(plain, X, y, epochs=2, batch_size=7, lr=0.5, capture=GraphStandIn(plain.ops))
+    fit(plain, X, y, epochs=3, batch_size=7, lr=0.5, capture=GraphStandIn(plain.ops))
     train_step = MLP.train_step
 
     def host_gather(self, xb, yb, lr, momentum=0.0, loss_out=None, record=None, gather=None):
@@ -97,7 +97,7 @@ def test_a_step_that_needs_its_host_code_differs_when_replayed(monkeypatch):
     results = []
     for capture in (None, GraphStandIn):
         model = MLP([6, 5, 3], device="cpu", seed=1)
-        fit(model, X, y, epochs=2, batch_size=7, lr=0.5, capture=capture and capture(model.ops))
+        fit(model, X, y, epochs=3, batch_size=7, lr=0.5, capture=capture and capture(model.ops))
         results.append(model.get_params())
     for key, value in plain.get_params().items():
         np.testing.assert_array_equal(results[0][key], value)  # run plainly, the host gather is the same step
@@ -143,8 +143,8 @@ def test_each_batch_size_is_built_once_and_replayed():
     for value, batch in enumerate((7, 7, 7, 6, 7, 6)):
         buffer[0] = value
         runner(batch)
-    assert built == [7, 6] and runner.captured == 2 and runner.replayed == 4
-    assert host == [7, 7, 6, 6]  # the step's host code runs plainly and at its capture, never at a replay
+    assert built == [7, 6] and runner.captured == 2 and runner.replayed == 2
+    assert host == [7, 7, 7, 6, 6, 6]  # plainly, at the step before the capture and at the capture; never at a replay
     assert ran == list(zip((7, 7, 7, 6, 7, 6), range(6)))  # each launch once per step, reading the buffer then
 
 
@@ -180,3 +180,79 @@ def test_when_graphs_are_used():
     assert _graph_capture(fake(kind="cpu"), True) is None
     assert _graph_capture(fake(fused=False), None) is None  # CuPy's unfused kernels allocate
     assert _graph_capture(fake(output="softmax"), None) is None
+
+
+@pytest.mark.parametrize("faster", ["graph", "plain"])
+def test_the_faster_of_replay_and_plain_step_runs_every_later_step(faster):
+    """With a step timer (the card's), the third step is a timed replay, the fourth a timed
+    plain step, and the faster runs from then on. Planted fault: the comparison reversed."""
+    host, timed, modes = [], [], []
+
+    class Launcher:
+        def launch(self):
+            pass
+
+    launcher = Launcher()
+
+    def make(batch):
+        def step():
+            host.append(batch)
+            launcher.launch()
+        return step
+
+    def time(fn):
+        kind = "plain" if fn is runner.steps[7] else "replay"
+        timed.append(kind)
+        fn()
+        return {"graph": {"replay": 1.0, "plain": 2.0}, "plain": {"replay": 2.0, "plain": 1.0}}[faster][kind]
+
+    class Mode:
+        def __enter__(self):
+            modes.append(len(host))
+
+        def __exit__(self, *exc):
+            pass
+
+    runner = StepRunner(make, GraphStandIn(launcher), capturable=Mode, time=time)
+    for _ in range(6):
+        runner(7)
+    assert timed == ["replay", "plain"] and runner.timings[7] == {"replay": 1.0 if faster == "graph" else 2.0,
+                                                                  "plain": 2.0 if faster == "graph" else 1.0}
+    assert modes == [1]  # the capturable mode wraps the second step and the capture, nothing else
+    # plain steps: the first, the second, the capture's run of the host code, the timed fourth, and then ...
+    assert len(host) == (4 if faster == "graph" else 6)
+    assert runner.replayed == (3 if faster == "graph" else 1) and (runner.replays[7] is None) == (faster == "plain")
+
+
+def test_the_capture_runs_in_the_capturable_mode_after_a_step_in_it():
+    """Nothing may compile or tune inside a capture: the step before it runs in the same mode.
+    Planted fault: capturing outside the mode (the tuner would choose cuBLAS inside the capture)."""
+    events = []
+
+    class Ops:
+        mode = False
+
+        def capturable(self):
+            ops = self
+
+            class Mode:
+                def __enter__(self):
+                    ops.mode = True
+
+                def __exit__(self, *exc):
+                    ops.mode = False
+            return Mode()
+
+        def launch(self):
+            events.append(("launch", self.mode))
+
+    ops = Ops()
+
+    def capture(fn):
+        events.append(("capture", ops.mode))
+        return lambda: events.append(("replay", ops.mode))
+
+    runner = StepRunner(lambda batch: ops.launch, capture, capturable=ops.capturable)
+    for _ in range(3):
+        runner(5)
+    assert events == [("launch", False), ("launch", True), ("capture", True), ("replay", False)]

@@ -11,11 +11,13 @@ contiguity, dtype and shape, with an error naming the argument.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -51,7 +53,8 @@ GEMM_FILES = {"forward": "forward.cu", "forward_gather": "forward.cu", "propagat
               "weight_grad": "weight_grad.cu", "backward": "backward.cu"}
 ELEMENTWISE_FILES = {"delta.cu": ("output_delta", "hidden_delta"), "bias.cu": ("bias_activation", "bias_update"),
                      "batch.cu": ("gather_batch", "finish_batch", "shuffle_keys")}
-UNTYPED = ("shuffle_keys",)  # kernels that are not templated on the float type
+UNTYPED = ("shuffle_keys",)
+CUBLAS_TF32_TENSOR_OP_MATH = 3  # cublasMath_t in cublas_api.h; CuPy 14's cublas module does not export it  # kernels that are not templated on the float type
 
 
 def gemm_name(kernel: str, dtype: Any, config: str) -> str:
@@ -123,6 +126,65 @@ def kernel_source(file: str, _seen: set | None = None) -> str:
     return _INCLUDE.sub(inline, text.replace("#pragma once", ""))
 
 
+_BY_VALUE = (int, float, str, bool, type(None), np.generic)
+
+
+def _call_key(name: str, graph_safe: bool, args: tuple, kwargs: dict) -> tuple[tuple, list]:
+    """(key, held): a launcher call's arguments, scalars by value and everything else (arrays,
+    NamedTuples of arrays) by identity; lists and tuples element by element. ``held`` keeps the
+    objects alive with the cache entry, so their ids cannot be reused by others meanwhile."""
+    key: list = [name, graph_safe]
+    held: list = []
+
+    def add(value: Any) -> None:
+        if isinstance(value, _BY_VALUE):
+            key.append((type(value), value))
+        elif type(value) in (list, tuple):
+            key.append("(")
+            for v in value:
+                add(v)
+            key.append(")")
+        else:
+            key.append(id(value))
+            held.append(value)
+
+    for value in args:
+        add(value)
+    for name_, value in sorted(kwargs.items()):
+        key.append(name_)
+        add(value)
+    return tuple(key), held
+
+
+def replayed(method: Callable) -> Callable:
+    """A launcher whose first call with given arguments records the launches it issues (through
+    ``_issue``) and whose later calls with the same arguments re-issue exactly those: the checks,
+    structs, tile and path choices of a training step are paid once, not at every step (they
+    cost a step on a small net more than its kernels). A launcher called inside another's first
+    call just runs, recorded by the outer one."""
+    @functools.wraps(method)
+    def call(self: "CudaOps", *args: Any, **kwargs: Any) -> Any:
+        if self._recording is not None:
+            return method(self, *args, **kwargs)
+        key, held = _call_key(method.__name__, self._graph_safe, args, kwargs)
+        seen = self._launches.get(key)
+        if seen is not None:
+            for launch in seen[1]:
+                launch()
+            return seen[2]
+        self._recording = []
+        try:
+            result = method(self, *args, **kwargs)
+            launches = self._recording
+        finally:
+            self._recording = None
+        if len(self._launches) >= 256:
+            self._launches.clear()
+        self._launches[key] = (held, launches, result)
+        return result
+    return call
+
+
 @dataclass
 class _Gemm:
     """One checked GEMM of the backward pass, ready to run on any path."""
@@ -167,7 +229,7 @@ class CupyLoader:
 
         handle = self.xp.cuda.device.get_cublas_handle()
         mode = lib.getMathMode(handle)
-        lib.setMathMode(handle, lib.CUBLAS_TF32_TENSOR_OP_MATH)
+        lib.setMathMode(handle, CUBLAS_TF32_TENSOR_OP_MATH)
         try:
             return cublas.gemm(*ops, a, b, out=out, alpha=alpha, beta=beta)
         finally:
@@ -226,14 +288,48 @@ class CudaOps(ArrayOps):
         self.tuner = tuner if tuner is not None else Tuner.for_loader(loader)
         self.max_blocks = 8 * int(loader.sm_count)  # grid cap of the elementwise kernels
         self._ticket = xp.zeros(1, dtype=np.uint32)
-        # backward calls seen (the NamedTuples a model passes every step) and the launches built
-        # for them: a step with the same arguments replays those (structs, tiles, tuned paths)
+        # launcher calls seen (replayed): their arguments' key -> (the arguments, held; the
+        # launches issued; the result); and the launches of the call being recorded
         self._launches: dict = {}
+        self._recording: list | None = None
         self._chosen: dict = {}  # gemm_paths()
+        self._graph_safe = False  # capturable(): our kernels only
+
+    @contextlib.contextmanager
+    def capturable(self) -> Iterator[None]:
+        """Within: every GEMM runs on our kernels, never cuBLAS, whose calls CuPy refuses inside
+        a CUDA-graph capture; the tuner chooses among them under keys of their own ("...|graph"),
+        so a shape's free choice and its capturable one are both kept."""
+        outer, self._graph_safe = self._graph_safe, True
+        try:
+            yield
+        finally:
+            self._graph_safe = outer
 
     # -- plumbing -------------------------------------------------------------
     def _kernel(self, file: str, name: str) -> Any:
         return self.loader.function(file, name, names_in(file))
+
+    def _issue(self, launch: Callable[[], Any]) -> None:
+        """Run one launch now (a kernel, a cuBLAS call, a CuPy operation); inside a launcher's
+        first call, also record it for the replays (see :func:`replayed`)."""
+        if self._recording is not None:
+            self._recording.append(launch)
+        launch()
+
+    def _launch(self, file: str, name: str, grid: tuple, block: tuple, args: list) -> None:
+        kernel = self._kernel(file, name)
+        self._issue(lambda: kernel(grid, block, args))
+
+    def _unrecorded(self, trial: Callable[[str], None]) -> Callable[[str], None]:
+        """The tuner's trials, run but never recorded: a replay runs the chosen path only."""
+        def run(path: str) -> None:
+            recording, self._recording = self._recording, None
+            try:
+                trial(path)
+            finally:
+                self._recording = recording
+        return run
 
     def _check(self, name: str, array: Any, shape: tuple, dtype: Any) -> None:
         self.loader.check_device(name, array)
@@ -261,7 +357,7 @@ class CudaOps(ArrayOps):
         """``config`` when given, else the tuned (or default) path for this shape: among our
         tiles and cuBLAS, or for precision="tf32" (float32) among our tensor-core kernels and
         cuBLAS's TF32 mode."""
-        path = self._gemm_path(kind, dtype, M, N, K, config, trial)
+        path = self._gemm_path(kind, dtype, M, N, K, config, self._unrecorded(trial))
         self._chosen[f"{kind}|{np.dtype(dtype).name}|{M}x{N}x{K}"] = path
         return path
 
@@ -279,23 +375,27 @@ class CudaOps(ArrayOps):
             if config in TF32_PATHS and np.dtype(dtype) != np.float32:
                 raise TypeError(f"config: {config} needs float32 arrays, got {np.dtype(dtype).name}")
             return config
+        graph = "|graph" if self._graph_safe else ""
         if self.precision == "tf32" and np.dtype(dtype) == np.float32:
-            return self.tuner.choose(f"{kind}|tf32|{M}x{N}x{K}", TF32_PATHS, trial, default="tf32")
-        key = f"{kind}|{np.dtype(dtype).name}|{M}x{N}x{K}"
-        return self.tuner.choose(key, PATHS + splits, trial, default=self.gemm_config(M, N))
+            paths = tuple(p for p in TF32_PATHS if not (graph and p.startswith("cublas")))
+            return self.tuner.choose(f"{kind}|tf32|{M}x{N}x{K}{graph}", paths, trial, default="tf32")
+        key = f"{kind}|{np.dtype(dtype).name}|{M}x{N}x{K}{graph}"
+        paths = tuple(p for p in PATHS + splits if not (graph and p.startswith("cublas")))
+        return self.tuner.choose(key, paths, trial, default=self.gemm_config(M, N))
 
     def _cublas(self, path: str, a: Any, b: Any, out: Any, **kwargs: Any) -> None:
-        self.loader.gemm(a, b, out, tf32=path == "cublas_tf32", **kwargs)
+        self._issue(lambda: self.loader.gemm(a, b, out, tf32=path == "cublas_tf32", **kwargs))
 
     def _gemm(self, kernel: str, dtype: Any, M: int, N: int, config: str, args: list, slices: int = 1) -> None:
         bm, bn = tile_of(config)
         grid = (-(-N // bn), -(-M // bm), slices)
-        self._kernel(GEMM_FILES[kernel], gemm_name(kernel, dtype, config))(grid, (threads_of(config), 1, 1), args)
+        self._launch(GEMM_FILES[kernel], gemm_name(kernel, dtype, config), grid, (threads_of(config), 1, 1), args)
 
     def _grid_1d(self, n: int) -> tuple[int, int, int]:
         return (max(1, min(-(-n // BLOCK), self.max_blocks)), 1, 1)
 
     # -- forward --------------------------------------------------------------
+    @replayed
     def forward(self, o: Any, W: Any, b: Any, activation: str, out: Any, gather: Gather | None = None,
                 config: str | None = None) -> Any:
         """out = f(o W + b): our GEMM with bias and activation in its epilogue, or, where the
@@ -318,8 +418,8 @@ class CudaOps(ArrayOps):
         def run(path: str) -> None:
             if path.startswith("cublas"):
                 self._cublas(path, o, W, out)
-                self._kernel("bias.cu", f"bias_activation<{CTYPES[dtype]}>")(
-                    self._grid_1d(out.size), (BLOCK, 1, 1), [out, b, code, np.int64(batch), np.int64(n_out)])
+                self._launch("bias.cu", f"bias_activation<{CTYPES[dtype]}>", self._grid_1d(out.size), (BLOCK, 1, 1),
+                             [out, b, code, np.int64(batch), np.int64(n_out)])
             else:
                 self._gemm("forward", dtype, batch, n_out, path, [params])
 
@@ -334,17 +434,18 @@ class CudaOps(ArrayOps):
                 self.gather_batch(*gather[:5], o, gather.yb)
             run(path)
         if activation == "softmax":  # a row-wise reduction: CuPy's kernels, after the GEMM
-            act.activate(self.xp, self.special, "softmax", out, out)
+            self._issue(lambda: act.activate(self.xp, self.special, "softmax", out, out))
         return out
 
     # -- deltas ---------------------------------------------------------------
+    @replayed
     def output_delta(self, y_hat: Any, y: Any, activation: str, loss: str, out: Any, loss_out: Any) -> Any:
         codes = self._output_codes(y_hat, y, activation, loss, out, loss_out)
         self._check_output_delta(y_hat, y, out, loss_out)
         dtype, n = np.dtype(y_hat.dtype), int(y_hat.size)
         partials = self._scratch("partials", (self.max_blocks,), np.float64)
-        self._kernel("delta.cu", f"output_delta<{CTYPES[dtype]}>")(
-            self._grid_1d(n), (BLOCK, 1, 1), [y_hat, y, out, *codes, np.int64(n), partials, self._ticket, loss_out])
+        self._launch("delta.cu", f"output_delta<{CTYPES[dtype]}>",
+                     self._grid_1d(n), (BLOCK, 1, 1), [y_hat, y, out, *codes, np.int64(n), partials, self._ticket, loss_out])
         return out
 
     def _output_codes(self, y_hat: Any, y: Any, activation: str, loss: str, out: Any,
@@ -360,6 +461,7 @@ class CudaOps(ArrayOps):
         code = 0 if loss == "cross_entropy" else act.CODES[act.check_activation(activation, act.HIDDEN)]
         return np.int32(code), np.int32(LOSS_CODES[loss])
 
+    @replayed
     def hidden_delta(self, err: Any, o: Any, activation: str, out: Any) -> Any:
         dtype = self._dtype_of("err", err)
         for name, array in (("err", err), ("o", o), ("out", out)):
@@ -369,8 +471,8 @@ class CudaOps(ArrayOps):
 
     def _hidden_delta(self, err: Any, o: Any, out: Any, code: np.int32) -> Any:
         n = int(err.size)
-        self._kernel("delta.cu", f"hidden_delta<{CTYPES[np.dtype(err.dtype)]}>")(
-            self._grid_1d(n), (BLOCK, 1, 1), [err, o, out, code, np.int64(n)])
+        self._launch("delta.cu", f"hidden_delta<{CTYPES[np.dtype(err.dtype)]}>",
+                     self._grid_1d(n), (BLOCK, 1, 1), [err, o, out, code, np.int64(n)])
         return out
 
     # -- the fit loop's bookkeeping --------------------------------------------
@@ -379,8 +481,8 @@ class CudaOps(ArrayOps):
         self._check("keys", keys, (n,), np.uint64)
         self._check("step", step, (1,), np.int64)
         check_disjoint(self.xp, [("keys", keys), ("step", step)], [])
-        self._kernel("batch.cu", "shuffle_keys")(self._grid_1d(n), (BLOCK, 1, 1),
-                                                  [keys, step, np.uint64(mixed_key(key)), np.int64(n)])
+        self._launch("batch.cu", "shuffle_keys", self._grid_1d(n), (BLOCK, 1, 1),
+                     [keys, step, np.uint64(mixed_key(key)), np.int64(n)])
 
     def _check_gather(self, X: Any, Y: Any, order: Any, step: Any, xb: Any, yb: Any) -> None:
         dtype = self._dtype_of("X", X)
@@ -394,12 +496,13 @@ class CudaOps(ArrayOps):
         self._check("yb", yb, (batch, n_y), dtype)
         self._check_gather_disjoint(X, Y, order, step, xb, yb)
 
+    @replayed
     def gather_batch(self, X: Any, Y: Any, order: Any, step: Any, stride: int, xb: Any, yb: Any) -> None:
         self._check_gather(X, Y, order, step, xb, yb)
         dtype = np.dtype(X.dtype)
         batch, n_x, n_y = xb.shape[0], X.shape[1], Y.shape[1]
-        self._kernel("batch.cu", f"gather_batch<{CTYPES[dtype]}>")(
-            self._grid_1d(batch * (n_x + n_y)), (BLOCK, 1, 1),
+        self._launch(
+            "batch.cu", f"gather_batch<{CTYPES[dtype]}>", self._grid_1d(batch * (n_x + n_y)), (BLOCK, 1, 1),
             [X, Y, order, step, xb, yb, np.int64(batch), np.int64(stride), np.int64(n_x), np.int64(n_y)])
 
     def _check_record(self, loss: Any, losses: Any, correct: Any, step: Any, count: bool) -> None:
@@ -409,6 +512,7 @@ class CudaOps(ArrayOps):
         self._check("correct", correct, losses.shape, np.int64)
         self._check("step", step, (1,), np.int64)
 
+    @replayed
     def finish_batch(self, y_hat: Any, yb: Any, loss: Any, losses: Any, correct: Any, step: Any,
                      count: bool) -> None:
         dtype = self._dtype_of("y_hat", y_hat)
@@ -417,11 +521,12 @@ class CudaOps(ArrayOps):
         check_disjoint(self.xp, [("losses", losses), ("correct", correct), ("step", step)],
                        [("y_hat", y_hat), ("yb", yb), ("loss", loss)])
         batch, n_out = y_hat.shape
-        self._kernel("batch.cu", f"finish_batch<{CTYPES[dtype]}>")(
-            (1, 1, 1), (BLOCK, 1, 1),
+        self._launch(
+            "batch.cu", f"finish_batch<{CTYPES[dtype]}>", (1, 1, 1), (BLOCK, 1, 1),
             [y_hat, yb, loss, losses, correct, step, np.int32(bool(count)), np.int64(batch), np.int64(n_out)])
 
     # -- backward GEMMs -------------------------------------------------------
+    @replayed
     def propagate(self, delta: Any, W: Any, o: Any, activation: str, out: Any, config: str | None = None) -> Any:
         """out = (delta W^T) * f'(o): the derivative in our GEMM's epilogue (or cuBLAS, then
         the derivative in place, where tuned faster)."""
@@ -489,13 +594,13 @@ class CudaOps(ArrayOps):
             delta = self._hidden_delta(g, o_next, delta_out, code) if params["has_prologue"] else g
             if mode == SGD_MOMENTUM:
                 self._cublas(path, o, delta, vel_w, alpha=-step, beta=momentum, trans_a=True)
-                W += vel_w
+                self._issue(lambda: W.__iadd__(vel_w))
             elif mode == SGD:
                 self._cublas(path, o, delta, W, alpha=-step, beta=1.0, trans_a=True)
             else:
                 self._cublas(path, o, delta, W, trans_a=True)
-            self._kernel("bias.cu", f"bias_update<{ctype}>")(
-                (-(-n_out // 32), 1, 1), (32, 8, 1),
+            self._launch(
+                "bias.cu", f"bias_update<{ctype}>", (-(-n_out // 32), 1, 1), (32, 8, 1),
                 [delta, b, b if vel_b is None else vel_b, np.int32(mode), step, momentum, np.int64(batch),
                  np.int64(n_out)])
 
@@ -596,31 +701,23 @@ class CudaOps(ArrayOps):
                 make("UpdateRule", dtype, mode=mode, step=step, momentum=momentum)]
         n_blocks = sum(g.part(tile)["tiles"] for g in gemms)
         kernel = self._kernel("backward.cu", gemm_name("backward", dtype, path))
-        return lambda: kernel((n_blocks, 1, 1), (threads_of(path), 1, 1), args)
+        return lambda: self._issue(lambda: kernel((n_blocks, 1, 1), (threads_of(path), 1, 1), args))
 
+    @replayed
     def backward(self, propagate: Propagate | None, updates: Sequence[Update], output: Output | None = None,
                  config: str | None = None) -> None:
         """An error propagation and up to two weight updates of other layers, the output delta
         first when ``output`` is given (see ArrayOps.backward): one launch of backward.cu when
         the tuner put none of them on cuBLAS, else each on its own path. Raises before any
         launch if what one part writes overlaps what another reads or writes."""
-        key = (propagate, *updates, output, config)
-        ids = tuple(map(id, key))
-        seen = self._launches.get(ids)  # held objects keep their ids: equal ids, the same arguments
-        if seen is not None:
-            for launch in seen[1]:  # the same arguments as a step before: its launches, as built then
-                launch()
-            return
         self._check_backward(propagate, updates, output)
         gemms = [self._propagate_gemm(*propagate)] if propagate is not None else []
         for u in updates:
             gemms.append(self._weight_grad_gemm(u.o, u.delta, u.W, u.b, SGD_MOMENTUM if u.momentum else SGD,
                                                 u.step, u.momentum, u.vel_w, u.vel_b))
-        launches = self._run(gemms, config, output)
-        if len(self._launches) > 64:
-            self._launches.clear()
-        self._launches[ids] = (key, launches)  # holds the arguments: their ids are not reused
+        self._run(gemms, config, output)
 
+    @replayed
     def weight_grad(self, o: Any, delta: Any, grad_w: Any, grad_b: Any, *, o_next: Any = None,
                     activation: str = "identity", delta_out: Any = None,
                     config: str | None = None) -> tuple[Any, Any]:
@@ -631,6 +728,7 @@ class CudaOps(ArrayOps):
                                           o_next, activation, delta_out)], config)
         return grad_w, grad_b
 
+    @replayed
     def sgd_update(self, o: Any, delta: Any, W: Any, b: Any, step: float, momentum: float = 0.0,
                    vel_w: Any = None, vel_b: Any = None, *, o_next: Any = None,
                    activation: str = "identity", delta_out: Any = None, config: str | None = None) -> None:

@@ -11,6 +11,7 @@ Names follow MATH.md: ``o`` a layer's input (the previous output), ``W``
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -456,6 +457,11 @@ class ArrayOps:
         if key not in self._scratch_cache:
             self._scratch_cache[key] = self.xp.arange(n, dtype=self.xp.int64)
         return self._scratch_cache[key]
+
+    def capturable(self) -> contextlib.AbstractContextManager:
+        """Context in which every launch can be captured into a CUDA graph (CudaOps: no cuBLAS);
+        on the host nothing to restrict."""
+        return contextlib.nullcontext()
 
     def capture_blocker(self, output: str) -> str:
         """Why a training step on these operations, ending in ``output``, cannot be captured
