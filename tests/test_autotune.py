@@ -206,6 +206,7 @@ def test_the_capturable_mode_keeps_cublas_out_under_a_key_of_its_own(tmp_path):
     stub = loader(xp=np)
     args = ("weight_grad", np.float32, 64, 64, 4096, None, tried.append)
     ops = cuda.CudaOps(np, scipy.special, stub, tuner=tuner)
+    ops.tune_min_fma = 0  # tune this small shape too
     assert ops.gemm_path(*args) == "cublas" and "cublas" in tried
     tried.clear()
     with ops.capturable():
@@ -214,12 +215,12 @@ def test_the_capturable_mode_keeps_cublas_out_under_a_key_of_its_own(tmp_path):
     tried.clear()
     assert ops.gemm_path(*args) == "cublas" and tried == []  # both choices kept: nothing timed again
     tf32 = cuda.CudaOps(np, scipy.special, stub, tuner=tuner, precision="tf32")
+    tf32.tune_min_fma = 0
     with tf32.capturable():
         assert tf32.gemm_path(*args) == "tf32"
-    assert tried == ["tf32"]
+    assert tried == []  # our tensor cores are the one capturable TF32 path: nothing to time
     assert json.loads((tmp_path / "a.json").read_text())["H100"] == {
-        "weight_grad|float32|64x64x4096": "cublas", "weight_grad|float32|64x64x4096|graph": "large",
-        "weight_grad|tf32|64x64x4096|graph": "tf32"}
+        "weight_grad|float32|64x64x4096": "cublas", "weight_grad|float32|64x64x4096|graph": "large"}
 
 
 def test_cublas_tf32_sets_the_math_mode_by_its_value_and_restores_it(monkeypatch):
@@ -246,3 +247,41 @@ def test_cublas_tf32_sets_the_math_mode_by_its_value_and_restores_it(monkeypatch
     assert calls == [(("T", "N"), 3)] and modes == [0, 3, 0]
     gemm(1, 2, None)
     assert calls[-1] == (("N", "N"), 0)
+
+
+def test_small_gemms_run_untuned_on_the_default_tile(tmp_path):
+    """Below TUNE_MIN_FMA multiply-adds the tuner is offered the default tile alone and times
+    nothing (a cold start would compile every tile for GEMMs of microseconds); at it, every
+    path. Planted fault: the threshold removed."""
+    ran = []
+    ops = cuda.CudaOps(np, scipy.special, loader(xp=np),
+                       tuner=Tuner("H100", fake_timer(ran), enabled=True, path=tmp_path / "a.json"))
+    small = cuda.TUNE_MIN_FMA // (64 * 64) - 1
+    assert ops.gemm_path("forward", np.float32, small, 64, 64, None, ran.append) == ops.gemm_config(small, 64)
+    assert ran == [] and not (tmp_path / "a.json").exists()
+    ops.gemm_path("forward", np.float32, small + 1, 64, 64, None, ran.append)
+    assert set(ran) == set(cuda.PATHS)  # every path tried (those fake_timer lacks are skipped)
+
+
+def test_the_loader_compiles_each_kernel_alone(kernel_copy):
+    """A cold start compiles only the instantiations it launches (the first H100 run: 84 s before
+    the first digits epoch with whole files compiled). Planted fault: a module per file again."""
+    built = []
+
+    class RawModule:
+        def __init__(self, code, options, name_expressions):
+            built.append(tuple(name_expressions))
+
+        def get_function(self, name):
+            return name
+
+    runtime = types.SimpleNamespace(getDeviceProperties=lambda i: {"multiProcessorCount": 132, "name": b"H100"})
+    xp = types.SimpleNamespace(RawModule=RawModule, cuda=types.SimpleNamespace(runtime=runtime))
+    cupy_loader = cuda.CupyLoader(xp, 0)
+    names = cuda.names_in("forward.cu")
+    assert cupy_loader.function("forward.cu", names[0], names) == names[0]
+    assert cupy_loader.function("forward.cu", names[0], names) == names[0]  # compiled once
+    cupy_loader.function("forward.cu", names[3], names)
+    assert built == [(names[0],), (names[3],)]
+    with pytest.raises(ValueError, match="not a kernel of forward.cu"):
+        cupy_loader.function("forward.cu", "forward<half, X>", names)

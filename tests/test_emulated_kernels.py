@@ -385,6 +385,7 @@ def test_tf32_precision_tunes_between_our_tensor_cores_and_cublas_tf32(loader):
             return "cublas_tf32" if "|tf32|" in key else default
 
     ops = CudaOps(np, scipy.special, loader, tuner=Record(), precision="tf32")
+    ops.tune_min_fma = 0  # tune this small shape too
     rng = np.random.default_rng(0)
     o, W, b = rng.random((5, 4)).astype(np.float32), rng.random((4, 3)).astype(np.float32), np.ones(3, np.float32)
     out = nan((5, 3), np.float32)

@@ -69,6 +69,7 @@ def test_the_tuners_trials_are_not_replayed(loader, tmp_path):
         return float(len(timed))  # the first candidate is the fastest
 
     ops = CudaOps(np, scipy.special, loader, tuner=Tuner("emu", timer, enabled=True, path=tmp_path / "a.json"))
+    ops.tune_min_fma = 0  # tune this small shape too
     rng = np.random.default_rng(1)
     a = arrays(rng)
     out = np.empty((9, 7), np.float32)

@@ -113,6 +113,7 @@ def test_the_tuner_offers_splits_only_where_each_slice_has_rows(loader):
             return default
 
     ops = CudaOps(np, scipy.special, loader, tuner=Recording())
+    ops.tune_min_fma = 0  # tune these small shapes too
     for batch in (100, 4096):
         o, g = np.ones((batch, 3)), np.ones((batch, 2))
         ops.weight_grad(o, g, np.empty((3, 2)), np.empty(2))
@@ -129,6 +130,7 @@ def test_the_paths_each_gemm_ran_on_are_reported(loader):
 
     model = MLP([13, 9, 5], device="cpu", seed=0)
     model.ops = CudaOps(np, scipy.special, loader, tuner=ByKind("large", "large/s2", "large"))
+    model.ops.tune_min_fma = 0  # small shapes offered every path too
     rng = np.random.default_rng(0)
     model.fit(rng.standard_normal((300, 13)), rng.integers(0, 5, 300), epochs=1, batch_size=300, lr=0.1)
     paths = model.ops.gemm_paths()

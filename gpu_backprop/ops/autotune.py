@@ -78,6 +78,8 @@ class Tuner:
         """The cached or newly measured fastest candidate; ``default`` when tuning is off."""
         if not self.enabled:
             return default
+        if len(candidates) == 1:  # nothing to choose: nothing timed, nothing cached
+            return candidates[0]
         choice = self.choices.get(key)
         if choice in candidates:
             return choice

@@ -45,6 +45,10 @@ TF32_PATHS = ("tf32", "cublas_tf32")
 # PATHS where every slice keeps at least MIN_SLICE batch rows; no new kernel to compile.
 SPLIT_CONFIGS, SPLITS, MIN_SLICE = ("small", "large", "warp"), (2, 4, 8), 64
 SPLIT_PATHS = tuple(f"{c}/s{s}" for c in SPLIT_CONFIGS for s in SPLITS)
+# GEMMs of fewer multiply-adds than this run on the default tile, untuned: they take a few
+# microseconds whichever path (launch-bound, and hidden by graphs), and tuning them would
+# compile every tile (NVRTC, seconds each) before a small net's first epoch.
+TUNE_MIN_FMA = 1 << 24
 PRECISIONS = ("fp32", "tf32")
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 LOSS_CODES = {"mse": 0, "cross_entropy": 1}
@@ -250,10 +254,14 @@ class CupyLoader:
         return float(np.median(times))
 
     def function(self, file: str, name: str, all_names: Sequence[str]) -> Any:
-        module = self._modules.get(file)
+        """The kernel ``name`` of ``file``, compiled alone: a run compiles only the instantiations
+        it launches (each costs NVRTC about a second; a file holds up to 18), cached on disk by CuPy."""
+        module = self._modules.get((file, name))
         if module is None:
-            module = self._modules[file] = self.xp.RawModule(
-                code=kernel_source(file), options=("-std=c++17",), name_expressions=list(all_names))
+            if name not in all_names:
+                raise ValueError(f"{name}: not a kernel of {file}")
+            module = self._modules[(file, name)] = self.xp.RawModule(
+                code=kernel_source(file), options=("-std=c++17",), name_expressions=[name])
         return module.get_function(name)
 
     def check_device(self, name: str, array: Any) -> None:
@@ -278,6 +286,7 @@ class CudaOps(ArrayOps):
     the rest of the library run on the device's training stream)."""
 
     fused = True
+    tune_min_fma = TUNE_MIN_FMA
 
     def __init__(self, xp: Any, special: Any, loader: Any, tuner: Tuner | None = None, precision: str = "fp32"):
         super().__init__(xp, special)
@@ -376,12 +385,14 @@ class CudaOps(ArrayOps):
                 raise TypeError(f"config: {config} needs float32 arrays, got {np.dtype(dtype).name}")
             return config
         graph = "|graph" if self._graph_safe else ""
+        small = M * N * K < self.tune_min_fma  # one candidate: the default, nothing timed
         if self.precision == "tf32" and np.dtype(dtype) == np.float32:
-            paths = tuple(p for p in TF32_PATHS if not (graph and p.startswith("cublas")))
+            paths = ("tf32",) if small else tuple(p for p in TF32_PATHS if not (graph and p.startswith("cublas")))
             return self.tuner.choose(f"{kind}|tf32|{M}x{N}x{K}{graph}", paths, trial, default="tf32")
         key = f"{kind}|{np.dtype(dtype).name}|{M}x{N}x{K}{graph}"
-        paths = tuple(p for p in PATHS + splits if not (graph and p.startswith("cublas")))
-        return self.tuner.choose(key, paths, trial, default=self.gemm_config(M, N))
+        default = self.gemm_config(M, N)
+        paths = (default,) if small else tuple(p for p in PATHS + splits if not (graph and p.startswith("cublas")))
+        return self.tuner.choose(key, paths, trial, default=default)
 
     def _cublas(self, path: str, a: Any, b: Any, out: Any, **kwargs: Any) -> None:
         self._issue(lambda: self.loader.gemm(a, b, out, tf32=path == "cublas_tf32", **kwargs))
