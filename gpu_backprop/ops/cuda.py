@@ -367,7 +367,7 @@ class CudaOps(ArrayOps):
         tiles and cuBLAS, or for precision="tf32" (float32) among our tensor-core kernels and
         cuBLAS's TF32 mode."""
         path = self._gemm_path(kind, dtype, M, N, K, config, self._unrecorded(trial))
-        self._chosen[f"{kind}|{np.dtype(dtype).name}|{M}x{N}x{K}"] = path
+        self._chosen[f"{kind}|{np.dtype(dtype).name}|{M}x{N}x{K}{'|graph' if self._graph_safe else ''}"] = path
         return path
 
     def gemm_paths(self) -> dict[str, str]:
