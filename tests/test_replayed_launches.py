@@ -115,3 +115,45 @@ def test_other_arrays_are_another_call(loader):
         ops.forward(a["o"], a["W"], a["b"], "identity", out)
     np.testing.assert_array_equal(outs[0], outs[1])
     assert len(ops._launches) == 2
+
+
+def test_the_tuners_trials_run_the_prologue_into_scratch(loader):
+    """Each path's trial does the work the call does, delta's prologue included (the H100 sweep:
+    our prologue path runs a k step 2.5x slower than the core, a cost trials without it never saw),
+    and writes only scratch: W, b and delta_out stay as they were. Planted faults: the trial without
+    the prologue (as before); the cuBLAS trial writing the caller's delta_out."""
+    rng = np.random.default_rng(4)
+    a = arrays(rng, batch=130, n_in=13, n_out=7)  # 130 rows: split in two offered too
+    expected = a["err"].astype(np.float64) * a["o_next"] * (1 - a["o_next"].astype(np.float64))
+    checked = []
+
+    class Trying(Tuner):
+        def __init__(self):
+            super().__init__(enabled=False)
+
+        def choose(self, key, candidates, trial, default):
+            for path in candidates:
+                scratch = ops._scratch("tune_delta", a["err"].shape, np.dtype(np.float32))
+                scratch[...] = np.nan
+                trial(path)
+                close(scratch, expected, np.float32, k=4, terms=np.abs(expected))
+                checked.append(path)
+            return default
+
+    ops = CudaOps(np, scipy.special, loader, tuner=Trying())
+    ops.tune_min_fma = 0
+    W, b, delta_out = a["W"].copy(), a["b"].copy(), np.full_like(a["err"], np.nan)
+    # choose() runs inside the call, before the chosen launch: check W, b, delta_out after the trials
+    real_choose = Trying.choose
+
+    def choose_then_check(self, *args, **kwargs):
+        result = real_choose(self, *args, **kwargs)
+        np.testing.assert_array_equal(W, a["W"])
+        np.testing.assert_array_equal(b, a["b"])
+        assert np.isnan(delta_out).all()
+        return result
+
+    ops.tuner.choose = choose_then_check.__get__(ops.tuner)
+    ops.sgd_update(a["o"], a["err"], W, b, 0.1, o_next=a["o_next"], activation="sigmoid", delta_out=delta_out)
+    assert "cublas" in checked and "small/s2" in checked and "warp" in checked
+    close(delta_out, expected, np.float32, k=4, terms=np.abs(expected))

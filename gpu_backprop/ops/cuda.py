@@ -602,7 +602,7 @@ class CudaOps(ArrayOps):
                     make("UpdateRule", dtype, mode=mode, step=step, momentum=momentum), split], slices)
                 return
             W, b, vel_w, vel_b = params["W"], params["b"], params["vel_w"], params["vel_b"]
-            delta = self._hidden_delta(g, o_next, delta_out, code) if params["has_prologue"] else g
+            delta = self._hidden_delta(g, params["o_next"], params["delta_out"], code) if params["has_prologue"] else g
             if mode == SGD_MOMENTUM:
                 self._cublas(path, o, delta, vel_w, alpha=-step, beta=momentum, trans_a=True)
                 self._issue(lambda: W.__iadd__(vel_w))
@@ -615,10 +615,12 @@ class CudaOps(ArrayOps):
                 [delta, b, b if vel_b is None else vel_b, np.int32(mode), step, momentum, np.int64(batch),
                  np.int64(n_out)])
 
-        def trial(path: str) -> None:  # same GEMM, gradient written to scratch: W and b stay untouched
+        def trial(path: str) -> None:
+            # the same GEMM and prologue (its cost differs most between paths: ours forms delta as it
+            # loads, cuBLAS's needs a pass of its own), results to scratch: W, b and delta_out untouched
             scratch = dict(params, W=self._scratch("tune_w", (n_in, n_out), dtype),
-                           b=self._scratch("tune_b", (n_out,), dtype), vel_w=None, vel_b=None, o_next=None,
-                           delta_out=None, has_prologue=0)
+                           b=self._scratch("tune_b", (n_out,), dtype), vel_w=None, vel_b=None,
+                           delta_out=self._scratch("tune_delta", (batch, n_out), dtype) if prologue else None)
             launch(path, scratch, (WRITE_GRADIENT, dtype.type(0), dtype.type(0)))
 
         return _Gemm("weight_grad", dtype, (n_in, n_out, batch), params, lambda path: launch(path, params, rule),
