@@ -57,17 +57,7 @@ note "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
 run cuda-usable 60 $python -c "from gpu_backprop import get_device; print(get_device('cuda'))" || { cat "$summary"; exit 1; }
 export GPU_BACKPROP_REQUIRE_GPU=1  # the gpu tests fail instead of skipping
 
-# cold start (issue 16): empty CuPy kernel cache and tuner cache, one epoch of digits, whole-process
-# wall time (import, data, NVRTC compiles, tuning, the epoch); then the same again with both caches warm
-section "cold start"
-cold_cupy=$(mktemp -d); cold_tuner=$(mktemp -d)
-for start in cold warm; do
-    t0=$(date +%s.%N)
-    CUPY_CACHE_DIR="$cold_cupy" GPU_BACKPROP_CACHE="$cold_tuner" timeout 120 \
-        $python -m gpu_backprop.cli train --device cuda --epochs 1 --json >> "$log" 2>&1
-    rc=$?
-    note "$start start: digits, 1 epoch on cuda, process wall $($python -c "print(round($(date +%s.%N) - $t0, 2))") s (exit $rc)"
-done
+bash benchmarks/cold_start.sh "$log" | tee -a "$summary"
 
 # every test marked `gpu`, in whichever file it lives (test_gpu.py, test_gpu_contract.py, test_streams.py, ...);
 # only those files are collected: the others may import what this machine lacks (hypothesis)

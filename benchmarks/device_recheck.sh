@@ -24,14 +24,7 @@ run() {
 }
 run install 60 $python -m pip install --no-deps --no-build-isolation -e .
 note "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
-cold_cupy=$(mktemp -d) cold_tuner=$(mktemp -d)
-for start in cold warm; do
-    t0=$(date +%s.%N)
-    CUPY_CACHE_DIR="$cold_cupy" GPU_BACKPROP_CACHE="$cold_tuner" timeout 100 \
-        $python -m gpu_backprop.cli train --device cuda --epochs 1 --json >> "$log" 2>&1
-    rc=$?
-    note "$start start: digits, 1 epoch on cuda, process wall $($python -c "print(round($(date +%s.%N) - $t0, 2))") s (exit $rc)"
-done
+bash benchmarks/cold_start.sh "$log" | tee -a "$summary"
 export GPU_BACKPROP_REQUIRE_GPU=1
 run gpu-tests 120 $python -m pytest $(grep -l "mark.gpu" tests/test_*.py) -m gpu -q -rs -p no:cacheprovider -n 4
 grep -E "passed|failed" "$log" | tail -1 | tee -a "$summary"
