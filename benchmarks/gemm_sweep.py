@@ -1,7 +1,7 @@
 """Every GEMM path of ours, forced one at a time, against cuBLAS on the shapes where the
 tuner decides (issue 12): the core alone at 4096^3 (grad_w = o^T delta), the weight gradient
 with the delta prologue and the SGD epilogue at B=4096, 1024x1024 (every tile and every
-split-K slice count), and the forward GEMM with bias and sigmoid at the same size.
+split-K slice count), the same with delta given, and the forward GEMM with bias and sigmoid at the same size.
 
 Each path: one checked call against a float64 reference computed on the card (relative
 Frobenius error printed), then 3 rounds of 10 calls timed with CUDA events; the median of
@@ -59,7 +59,7 @@ def main(out_path: str | None = None) -> None:
         median, spread = timed(xp, fn)
         rows.append({"case": case, "path": path, "seconds": median, "spread": spread,
                      "tflops": flops / median / 1e12, "rel_err": err})
-        print(f"{case:<22} {path:<12} {median * 1e6:9.1f} us  +-{spread * 1e6:6.1f}  "
+        print(f"{case:<38} {path:<12} {median * 1e6:9.1f} us  +-{spread * 1e6:6.1f}  "
               f"{flops / median / 1e12:6.1f} TFLOP/s  err {err:.1e}", flush=True)
 
     # 1. the core: grad_w = o^T delta at 4096^3, against cuBLAS SGEMM (and TF32)
@@ -100,6 +100,16 @@ def main(out_path: str | None = None) -> None:
                                              delta_out=delta_out, config=path)
         run()
         record("wgrad+sgd B4096 1024^2", path, flops, rel_err(xp, W.astype(xp.float64) - W0, ref), run)
+
+    # 2b. the same with delta given (no prologue), as the training step's grouped backward runs it:
+    # against 2, it splits the prologue's cost from the grid's
+    d32 = d64.astype(np.float32)
+    ref = -step * (o.T.astype(xp.float64) @ d32.astype(xp.float64))
+    for path in (*CONFIGS, *split_paths(batch), "cublas"):
+        W[...] = W0
+        run = lambda: ops["fp32"].sgd_update(o, d32, W, b, step, config=path)  # noqa: E731
+        run()
+        record("wgrad+sgd B4096 1024^2 (delta given)", path, flops, rel_err(xp, W.astype(xp.float64) - W0, ref), run)
 
     # 3. forward out = sigmoid(o W + b), B=4096, 1024x1024
     o = xp.asarray(rng.random((batch, n_in), dtype=np.float32))
