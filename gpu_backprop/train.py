@@ -161,11 +161,11 @@ class Trainer:
                 model.train_step(xb, yb, lr, momentum, loss_out=buffers.loss, record=record, gather=gather)
             return step
 
-        if capture is None:  # the device's: graph against plain step timed on the card
+        timer = None
+        if capture is None:  # the device's capture: its replay timed against the plain step on the card
             capture = _graph_capture(model, graphs)
-            self.steps = StepRunner(make, capture, model.ops.capturable, capture and model.device.time_step)
-        else:
-            self.steps = StepRunner(make, capture, model.ops.capturable)
+            timer = capture and model.device.time_step
+        self.steps = StepRunner(make, capture, model.ops.capturable, timer)
 
     def epoch(self) -> tuple[float, float | None]:
         """One pass over the data; (mean loss, accuracy or None)."""

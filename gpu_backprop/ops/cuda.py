@@ -57,8 +57,8 @@ GEMM_FILES = {"forward": "forward.cu", "forward_gather": "forward.cu", "propagat
               "weight_grad": "weight_grad.cu", "backward": "backward.cu"}
 ELEMENTWISE_FILES = {"delta.cu": ("output_delta", "hidden_delta"), "bias.cu": ("bias_activation", "bias_update"),
                      "batch.cu": ("gather_batch", "finish_batch", "shuffle_keys")}
-UNTYPED = ("shuffle_keys",)
-CUBLAS_TF32_TENSOR_OP_MATH = 3  # cublasMath_t in cublas_api.h; CuPy 14's cublas module does not export it  # kernels that are not templated on the float type
+UNTYPED = ("shuffle_keys",)  # kernels that are not templated on the float type
+CUBLAS_TF32_TENSOR_OP_MATH = 3  # cublasMath_t in cublas_api.h; CuPy 14's cublas module does not export it
 
 
 def gemm_name(kernel: str, dtype: Any, config: str) -> str:
