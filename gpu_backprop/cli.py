@@ -166,7 +166,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     sizes = [ds.X_train.shape[1], *args.hidden, ds.n_outputs]
     check_memory(sizes, np.dtype(args.dtype), device, batch=min(args.batch_size, len(ds.X_train)),
-                 rows=len(ds.X_train), momentum=bool(args.momentum), what="--hidden")
+                 rows=len(ds.X_train), states=int(bool(args.momentum)), what="--hidden")
     model = MLP(sizes, activation=args.activation, output=output,
                 loss=args.loss, device=device, dtype=args.dtype, seed=args.seed, fused=not args.unfused,
                 precision=args.precision)

@@ -20,6 +20,7 @@ from .device import ENV_VAR, Device, DeviceError, get_device, to_host
 from .files import write_atomically
 from .ops import Gather, Output, Propagate, Record, Update
 from .ops import activations as act
+from .optim import Optimizer, Schedule, Stopping
 
 FORMAT_VERSION = modelfile.FORMAT_VERSION
 
@@ -37,6 +38,26 @@ def backward_schedule(n_layers: int) -> list[tuple[int | None, tuple[int, ...]]]
         return [(None, (0,))]
     return ([(n_layers - 1, ())] + [(k, (k + 1,)) for k in range(n_layers - 2, 0, -1)]
             + [(None, (1, 0))])
+
+
+@dataclass
+class OptimizerState:
+    """What the update rule keeps between steps, per layer: velocity or Adam's first moment
+    (vel_*), Adam's second moment (sq_*); and Adam's step count ``t``, a (1,) int64 device
+    array the step's kernels read (so a CUDA graph replays with the current count)."""
+
+    vel_w: list
+    vel_b: list
+    sq_w: list
+    sq_b: list
+    t: Any
+
+    def arrays(self) -> dict[str, Any]:
+        """Every array by name (vel_w0, ..., t), for checkpoints."""
+        out = {f"{name}{k}": a for name in ("vel_w", "vel_b", "sq_w", "sq_b")
+               for k, a in enumerate(getattr(self, name))}
+        out["t"] = self.t
+        return out
 
 
 @dataclass
@@ -97,7 +118,7 @@ class MLP:
         # sets it from the data's labels and saves it; predict() returns indices into it.
         self.classes_: list | None = None
         self.extra: dict[str, np.ndarray] = {}
-        self._velocity: tuple[list, list] | None = None
+        self._state: OptimizerState | None = None
         self._buffers: dict[int, _Buffers] = {}
 
     # -- parameters -----------------------------------------------------------
@@ -134,7 +155,7 @@ class MLP:
                 if not np.all(np.isfinite(value)):
                     raise ValueError(f"params[{name!r}]: contains NaN or Inf")
                 current[...] = self.device.asarray(value, self.dtype)
-        self._velocity = None
+        self._state = None
 
     # -- forward / backward ---------------------------------------------------
     def _batch_buffers(self, batch: int) -> _Buffers:
@@ -157,8 +178,11 @@ class MLP:
         return o
 
     def train_step(self, X: Any, Y: Any, lr: float, momentum: float = 0.0, loss_out: Any = None,
-                   record: Record | None = None, gather: Gather | None = None) -> Any:
-        """One SGD step on the batch (X, Y) (device arrays of this model's dtype).
+                   record: Record | None = None, gather: Gather | None = None,
+                   optimizer: Optimizer | None = None) -> Any:
+        """One step on the batch (X, Y) (device arrays of this model's dtype): SGD at ``lr`` with
+        ``momentum``, or the update ``optimizer`` says (:class:`~gpu_backprop.optim.Optimizer`,
+        checked by the caller) at learning rate ``lr``.
 
         Returns the (1,) device array holding the loss summed over the batch,
         ``loss_out`` when given; reading it is left to the caller, so a GPU
@@ -170,49 +194,79 @@ class MLP:
         buf = self._batch_buffers(batch)
         o = self.forward(X, gather)
         loss_out = buf.loss if loss_out is None else loss_out
-        velocity = self._momentum_buffers() if momentum else None
+        if optimizer is None:
+            optimizer = Optimizer("sgd", lr, momentum)
+        state = self.optimizer_state(optimizer.states)
+        if optimizer.name != "sgd":
+            ops.count_step(state.t)  # Adam's t, read by this step's updates
         # The launches' arguments are the same every step of a fit (fixed buffers): built once per
         # batch size and kept while X, Y and the rest are the same objects (one entry per size).
         # Every object keyed by id is held by the plan, so no new object can reuse its id.
-        key = (id(X), id(Y), lr, momentum, id(loss_out), id(record), velocity and id(velocity[0][0]))
+        key = (id(X), id(Y), lr, optimizer, id(loss_out), id(record), id(state))
         if buf.plan_key != key:
-            buf.plan, buf.plan_key = self._backward_plan(o, Y, lr / batch, momentum, velocity, loss_out, record), key
+            rule = optimizer.rule(batch, lr, state.t)
+            buf.plan, buf.plan_key = self._backward_plan(o, Y, rule, state, loss_out, record), key
         for propagate, updates, output in buf.plan:
             ops.backward(propagate, updates, output)
         return loss_out
 
-    def _backward_plan(self, o: list, Y: Any, step: float, momentum: float, velocity: tuple | None, loss_out: Any,
+    def _backward_plan(self, o: list, Y: Any, rule: Any, state: OptimizerState, loss_out: Any,
                        record: Record | None) -> list:
         """(propagation, updates, output) of each backward launch (``backward_schedule``); the
         first computes delta[L] and the loss from the output."""
         delta = [None] + self._batch_buffers(Y.shape[0]).deltas  # delta[k]: the error at o[k]'s pre-activation
-        vel_w, vel_b = velocity if velocity is not None else ([None] * len(self.weights),) * 2
+        none = [None] * len(self.weights)
+        vel_w, vel_b, sq_w, sq_b = (getattr(state, name) or none for name in ("vel_w", "vel_b", "sq_w", "sq_b"))
         output = Output(o[-1], Y, self.output, self.loss, loss_out, record)
         plan = []
         for launch, (k, updated) in enumerate(backward_schedule(len(self.weights))):
             propagate = None if k is None else Propagate(delta[k + 1], self.weights[k], o[k],
                                                          self.activations[k - 1], delta[k])
-            updates = [Update(o[j], delta[j + 1], self.weights[j], self.biases[j], step, momentum, vel_w[j], vel_b[j])
+            updates = [Update(o[j], delta[j + 1], self.weights[j], self.biases[j], rule.step, rule.momentum,
+                              vel_w[j], vel_b[j], rule, sq_w[j], sq_b[j])
                        for j in updated]
             plan.append((propagate, updates, output if launch == 0 else None))
         return plan
 
-    def _momentum_buffers(self) -> tuple[list, list]:
-        if self._velocity is None:
-            xp = self.xp
-            self._velocity = ([xp.zeros_like(W) for W in self.weights],
-                              [xp.zeros_like(b) for b in self.biases])
-        return self._velocity
+    def optimizer_state(self, states: int = 0) -> OptimizerState:
+        """The update rule's state, created (zeros) with at least ``states`` arrays per parameter
+        and kept across fits (a second fit continues it) until the parameters are set."""
+        xp = self.xp
+        state = self._state
+        if state is None:
+            state = self._state = OptimizerState([], [], [], [], xp.zeros(1, dtype=np.int64))
+        for first, second, needed in (("vel_w", "vel_b", 1), ("sq_w", "sq_b", 2)):
+            if states >= needed and not getattr(state, first):
+                setattr(state, first, [xp.zeros_like(W) for W in self.weights])
+                setattr(state, second, [xp.zeros_like(b) for b in self.biases])
+        return state
 
     # -- training and inference ----------------------------------------------
     def fit(self, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: float = 0.1,
             momentum: float = 0.0, shuffle: bool = True, validation_data: tuple | None = None,
-            progress: bool = False, seed: int | None = None, graphs: bool | None = None):
-        """Train with mini-batch SGD; returns a :class:`~gpu_backprop.train.History`.
+            progress: bool = False, seed: int | None = None, graphs: bool | None = None, *,
+            optimizer: str = "sgd", nesterov: bool = False, alpha: float = 0.0, beta1: float = 0.9,
+            beta2: float = 0.999, epsilon: float = 1e-8, weight_decay: float = 0.0,
+            schedule: str = "constant", power_t: float = 0.5, lr_min: float = 0.0,
+            early_stopping: bool = False, patience: int = 10, tol: float = 1e-4, monitor: str | None = None,
+            restore_best: bool = True,
+            checkpoint: "str | os.PathLike | None" = None, resume_from: "str | os.PathLike | None" = None):
+        """Train with mini-batch gradient descent; returns a :class:`~gpu_backprop.train.History`.
 
         ``y``: integer class labels (1-D) for classification, or a 2-D array of
         targets (regression, or targets already one-hot). ``graphs``: on CUDA,
         replay each step from a captured CUDA graph (default on; no effect on the CPU).
+
+        ``optimizer``: "sgd" (``momentum``, ``nesterov``), "adam" or "adamw" (``beta1``, ``beta2``,
+        ``epsilon``; adamw's ``weight_decay``); ``alpha``: L2 penalty (scikit-learn's). ``schedule``:
+        "constant", "invscaling" (``power_t``), "cosine" (to ``lr_min``) or "adaptive" (see
+        :mod:`gpu_backprop.optim`). ``early_stopping``: stop once the validation loss (the training
+        loss without ``validation_data``; or ``monitor``: "val_loss", "val_accuracy", "loss") has not
+        improved by ``tol`` for more than ``patience`` epochs, and keep the best epoch's weights
+        (unless ``restore_best`` is False). ``checkpoint``: a file written after every epoch
+        (a model file that also holds the optimizer state, the epoch and the RNG state);
+        ``resume_from``: such a file, to continue its run to ``epochs`` in all, to the same weights
+        as a run never stopped (bit for bit on the CPU).
         """
         from .train import fit
 
@@ -220,15 +274,25 @@ class MLP:
         dtype = getattr(X, "dtype", None)
         if getattr(X, "ndim", 0) == 2 and dtype is not None and dtype.kind == "f" and dtype.itemsize > self.dtype.itemsize:
             data_mod.check_features(X, self.sizes[0], "X", dtype=self.dtype)  # 1e300 as float32 is Inf
+        opt = Optimizer(optimizer, lr, momentum, nesterov, alpha, beta1, beta2, epsilon, weight_decay).check()
+        stopping = None
+        if early_stopping:
+            metric = monitor or ("val_loss" if validation_data is not None else "loss")
+            stopping = Stopping(patience, tol, metric, bool(restore_best))
+        elif schedule == "adaptive":  # its plateaus, watched but never stopping early
+            stopping = Stopping(patience, tol, "loss", False)
+        if stopping is not None:
+            stopping.check(validation_data is not None)
         if isinstance(batch_size, (int, np.integer)) and batch_size > 0:
             check_memory(self.sizes, self.dtype, self.device, batch=min(int(batch_size), n_rows), rows=n_rows,
-                         momentum=bool(momentum), have_params=True)
+                         states=opt.states + 2 * bool(early_stopping), have_params=True)
         # Overflow in a diverging step is detected (non-finite loss) and reported by fit in one
         # error; NumPy's RuntimeWarnings about it would only repeat it on stderr.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
             return fit(self, X, y, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
                        shuffle=shuffle, validation_data=validation_data, progress=progress, seed=seed,
-                       graphs=graphs)
+                       graphs=graphs, optimizer=opt, schedule=Schedule(schedule, power_t, lr_min).check(),
+                       stopping=stopping, checkpoint=checkpoint, resume_from=resume_from)
 
     def _inputs(self, X: Any, name: str = "X") -> Any:
         X = data_mod.check_features(X, self.sizes[0], name=name, dtype=self.dtype)
@@ -369,12 +433,13 @@ def available_bytes(device: Device) -> int | None:
     return max(min(limits), 0)
 
 
-def memory_needed(sizes: Sequence[int], dtype: np.dtype, batch: int = 0, rows: int = 0, momentum: bool = False,
+def memory_needed(sizes: Sequence[int], dtype: np.dtype, batch: int = 0, rows: int = 0, states: int = 0,
                   have_params: bool = False, draw: bool = True) -> int:
     """Bytes a model of ``sizes`` needs: its parameters (unless ``have_params``), the float64
     Glorot draw of its largest layer (``draw``), and for training on ``rows`` samples in
     batches of ``batch``: the data on the device, a copy of the parameters (kept to restore on
-    divergence), momentum buffers, every per-batch buffer and the evaluation's chunks."""
+    divergence), ``states`` more copies (the optimizer's state, the best epoch's weights), every
+    per-batch buffer and the evaluation's chunks."""
     item = np.dtype(dtype).itemsize
     params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
     need = 0 if have_params else params * item
@@ -382,7 +447,7 @@ def memory_needed(sizes: Sequence[int], dtype: np.dtype, batch: int = 0, rows: i
         need += max(a * b for a, b in zip(sizes[:-1], sizes[1:])) * 8
     if rows:
         width = sum(sizes[1:])
-        need += params * item * (2 if momentum else 1)
+        need += params * item * (1 + int(states))
         need += rows * (sizes[0] + sizes[-1]) * item                        # X, Y on the device
         need += batch * (sizes[0] + sizes[-1] + 2 * width) * item            # gathered batch, outputs, deltas
         need += min(rows, 4096) * 2 * width * item                          # evaluate's chunks
@@ -390,10 +455,10 @@ def memory_needed(sizes: Sequence[int], dtype: np.dtype, batch: int = 0, rows: i
 
 
 def check_memory(sizes: Sequence[int], dtype: np.dtype, device: Device, batch: int = 0, rows: int = 0,
-                 momentum: bool = False, have_params: bool = False, draw: bool = True,
+                 states: int = 0, have_params: bool = False, draw: bool = True,
                  what: str = "sizes") -> None:
     """Refuse, before allocating, what would not fit: ``MemoryError`` with the figure and the limit."""
-    need = memory_needed(sizes, dtype, batch, rows, momentum, have_params, draw)
+    need = memory_needed(sizes, dtype, batch, rows, states, have_params, draw)
     if need < 64 * 2**20:  # small enough never to be the problem: skip reading the limits
         return
     free = available_bytes(device)

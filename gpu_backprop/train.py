@@ -10,9 +10,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import checkpoint as checkpoint_mod
 from . import data as data_mod
 from .device import to_host
+from .files import check_writable
 from .ops import Gather, Record
+from .optim import MIN_ADAPTIVE_LR, Optimizer, Schedule, Stopping
 
 
 @dataclass
@@ -24,6 +27,9 @@ class History:
     val_loss: list = field(default_factory=list)
     val_accuracy: list = field(default_factory=list)
     seconds: list = field(default_factory=list)
+    lr: list = field(default_factory=list)         # the learning rate of each epoch
+    best_epoch: int | None = None                  # early stopping: the epoch (1-based) whose weights are kept
+    stopped_early: bool = False
 
     @property
     def epochs(self) -> int:
@@ -63,6 +69,15 @@ class StepRunner:
         self.calls: dict[int, int] = {}
         self.timings: dict[int, dict[str, float]] = {}  # batch: seconds of one replay and one plain step
         self.captured = self.replayed = 0
+
+    def invalidate(self) -> None:
+        """The steps' scalars changed (a new learning rate): every captured graph is captured
+        again at its next call (its third and fourth calls timed again); plain steps rebuild
+        their launches by themselves."""
+        for batch, replay in self.replays.items():
+            if replay is not None:
+                self.replays[batch] = None
+                self.calls[batch] = 1
 
     def __call__(self, batch: int) -> None:
         calls = self.calls[batch] = self.calls.get(batch, 0) + 1
@@ -133,8 +148,10 @@ class Trainer:
 
     def __init__(self, model: Any, X: Any, y: Any, batch_size: int = 32, lr: float = 0.1, momentum: float = 0.0,
                  shuffle: bool = True, seed: int | None = None, graphs: bool | None = None,
-                 capture: Capture | None = None):
+                 capture: Capture | None = None, optimizer: Optimizer | None = None):
         _check_hyper(1, batch_size, lr, momentum)
+        self.optimizer = optimizer if optimizer is not None else Optimizer("sgd", lr, momentum)
+        self.lr = self.optimizer.lr
         X = data_mod.check_features(X, model.sizes[0], name="X")
         model.task = data_mod.infer_task(y) if np.ndim(to_host(y)) == 1 else "regression"
         Y, self.labels = data_mod.targets(y, model.sizes[-1], model.task, model.dtype, n_rows=X.shape[0])
@@ -158,7 +175,8 @@ class Trainer:
             gather = Gather(self.X, self.Y, self.order, self.counter, batch_size, yb)
 
             def step() -> None:
-                model.train_step(xb, yb, lr, momentum, loss_out=buffers.loss, record=record, gather=gather)
+                model.train_step(xb, yb, self.lr, loss_out=buffers.loss, record=record, gather=gather,
+                                 optimizer=self.optimizer)
             return step
 
         timer = None
@@ -166,6 +184,12 @@ class Trainer:
             capture = _graph_capture(model, graphs)
             timer = capture and model.device.time_step
         self.steps = StepRunner(make, capture, model.ops.capturable, timer)
+
+    def set_lr(self, lr: float) -> None:
+        """This epoch's learning rate (a schedule's); graphs captured at another are captured again."""
+        if lr != self.lr:
+            self.lr = lr
+            self.steps.invalidate()
 
     def epoch(self) -> tuple[float, float | None]:
         """One pass over the data; (mean loss, accuracy or None)."""
@@ -182,59 +206,115 @@ class Trainer:
 def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: float = 0.1,
         momentum: float = 0.0, shuffle: bool = True, validation_data: tuple | None = None,
         progress: bool = False, seed: int | None = None, graphs: bool | None = None,
-        capture: Capture | None = None) -> History:
-    """Mini-batch SGD on ``model`` (see :meth:`gpu_backprop.MLP.fit` and :class:`Trainer`).
+        capture: Capture | None = None, optimizer: Optimizer | None = None, schedule: Schedule | None = None,
+        stopping: Stopping | None = None, checkpoint: Any = None, resume_from: Any = None) -> History:
+    """Mini-batch training of ``model`` (see :meth:`gpu_backprop.MLP.fit` and :class:`Trainer`).
 
     On CUDA the steps replay captured graphs (``graphs``, default on);
     ``capture`` replaces the device's graph capture (tests use it on the CPU).
+    ``optimizer`` (default SGD at ``lr`` with ``momentum``), ``schedule``, ``stopping``: see
+    :mod:`gpu_backprop.optim`; ``checkpoint``, ``resume_from``: see :mod:`gpu_backprop.checkpoint`.
     """
     _check_hyper(epochs, batch_size, lr, momentum)
+    optimizer = (optimizer if optimizer is not None else Optimizer("sgd", lr, momentum)).check()
+    schedule = (schedule if schedule is not None else Schedule()).check()
+    if stopping is not None:
+        stopping.check(validation_data is not None)
     if validation_data is not None:
         if len(validation_data) != 2:
             raise ValueError("validation_data: expected a pair (X_val, y_val)")
         data_mod.check_features(validation_data[0], model.sizes[0], name="validation_data[0]")
-    trainer = Trainer(model, X, y, batch_size, lr, momentum, shuffle, seed, graphs, capture)
+    if checkpoint is not None:
+        check_writable(checkpoint, "checkpoint")  # before any epoch: no run trained for a file it cannot write
+    trainer = Trainer(model, X, y, batch_size, optimizer.lr, optimizer.momentum, shuffle, seed, graphs, capture,
+                      optimizer)
     if validation_data is not None:  # checked now, not after the first epoch, under its own name
         data_mod.targets(validation_data[1], model.sizes[-1], model.task, model.dtype,
                          n_rows=len(validation_data[0]), name="validation_data[1]")
     history = History()
+    # What a resumed run must have in common with the run it continues, to end where it would have.
+    # (Not the seed: the checkpoint's RNG state draws the orders from there on.)
+    settings = {"batch_size": int(batch_size), "shuffle": bool(shuffle), "n_rows": trainer.n, "optimizer": asdict(optimizer),
+                "schedule": asdict(schedule), "stopping": None if stopping is None else asdict(stopping)}
+    model.optimizer_state(optimizer.states)  # fresh, or continued from an earlier fit
+    lr_now, samples_seen, best_score, plateau, best, done, stopped = optimizer.lr, 0, -math.inf, 0, None, 0, False
+    if resume_from is not None:
+        state, best = checkpoint_mod.read(resume_from, model, settings)
+        trainer.rng.bit_generator.state = state["rng"]
+        lr_now, samples_seen, plateau, done, stopped = (state["lr"], state["samples_seen"], state["plateau"],
+                                                        state["epochs"], state["stopped"])
+        best_score = -math.inf if state["best_score"] is None else state["best_score"]
+        history = History(**state["history"])
+    if stopping is not None and stopping.restore_best and best is None:
+        best = [p.copy() for p in (*model.weights, *model.biases)]
     # The last parameters known finite, restored if an epoch diverges (in place: captured
     # graphs keep the arrays' addresses).
     kept = [p.copy() for p in (*model.weights, *model.biases)]
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(epochs), disable=not progress, unit="epoch", leave=True, dynamic_ncols=True)
+    bar = tqdm(range(done, epochs), disable=not progress, unit="epoch", leave=True, dynamic_ncols=True,
+               initial=done, total=epochs)
     # the training stream waits for the copies above and is waited for by what follows fit
     with model.device.stream():
         for epoch in bar:
+            if stopped:
+                break
+            lr_now = schedule.lr(optimizer.lr, lr_now, epoch, epochs, samples_seen)
+            trainer.set_lr(lr_now)
             start = time.perf_counter()
             loss, accuracy = trainer.epoch()
+            samples_seen += trainer.n
             history.seconds.append(time.perf_counter() - start)
             params, xp = (*model.weights, *model.biases), model.xp
             if not (math.isfinite(loss) and bool(xp.stack([xp.isfinite(p).all() for p in params]).all())):
                 for p, good in zip(params, kept):
                     p[...] = good
-                model._velocity = None
+                model._state = None
                 kept_from = f"the weights after epoch {epoch} are kept" if epoch else "the initial weights are kept"
                 error = FloatingPointError(f"training diverged in epoch {epoch + 1}: loss is {loss}; "
-                                           f"try a smaller lr (now {lr}); {kept_from}")
+                                           f"try a smaller lr (now {lr_now}); {kept_from}")
                 error.epochs_kept = epoch  # the epochs whose weights the model now holds
                 raise error
             for p, good in zip(params, kept):
                 good[...] = p
             history.loss.append(loss)
             history.accuracy.append(accuracy)
+            history.lr.append(lr_now)
+            metrics = {"loss": loss}
             postfix = {"loss": f"{loss:.4f}"}
             if accuracy is not None:
                 postfix["acc"] = f"{accuracy:.3f}"
             if validation_data is not None:
-                metrics = model.evaluate(*validation_data)
-                history.val_loss.append(metrics["loss"])
-                history.val_accuracy.append(metrics["accuracy"])
-                if metrics["accuracy"] is not None:
-                    postfix["val_acc"] = f"{metrics['accuracy']:.3f}"
+                val = model.evaluate(*validation_data)
+                metrics.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+                history.val_loss.append(val["loss"])
+                history.val_accuracy.append(val["accuracy"])
+                if val["accuracy"] is not None:
+                    postfix["val_acc"] = f"{val['accuracy']:.3f}"
+            if stopping is not None:  # scikit-learn's rule: no improvement by tol for more than patience epochs
+                score = stopping.score(metrics)
+                plateau = plateau + 1 if score < best_score + stopping.tol else 0
+                if score > best_score:
+                    best_score, history.best_epoch = score, epoch + 1
+                    if best is not None:
+                        for p, b in zip(params, best):
+                            b[...] = p
+                if plateau > stopping.patience:
+                    if schedule.name == "adaptive" and lr_now > MIN_ADAPTIVE_LR:
+                        lr_now, plateau = lr_now / 5, 0
+                    else:
+                        stopped = history.stopped_early = True
+            if checkpoint is not None:
+                checkpoint_mod.write(checkpoint, model, {
+                    "epochs": epoch + 1, "rng": trainer.rng.bit_generator.state, "lr": lr_now,
+                    "samples_seen": samples_seen, "plateau": plateau, "stopped": stopped,
+                    "best_score": None if best_score == -math.inf else best_score, "history": history.as_dict(),
+                    "settings": settings}, best)
             bar.set_postfix(postfix)
+    if best is not None and history.best_epoch is not None and history.best_epoch != history.epochs:
+        for p, b in zip((*model.weights, *model.biases), best):
+            p[...] = b
     model.last_steps = trainer.steps  # graph bookkeeping of this fit, for inspection
     return history
 

@@ -3,11 +3,13 @@
 //
 // bias_activation:  out = f(out + b)      in place, after cuBLAS wrote out = o W
 // bias_update:      db = sum over the batch of delta (fixed order: deterministic),
-//                   then apply_update (common.cuh) to b: write db, SGD or momentum
+//                   then the update rule (update.cuh) on b
+// weight_update:    the update rule on W from dW, which cuBLAS wrote, for the rules
+//                   cuBLAS's alpha and beta cannot express (L2, Nesterov, Adam)
 //
 // bias_update runs 32 columns per block (blockDim 32 x 8): each of 8 row slices sums
 // every 8th row of its column, then thread row 0 adds the 8 partials in order.
-#include "common.cuh"
+#include "update.cuh"
 
 template <typename T>
 __global__ void bias_activation(T* __restrict__ out, const T* __restrict__ b, int act, index_t rows, index_t cols) {
@@ -17,8 +19,8 @@ __global__ void bias_activation(T* __restrict__ out, const T* __restrict__ b, in
 }
 
 template <typename T>
-__global__ void bias_update(const T* __restrict__ delta, T* __restrict__ b, T* __restrict__ vel_b, int mode,
-                            T step, T momentum, index_t rows, index_t cols) {
+__global__ void bias_update(const T* __restrict__ delta, T* __restrict__ b, T* __restrict__ vel_b,
+                            T* __restrict__ sq_b, UpdateRule<T> rule, index_t rows, index_t cols) {
     __shared__ T partial[8][33];
     const index_t col = (index_t)blockIdx.x * 32 + threadIdx.x;
     T sum = T(0);
@@ -29,6 +31,16 @@ __global__ void bias_update(const T* __restrict__ delta, T* __restrict__ b, T* _
     if (threadIdx.y == 0 && col < cols) {
         T total = T(0);
         for (int s = 0; s < 8; ++s) total += partial[s][threadIdx.x];
-        apply_update(mode, b, vel_b, col, total, step, momentum);
+        const Updater<T> update(rule);
+        update(b, vel_b, sq_b, col, total, false);
     }
+}
+
+template <typename T>
+__global__ void weight_update(T* __restrict__ W, T* __restrict__ vel_w, T* __restrict__ sq_w,
+                              const T* __restrict__ grad_w, UpdateRule<T> rule, index_t n) {
+    const Updater<T> update(rule);
+    const index_t stride = (index_t)gridDim.x * blockDim.x;
+    for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        update(W, vel_w, sq_w, i, grad_w[i], true);
 }

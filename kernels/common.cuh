@@ -48,23 +48,6 @@ __device__ __forceinline__ index_t argmax_row(const T* row, index_t n) {
     return best;
 }
 
-// What a gradient kernel does with the gradient g of a parameter p (velocity v):
-// WRITE_GRADIENT: p = g;  SGD: p -= step g;  SGD_MOMENTUM: v = momentum v - step g, p += v.
-enum UpdateMode { WRITE_GRADIENT = 0, SGD = 1, SGD_MOMENTUM = 2 };
-
-template <typename T>
-__device__ __forceinline__ void apply_update(int mode, T* p, T* v, index_t i, T g, T step, T momentum) {
-    if (mode == WRITE_GRADIENT) {
-        p[i] = g;
-    } else if (mode == SGD) {
-        p[i] -= step * g;
-    } else {
-        const T velocity = momentum * v[i] - step * g;
-        v[i] = velocity;
-        p[i] += velocity;
-    }
-}
-
 // A global load that sees another block's writes made before a ticket said they are done:
 // from L2 (ld.global.cg), not a possibly stale L1 line; the shim reads memory as it is.
 template <typename T>

@@ -43,6 +43,8 @@ struct PropagateParams {
 
 // W, b <- update(o^T delta, column sums of delta)   o: K x M, g: K x N
 // with has_prologue: delta = g * f'(o_next), written once to delta_out; else delta = g
+// vel_w, vel_b: the update's first state (momentum's velocity, Adam's first moment);
+// sq_w, sq_b: its second (Adam's second moment); null where the rule keeps none
 template <typename T>
 struct WeightGradParams {
     const T* o;
@@ -53,6 +55,8 @@ struct WeightGradParams {
     T* b;
     T* vel_w;
     T* vel_b;
+    T* sq_w;
+    T* sq_b;
     index_t M, N, K;  // inputs, outputs, batch
     int act, has_prologue;
     index_t tiles_n, tiles;
@@ -71,11 +75,16 @@ struct SplitK {
     int splits;
 };
 
-// What the weight-gradient epilogue does with the gradient (common.cuh apply_update).
+// What the weight-gradient epilogue does with the summed gradient G (update.cuh Updater):
+// mode (UpdateMode); step: lr / batch for the SGD modes, lr for Adam; l2: G + l2 W on the
+// weights (scikit-learn's alpha); scale: Adam's 1 / batch (the mean gradient); decay:
+// AdamW's lr * weight_decay; t: Adam's step count, this step included (device memory, so
+// a captured graph replays with the count of the day).
 template <typename T>
 struct UpdateRule {
+    const long long* t;
     int mode;
-    T step, momentum;
+    T step, momentum, l2, scale, beta1, beta2, eps, decay;
 };
 
 // backward.cu's output delta, computed as the propagation loads it (on = 0: delta is read):

@@ -5,9 +5,8 @@
 //              otherwise g already is delta); written once to delta_out
 //   GEMM:      dW = o^T delta             o: K x M (K = batch), delta: K x N
 //   bias:      db = sum over the batch of delta   (fixed order: deterministic)
-//   epilogue:  apply_update (common.cuh) to W and b:
-//              WRITE_GRADIENT: W = dW, b = db;  SGD: W -= step dW (step = lr / B);
-//              SGD_MOMENTUM: v = momentum v - step dW, W += v (same for b)
+//   epilogue:  the update rule (update.cuh) on W and b: write dW and db, or an SGD,
+//              momentum, Nesterov or Adam step (with its state), L2 on the weights
 //
 // Both operands are k-major (a batch row is contiguous), so tiles load
 // coalesced without a transpose. Blocks in the first row of tiles
@@ -23,7 +22,7 @@
 // block of the slice that holds its batch row.
 #pragma once
 #include "gemm_tile.cuh"
-#include "params.cuh"
+#include "update.cuh"
 
 template <typename T, class Core>
 __device__ __forceinline__ void weight_grad_tile(GemmTiles<Core>& tiles, index_t tile_m, index_t tile_n,
@@ -33,8 +32,7 @@ __device__ __forceinline__ void weight_grad_tile(GemmTiles<Core>& tiles, index_t
     const T* __restrict__ g = p.g;
     const T* __restrict__ o_next = p.o_next;
     T* __restrict__ delta_out = p.delta_out;
-    const int has_prologue = p.has_prologue, act = p.act, mode = rule.mode;
-    const T step = rule.step, momentum = rule.momentum;
+    const int has_prologue = p.has_prologue, act = p.act;
     const index_t M = p.M, N = p.N, K = p.K;
     const int BK = Core::BK, BN = Core::BN;
     const int tid = threadIdx.x;
@@ -60,6 +58,7 @@ __device__ __forceinline__ void weight_grad_tile(GemmTiles<Core>& tiles, index_t
         acc, tiles.A, tiles.B, [&](index_t m, index_t k) { return o[k * M + m]; }, load_delta, sum_bias, m0, n0,
         M, N, k_end, k_begin);
     const bool owns_bias = bias_block && tid < BN && n0 + tid < N;
+    const Updater<T> update(rule);
     if (is_split) {
         T* __restrict__ partial = split.partials + slice * M * N;
         Core::for_each_output(acc, m0, n0, M, N, [&](index_t m, index_t n, T v) { partial[m * N + n] = v; });
@@ -71,20 +70,20 @@ __device__ __forceinline__ void weight_grad_tile(GemmTiles<Core>& tiles, index_t
             T v = load_coherent(partials + m * N + n);
 #pragma unroll 1  // one loop per output: unrolled, the sums of 64 outputs were 20k instructions
             for (int s = 1; s < split.splits; ++s) v += load_coherent(partials + s * M * N + m * N + n);
-            apply_update(mode, p.W, p.vel_w, m * N + n, v, step, momentum);
+            update(p.W, p.vel_w, p.sq_w, m * N + n, v, true);
         });
         if (owns_bias) {
             T v = load_coherent(split.bias_partials + n0 + tid);
 #pragma unroll 1
             for (int s = 1; s < split.splits; ++s) v += load_coherent(split.bias_partials + s * N + n0 + tid);
-            apply_update(mode, p.b, p.vel_b, n0 + tid, v, step, momentum);
+            update(p.b, p.vel_b, p.sq_b, n0 + tid, v, false);
         }
         return;
     }
     Core::for_each_output(acc, m0, n0, M, N, [&](index_t m, index_t n, T v) {
-        apply_update(mode, p.W, p.vel_w, m * N + n, v, step, momentum);
+        update(p.W, p.vel_w, p.sq_w, m * N + n, v, true);
     });
-    if (owns_bias) apply_update(mode, p.b, p.vel_b, n0 + tid, bias_acc, step, momentum);
+    if (owns_bias) update(p.b, p.vel_b, p.sq_b, n0 + tid, bias_acc, false);
 }
 
 template <typename T, class Core>

@@ -32,7 +32,7 @@ def digits_split():
 
 def test_in_a_pipeline_with_grid_search_and_cross_validation():
     X, y, X_test, y_test = digits_split()
-    pipe = make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(32,), max_iter=20, random_state=0,
+    pipe = make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(32,), max_iter=100, random_state=0,
                                                          device="cpu"))
     search = GridSearchCV(pipe, {"mlpclassifier__learning_rate_init": [0.01, 0.1]}, cv=2).fit(X, y)
     assert search.best_params_["mlpclassifier__learning_rate_init"] in (0.01, 0.1)
@@ -69,7 +69,14 @@ def test_regressor_one_and_several_targets():
 
 
 @pytest.mark.parametrize("params,match", [
-    ({"solver": "adam"}, "solver: expected 'sgd'"),
+    ({"solver": "lbfgs"}, "solver: expected one of adam, adamw, sgd"),
+    ({"learning_rate": "optimal"}, "learning_rate: expected one of constant, invscaling"),
+    ({"alpha": -1.0}, "alpha: expected a non-negative finite number"),
+    ({"solver": "sgd", "momentum": 1.5}, r"momentum: expected a number in \[0, 1\)"),
+    ({"beta_1": 1.0}, r"beta1: expected a number in \[0, 1\)"),
+    ({"n_iter_no_change": 0}, "n_iter_no_change: expected a positive integer"),
+    ({"early_stopping": True, "validation_fraction": 1.0}, r"validation_fraction: expected a number in \(0, 1\)"),
+    ({"loss": "hinge"}, "loss: expected one of cross_entropy, mse"),
     ({"activation": "softplus"}, "activation: expected one of"),
     ({"hidden_layer_sizes": (16, 0)}, "hidden_layer_sizes: expected positive integers"),
     ({"batch_size": 0}, "batch_size: expected 'auto' or a positive integer"),

@@ -349,7 +349,7 @@ def test_divergence_restores_the_last_finite_weights(monkeypatch):
         model.fit(X, y, epochs=5, lr=0.5, momentum=0.5)
     for key, value in after[1].items():
         np.testing.assert_array_equal(model.get_params()[key], value)
-    assert model._velocity is None  # the diverged momentum is not carried on
+    assert model._state is None  # the diverged momentum is not carried on
 
 
 def test_divergence_in_the_first_epoch_keeps_the_initial_weights():

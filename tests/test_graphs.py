@@ -88,10 +88,10 @@ def test_a_step_that_needs_its_host_code_differs_when_replayed(monkeypatch):
     fit(plain, X, y, epochs=3, batch_size=7, lr=0.5, capture=GraphStandIn(plain.ops))
     train_step = MLP.train_step
 
-    def host_gather(self, xb, yb, lr, momentum=0.0, loss_out=None, record=None, gather=None):
+    def host_gather(self, xb, yb, lr, momentum=0.0, loss_out=None, record=None, gather=None, optimizer=None):
         rows = gather.order[int(gather.step[0]) * gather.stride:][:xb.shape[0]]  # host code: not in a graph
         xb[...], gather.yb[...] = gather.X[rows], gather.Y[rows]
-        return train_step(self, xb, gather.yb, lr, momentum, loss_out, record)
+        return train_step(self, xb, gather.yb, lr, momentum, loss_out, record, optimizer=optimizer)
 
     monkeypatch.setattr(MLP, "train_step", host_gather)
     results = []

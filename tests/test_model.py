@@ -260,4 +260,4 @@ def test_backward_plan_is_reused_for_the_same_buffers_and_rebuilt_for_new_ones(r
     reused.set_params(reused.get_params())  # resets the velocity: a new plan with the new buffers
     reused.train_step(xb, yb, 0.5, momentum=0.9)
     assert reused._buffers[6].plan is not plans[0]
-    assert reused._buffers[6].plan[0][1] == [] and reused._buffers[6].plan[-1][1][0].vel_w is reused._velocity[0][1]
+    assert reused._buffers[6].plan[0][1] == [] and reused._buffers[6].plan[-1][1][0].vel_w is reused._state.vel_w[1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .reference import ArrayOps, Gather, NumpyOps, Output, Propagate, Record, Update
+from .reference import ArrayOps, Gather, NumpyOps, Output, Propagate, Record, Rule, Update, apply_rule
 
 
 def make_ops(device: Any, fused: bool = True, precision: str = "fp32") -> ArrayOps:
@@ -21,4 +21,5 @@ def make_ops(device: Any, fused: bool = True, precision: str = "fp32") -> ArrayO
     return CudaOps(device.xp, cupyx.scipy.special, cupy_loader(device), precision=precision)
 
 
-__all__ = ["ArrayOps", "Gather", "NumpyOps", "Output", "Propagate", "Record", "Update", "make_ops"]
+__all__ = ["ArrayOps", "Gather", "NumpyOps", "Output", "Propagate", "Record", "Rule", "Update", "apply_rule",
+           "make_ops"]

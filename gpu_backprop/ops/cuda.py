@@ -24,7 +24,7 @@ import numpy as np
 from . import activations as act
 from .autotune import Tuner
 from .launch import make
-from .reference import ArrayOps, Gather, Output, Propagate, Update, check_disjoint, mixed_key
+from .reference import RULE_MODES, ArrayOps, Gather, Output, Propagate, Rule, Update, check_disjoint, check_rule, mixed_key
 
 BLOCK = 256  # threads per block of the elementwise kernels (any multiple of 32 up to 1024)
 # Tiles of the CUDA-core GEMMs (gemm_tile.cuh): name: (BM, BN, BK, threads, the core with {T} for the
@@ -52,10 +52,11 @@ TUNE_MIN_FMA = 1 << 24
 PRECISIONS = ("fp32", "tf32")
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 LOSS_CODES = {"mse": 0, "cross_entropy": 1}
-WRITE_GRADIENT, SGD, SGD_MOMENTUM = 0, 1, 2
+WRITE_GRADIENT, SGD, SGD_MOMENTUM, SGD_NESTEROV, ADAM = range(len(RULE_MODES))  # kernels/update.cuh UpdateMode
 GEMM_FILES = {"forward": "forward.cu", "forward_gather": "forward.cu", "propagate": "propagate.cu",
               "weight_grad": "weight_grad.cu", "backward": "backward.cu"}
-ELEMENTWISE_FILES = {"delta.cu": ("output_delta", "hidden_delta"), "bias.cu": ("bias_activation", "bias_update"),
+ELEMENTWISE_FILES = {"delta.cu": ("output_delta", "hidden_delta"),
+                     "bias.cu": ("bias_activation", "bias_update", "weight_update"),
                      "batch.cu": ("gather_batch", "finish_batch", "shuffle_keys")}
 UNTYPED = ("shuffle_keys",)  # kernels that are not templated on the float type
 CUBLAS_TF32_TENSOR_OP_MATH = 3  # cublasMath_t in cublas_api.h; CuPy 14's cublas module does not export it
@@ -189,6 +190,11 @@ def replayed(method: Callable) -> Callable:
     return call
 
 
+def _or(*arrays: Any, unread: Any) -> list:
+    """Pointer arguments a rule does not read, as ``unread`` (a raw kernel takes no None)."""
+    return [unread if a is None else a for a in arrays]
+
+
 @dataclass
 class _Gemm:
     """One checked GEMM of the backward pass, ready to run on any path."""
@@ -199,7 +205,7 @@ class _Gemm:
     params: dict                    # its struct's fields (PropagateParams / WeightGradParams), tiles aside
     run: Callable[[str], None]      # run on a path
     trial: Callable[[str], None]    # what the tuner times (writes no parameter)
-    rule: tuple = ()                # (mode, step, momentum) of a weight update
+    rule: dict | None = None        # a weight update's UpdateRule fields (params.cuh)
     groupable: bool = True          # False: a prologue (backward.cu runs none)
 
     def part(self, tile: tuple[int, int]) -> dict:
@@ -565,12 +571,13 @@ class CudaOps(ArrayOps):
 
         return _Gemm("propagate", dtype, (batch, n_in, n_out), params, run, run)
 
-    def _weight_grad_gemm(self, o: Any, g: Any, W: Any, b: Any, mode: int, step: float, momentum: float,
-                          vel_w: Any, vel_b: Any, o_next: Any = None, activation: str = "identity",
+    def _weight_grad_gemm(self, o: Any, g: Any, W: Any, b: Any, rule: Rule, vel_w: Any = None, vel_b: Any = None,
+                          sq_w: Any = None, sq_b: Any = None, o_next: Any = None, activation: str = "identity",
                           delta_out: Any = None) -> _Gemm:
         dtype = self._dtype_of("o", o)
         batch, n_in = o.shape
         n_out = g.shape[1] if g.ndim == 2 else -1
+        mode = RULE_MODES.index(rule.mode)
         self._check("o", o, (batch, n_in), dtype)
         self._check("delta", g, (batch, n_out), dtype)
         self._check("W" if mode else "grad_w", W, (n_in, n_out), dtype)
@@ -581,50 +588,62 @@ class CudaOps(ArrayOps):
                 raise ValueError("delta_out: required when o_next is given (the prologue writes delta)")
             self._check("o_next", o_next, (batch, n_out), dtype)
             self._check("delta_out", delta_out, (batch, n_out), dtype)
-        if mode == SGD_MOMENTUM:
-            self._check("vel_w", vel_w, (n_in, n_out), dtype)
-            self._check("vel_b", vel_b, (n_out,), dtype)
-        else:
-            vel_w = vel_b = None  # never read without momentum
-        rule = (mode, dtype.type(step), dtype.type(momentum))
+        states = [("vel_w", vel_w, (n_in, n_out)), ("vel_b", vel_b, (n_out,)),
+                  ("sq_w", sq_w, (n_in, n_out)), ("sq_b", sq_b, (n_out,))][:2 * rule.states]
+        for name, array, shape in states:
+            self._check(name, array, shape, dtype)
+        vel_w, vel_b, sq_w, sq_b = [a for _, a, _ in states] + [None] * (4 - len(states))  # unread ones: null
+        if mode == ADAM:
+            self._check("rule.t", rule.t, (1,), np.int64)
+        typed = dtype.type
+        fields = dict(t=rule.t if mode == ADAM else None, mode=mode, step=typed(rule.step),
+                      momentum=typed(rule.momentum), l2=typed(rule.l2), scale=typed(rule.scale),
+                      beta1=typed(rule.beta1), beta2=typed(rule.beta2), eps=typed(rule.eps), decay=typed(rule.decay))
         code = np.int32(act.CODES[act.check_activation(activation)])
         ctype = CTYPES[dtype]
         params = dict(o=o, g=g, o_next=o_next if prologue else None, delta_out=delta_out if prologue else None,
-                      W=W, b=b, vel_w=vel_w, vel_b=vel_b, M=n_in, N=n_out, K=batch, act=code,
+                      W=W, b=b, vel_w=vel_w, vel_b=vel_b, sq_w=sq_w, sq_b=sq_b, M=n_in, N=n_out, K=batch, act=code,
                       has_prologue=int(prologue))
 
-        def launch(path: str, params: dict, rule: tuple) -> None:
-            mode, step, momentum = rule
+        def launch(path: str, params: dict, fields: dict) -> None:
+            rule_struct = make("UpdateRule", dtype, **fields)
             if not path.startswith("cublas"):
                 split, slices = self._split_k(path, dtype, n_in, n_out, batch)
-                self._gemm("weight_grad", dtype, n_in, n_out, path, [
-                    make("WeightGradParams", dtype, **params),
-                    make("UpdateRule", dtype, mode=mode, step=step, momentum=momentum), split], slices)
+                self._gemm("weight_grad", dtype, n_in, n_out, path,
+                           [make("WeightGradParams", dtype, **params), rule_struct, split], slices)
                 return
-            W, b, vel_w, vel_b = params["W"], params["b"], params["vel_w"], params["vel_b"]
+            W, b = params["W"], params["b"]
             delta = self._hidden_delta(g, params["o_next"], params["delta_out"], code) if params["has_prologue"] else g
-            if mode == SGD_MOMENTUM:
+            mode, step, momentum = fields["mode"], fields["step"], fields["momentum"]
+            plain = fields["l2"] == 0 and mode in (WRITE_GRADIENT, SGD, SGD_MOMENTUM)  # cuBLAS's alpha, beta do it
+            if plain and mode == SGD_MOMENTUM:
+                vel_w = params["vel_w"]
                 self._cublas(path, o, delta, vel_w, alpha=-step, beta=momentum, trans_a=True)
                 self._issue(lambda: W.__iadd__(vel_w))
-            elif mode == SGD:
+            elif plain and mode == SGD:
                 self._cublas(path, o, delta, W, alpha=-step, beta=1.0, trans_a=True)
-            else:
+            elif plain:
                 self._cublas(path, o, delta, W, trans_a=True)
-            self._launch(
-                "bias.cu", f"bias_update<{ctype}>", (-(-n_out // 32), 1, 1), (32, 8, 1),
-                [delta, b, b if vel_b is None else vel_b, np.int32(mode), step, momentum, np.int64(batch),
-                 np.int64(n_out)])
+            else:  # dW to scratch, then the rule elementwise
+                grad_w = self._scratch("grad_w", (n_in, n_out), dtype)
+                self._cublas(path, o, delta, grad_w, trans_a=True)
+                self._launch("bias.cu", f"weight_update<{ctype}>", self._grid_1d(n_in * n_out), (BLOCK, 1, 1),
+                             [W, *_or(params["vel_w"], params["sq_w"], unread=W), grad_w, rule_struct,
+                              np.int64(n_in * n_out)])
+            self._launch("bias.cu", f"bias_update<{ctype}>", (-(-n_out // 32), 1, 1), (32, 8, 1),
+                         [delta, b, *_or(params["vel_b"], params["sq_b"], unread=b), rule_struct, np.int64(batch),
+                          np.int64(n_out)])
 
         def trial(path: str) -> None:
             # the same GEMM and prologue (its cost differs most between paths: ours forms delta as it
             # loads, cuBLAS's needs a pass of its own), results to scratch: W, b and delta_out untouched
             scratch = dict(params, W=self._scratch("tune_w", (n_in, n_out), dtype),
-                           b=self._scratch("tune_b", (n_out,), dtype), vel_w=None, vel_b=None,
+                           b=self._scratch("tune_b", (n_out,), dtype), vel_w=None, vel_b=None, sq_w=None, sq_b=None,
                            delta_out=self._scratch("tune_delta", (batch, n_out), dtype) if prologue else None)
-            launch(path, scratch, (WRITE_GRADIENT, dtype.type(0), dtype.type(0)))
+            launch(path, scratch, dict(fields, mode=WRITE_GRADIENT, t=None))
 
-        return _Gemm("weight_grad", dtype, (n_in, n_out, batch), params, lambda path: launch(path, params, rule),
-                     trial, rule, groupable=not prologue)
+        return _Gemm("weight_grad", dtype, (n_in, n_out, batch), params, lambda path: launch(path, params, fields),
+                     trial, fields, groupable=not prologue)
 
     def _split_k(self, path: str, dtype: Any, M: int, N: int, K: int) -> tuple[np.ndarray, int]:
         """The SplitK struct of a weight gradient on ``path`` and its number of slices: each a
@@ -648,7 +667,7 @@ class CudaOps(ArrayOps):
         updates, no prologue, one update rule."""
         props = [g for g in gemms if g.kind == "propagate"]
         updates = [g for g in gemms if g.kind == "weight_grad"]
-        rules = {(int(u.rule[0]), float(u.rule[1]), float(u.rule[2])) for u in updates}
+        rules = {make("UpdateRule", u.dtype, **u.rule).tobytes() for u in updates}
         return ((len(gemms) > 1 or (output is not None and bool(props)))
                 and not any(p.startswith("cublas") or split_of(p)[1] > 1 for p in paths)
                 and len(props) <= 1 and len(updates) <= 2 and (not props or gemms[0] is props[0])
@@ -706,12 +725,11 @@ class CudaOps(ArrayOps):
                 r = output.record
                 self._check_record(output.loss_out, r.losses, r.correct, r.step, r.count)
                 record = dict(on=1, losses=r.losses, correct=r.correct, step=r.step, count=int(bool(r.count)))
-        mode, step, momentum = u.rule if u else (SGD, dtype.type(0), dtype.type(0))
         args = [make("PropagateParams", dtype, **p_part), make("OutputParams", dtype, **out),
                 make("StepRecord", dtype, **record),
                 make("WeightGradParams", dtype, **(u.part(tile) if u else {})),
                 make("WeightGradParams", dtype, **(v.part(tile) if v else {})),
-                make("UpdateRule", dtype, mode=mode, step=step, momentum=momentum)]
+                make("UpdateRule", dtype, **(u.rule if u else {"mode": SGD}))]
         n_blocks = sum(g.part(tile)["tiles"] for g in gemms)
         kernel = self._kernel("backward.cu", gemm_name("backward", dtype, path))
         return lambda: self._issue(lambda: kernel((n_blocks, 1, 1), (threads_of(path), 1, 1), args))
@@ -726,8 +744,9 @@ class CudaOps(ArrayOps):
         self._check_backward(propagate, updates, output)
         gemms = [self._propagate_gemm(*propagate)] if propagate is not None else []
         for u in updates:
-            gemms.append(self._weight_grad_gemm(u.o, u.delta, u.W, u.b, SGD_MOMENTUM if u.momentum else SGD,
-                                                u.step, u.momentum, u.vel_w, u.vel_b))
+            rule = u.effective_rule
+            check_rule(rule, u.vel_w, u.vel_b, u.sq_w, u.sq_b)
+            gemms.append(self._weight_grad_gemm(u.o, u.delta, u.W, u.b, rule, u.vel_w, u.vel_b, u.sq_w, u.sq_b))
         self._run(gemms, config, output)
 
     @replayed
@@ -737,9 +756,15 @@ class CudaOps(ArrayOps):
         """grad_w = o^T delta, grad_b = column sums of delta, in one launch
         (with ``o_next``: delta = err * f'(o_next) computed in the prologue)."""
         self._check_update(o, delta, grad_w, grad_b, None, None, o_next, delta_out, ("grad_w", "grad_b"))
-        self._run([self._weight_grad_gemm(o, delta, grad_w, grad_b, WRITE_GRADIENT, 0.0, 0.0, None, None,
-                                          o_next, activation, delta_out)], config)
+        self._run([self._weight_grad_gemm(o, delta, grad_w, grad_b, Rule("gradient"), o_next=o_next,
+                                          activation=activation, delta_out=delta_out)], config)
         return grad_w, grad_b
+
+    @replayed
+    def count_step(self, t: Any) -> None:
+        """t += 1 (a CuPy elementwise launch, captured with the step)."""
+        self._check("t", t, (1,), np.int64)
+        self._issue(lambda: self.xp.add(t, 1, out=t))
 
     @replayed
     def sgd_update(self, o: Any, delta: Any, W: Any, b: Any, step: float, momentum: float = 0.0,
@@ -747,7 +772,17 @@ class CudaOps(ArrayOps):
                    activation: str = "identity", delta_out: Any = None, config: str | None = None) -> None:
         """The SGD step applied to W and b in the weight-gradient GEMM's epilogue (on the cuBLAS
         path: cuBLAS with alpha = -step, beta = 1 into W, then one bias kernel)."""
-        self._check_update(o, delta, W, b, vel_w, vel_b, o_next, delta_out)
-        mode = SGD_MOMENTUM if momentum else SGD
-        self._run([self._weight_grad_gemm(o, delta, W, b, mode, step, momentum, vel_w, vel_b, o_next, activation,
+        self.update(o, delta, W, b, Rule("momentum" if momentum else "sgd", step, momentum), vel_w, vel_b,
+                    o_next=o_next, activation=activation, delta_out=delta_out, config=config)
+
+    @replayed
+    def update(self, o: Any, delta: Any, W: Any, b: Any, rule: Rule, vel_w: Any = None, vel_b: Any = None,
+               sq_w: Any = None, sq_b: Any = None, *, o_next: Any = None, activation: str = "identity",
+               delta_out: Any = None, config: str | None = None) -> None:
+        """``rule`` (SGD, momentum, Nesterov, L2, Adam, AdamW) applied to W and b in the weight-gradient
+        GEMM's epilogue: the gradient never goes to memory (on the cuBLAS path: cuBLAS, then the
+        rule elementwise)."""
+        self._check_update(o, delta, W, b, vel_w, vel_b, o_next, delta_out, sq_w=sq_w, sq_b=sq_b)
+        check_rule(rule, vel_w, vel_b, sq_w, sq_b)
+        self._run([self._weight_grad_gemm(o, delta, W, b, rule, vel_w, vel_b, sq_w, sq_b, o_next, activation,
                                           delta_out)], config)

@@ -60,8 +60,37 @@ class Propagate(NamedTuple):
     out: Any
 
 
+RULE_MODES = ("gradient", "sgd", "momentum", "nesterov", "adam")  # kernels/update.cuh UpdateMode, in order
+
+
+class Rule(NamedTuple):
+    """What a weight update does with the gradient G summed over the batch (kernels/update.cuh,
+    twin: :func:`apply_rule`). ``mode``: "gradient" (write G), "sgd", "momentum", "nesterov" or
+    "adam"; ``step``: lr / batch for the SGD modes, lr for Adam; ``l2``: G + l2 W on the weights
+    (scikit-learn's alpha); ``scale``: Adam's 1 / batch; ``decay``: AdamW's lr * weight_decay on
+    the weights; ``t``: Adam's (1,) int64 step count on the device, this step included."""
+
+    mode: str = "sgd"
+    step: float = 0.0
+    momentum: float = 0.0
+    l2: float = 0.0
+    scale: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    decay: float = 0.0
+    t: Any = None
+
+    @property
+    def states(self) -> int:
+        """Arrays of state per parameter: 0, 1 (velocity) or 2 (Adam's moments)."""
+        return {"momentum": 1, "nesterov": 1, "adam": 2}.get(self.mode, 0)
+
+
 class Update(NamedTuple):
-    """Arguments of ``ops.sgd_update`` for ``ops.backward``."""
+    """Arguments of ``ops.sgd_update`` (or with ``rule``, of ``ops.update``) for ``ops.backward``:
+    an SGD step of ``step`` with ``momentum``, or any other ``rule`` (then step and momentum are
+    unused); vel_w, vel_b: velocity or Adam's first moment; sq_w, sq_b: Adam's second."""
 
     o: Any
     delta: Any
@@ -71,6 +100,53 @@ class Update(NamedTuple):
     momentum: float = 0.0
     vel_w: Any = None
     vel_b: Any = None
+    rule: Rule | None = None
+    sq_w: Any = None
+    sq_b: Any = None
+
+    @property
+    def effective_rule(self) -> Rule:
+        if self.rule is not None:
+            return self.rule
+        return Rule("momentum" if self.momentum else "sgd", self.step, self.momentum)
+
+
+def apply_rule(xp: Any, rule: Rule, p: Any, grad: Any, m: Any = None, v: Any = None, weight: bool = True) -> None:
+    """The twin of kernels/update.cuh: p (and its state m, v) updated in place from the summed
+    gradient ``grad``, which it may overwrite. Each coefficient is rounded to p's dtype first,
+    as the kernels receive them."""
+    dt = p.dtype.type
+    if rule.mode == "gradient":
+        p[...] = grad
+        return
+    if weight and rule.l2:
+        grad += dt(rule.l2) * p
+    if rule.mode == "sgd":
+        grad *= dt(rule.step)
+        p -= grad
+    elif rule.mode in ("momentum", "nesterov"):
+        grad *= dt(rule.step)
+        m *= dt(rule.momentum)
+        m -= grad
+        if rule.mode == "momentum":
+            p += m
+        else:
+            p += dt(rule.momentum) * m - grad
+    elif rule.mode == "adam":
+        # on the device, from the device's count: no host read (a CUDA graph can hold it)
+        t = rule.t.astype(np.float64)
+        b1, b2 = float(dt(rule.beta1)), float(dt(rule.beta2))
+        step_t = (float(dt(rule.step)) * xp.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)).astype(p.dtype)
+        grad *= dt(rule.scale)
+        m *= dt(b1)
+        m += (1 - dt(b1)) * grad
+        v *= dt(b2)
+        v += (1 - dt(b2)) * (grad * grad)
+        if weight and rule.decay:
+            p -= dt(rule.decay) * p
+        p -= step_t * m / (xp.sqrt(v) + dt(rule.eps))
+    else:
+        raise ValueError(f"rule.mode: expected one of {', '.join(RULE_MODES)}, got {rule.mode!r}")
 
 
 class Gather(NamedTuple):
@@ -105,6 +181,23 @@ class Output(NamedTuple):
     loss: str
     loss_out: Any
     record: Record | None = None
+
+
+def check_rule(rule: Rule, vel_w: Any, vel_b: Any, sq_w: Any, sq_b: Any) -> None:
+    """A rule's mode is known, its coefficients finite, and the state it keeps is given."""
+    if not isinstance(rule, Rule) or rule.mode not in RULE_MODES:
+        raise ValueError(f"rule.mode: expected one of {', '.join(RULE_MODES)}, got {getattr(rule, 'mode', rule)!r}")
+    for name in ("step", "momentum", "l2", "scale", "beta1", "beta2", "eps", "decay"):
+        value = getattr(rule, name)
+        if not (isinstance(value, (int, float, np.floating, np.integer)) and np.isfinite(value)):
+            raise ValueError(f"rule.{name}: expected a finite number, got {value!r}")
+    needed = [("vel_w", vel_w), ("vel_b", vel_b)][:2 * min(rule.states, 1)] + \
+        ([("sq_w", sq_w), ("sq_b", sq_b)] if rule.states == 2 else [])
+    for name, array in needed:
+        if array is None:
+            raise ValueError(f"{name}: required by the {rule.mode} rule")
+    if rule.mode == "adam" and (rule.t is None or getattr(rule.t, "shape", None) != (1,)):
+        raise ValueError("rule.t: Adam needs its step count, a (1,) int64 array")
 
 
 def check_backward(propagate: Propagate | None, updates: Sequence[Update], output: Output | None) -> None:
@@ -164,8 +257,7 @@ def backward_operands(propagate: Propagate | None, updates: Sequence[Update],
         if propagate.delta is not from_output:
             reads.append(("propagate.delta", propagate.delta))
     for i, u in enumerate(updates):
-        writes += [(f"updates[{i}].W", u.W), (f"updates[{i}].b", u.b), (f"updates[{i}].vel_w", u.vel_w),
-                   (f"updates[{i}].vel_b", u.vel_b)]
+        writes += [(f"updates[{i}].{name}", getattr(u, name)) for name in ("W", "b", "vel_w", "vel_b", "sq_w", "sq_b")]
         reads.append((f"updates[{i}].o", u.o))
         if u.delta is not from_output:
             reads.append((f"updates[{i}].delta", u.delta))
@@ -280,10 +372,11 @@ class ArrayOps:
         check_disjoint(self.xp, [("out", out)], [("delta", delta), ("W", W), ("o", o)])
 
     def _check_update(self, o: Any, delta: Any, W: Any, b: Any, vel_w: Any, vel_b: Any, o_next: Any,
-                      delta_out: Any, names: tuple[str, str] = ("W", "b")) -> None:
+                      delta_out: Any, names: tuple[str, str] = ("W", "b"), sq_w: Any = None, sq_b: Any = None) -> None:
         """A weight gradient's operands: ``names`` of what it writes (grad_w, grad_b without an update)."""
-        check_disjoint(self.xp, [(names[0], W), (names[1], b), ("vel_w", vel_w), ("vel_b", vel_b),
-                                 ("delta_out", delta_out)], [("o", o), ("delta", delta), ("o_next", o_next)])
+        check_disjoint(self.xp, [(names[0], W), (names[1], b), ("vel_w", vel_w), ("vel_b", vel_b), ("sq_w", sq_w),
+                                 ("sq_b", sq_b), ("delta_out", delta_out)],
+                       [("o", o), ("delta", delta), ("o_next", o_next)])
 
     def _check_gather_disjoint(self, X: Any, Y: Any, order: Any, step: Any, xb: Any, yb: Any) -> None:
         self._check_once((X, Y, order, step, xb, yb), lambda: check_disjoint(
@@ -362,11 +455,35 @@ class ArrayOps:
         momentum == 0: W -= step * o^T delta,  b -= step * sum(delta)
         momentum  > 0: v = momentum v - step * o^T delta;  W += v  (same for b)
         """
-        self._check_update(o, delta, W, b, vel_w, vel_b, o_next, delta_out)
-        self._sgd_update(o, self._prologue(delta, o_next, activation, delta_out), W, b, step, momentum, vel_w, vel_b)
+        self.update(o, delta, W, b, Rule("momentum" if momentum else "sgd", step, momentum), vel_w, vel_b,
+                    o_next=o_next, activation=activation, delta_out=delta_out)
+
+    def update(self, o: Any, delta: Any, W: Any, b: Any, rule: Rule, vel_w: Any = None, vel_b: Any = None,
+               sq_w: Any = None, sq_b: Any = None, *, o_next: Any = None, activation: str = "identity",
+               delta_out: Any = None) -> None:
+        """W and b updated in place by ``rule`` (:class:`Rule`) from this layer's summed gradient
+        (o^T delta, column sums of delta); vel_*: velocity or Adam's first moment, sq_*: Adam's
+        second, each where the rule keeps it."""
+        self._check_update(o, delta, W, b, vel_w, vel_b, o_next, delta_out, sq_w=sq_w, sq_b=sq_b)
+        check_rule(rule, vel_w, vel_b, sq_w, sq_b)
+        delta = self._prologue(delta, o_next, activation, delta_out)
+        self._update(Update(o, delta, W, b, rule.step, rule.momentum, vel_w, vel_b, rule, sq_w, sq_b))
+
+    def _update(self, u: Update) -> None:
+        rule = u.effective_rule
+        if rule.mode in ("sgd", "momentum") and not rule.l2:
+            self._sgd_update(u.o, u.delta, u.W, u.b, rule.step, rule.momentum, u.vel_w, u.vel_b)
+            return
+        grad_w = self._scratch("grad_w", u.W.shape, u.W.dtype)
+        grad_b = self._scratch("grad_b", u.b.shape, u.b.dtype)
+        self.gemm(u.o, u.delta, grad_w, trans_a=True)
+        u.delta.sum(axis=0, out=grad_b)
+        apply_rule(self.xp, rule, u.W, grad_w, u.vel_w, u.sq_w, weight=True)
+        apply_rule(self.xp, rule, u.b, grad_b, u.vel_b, u.sq_b, weight=False)
 
     def _sgd_update(self, o: Any, delta: Any, W: Any, b: Any, step: float, momentum: float, vel_w: Any,
                     vel_b: Any) -> None:
+        """SGD and momentum without L2: the GEMM's alpha and beta do the update."""
         grad_b = self._scratch("grad_b", b.shape, b.dtype)
         delta.sum(axis=0, out=grad_b)
         if momentum:
@@ -380,7 +497,6 @@ class ArrayOps:
             self.gemm(o, delta, W, alpha=-step, beta=1.0, trans_a=True)
             grad_b *= step
             b -= grad_b
-
 
     def backward(self, propagate: Propagate | None, updates: Sequence[Update], output: Output | None = None) -> None:
         """One step of the backward pass: an error propagation and the updates of up to two
@@ -399,9 +515,13 @@ class ArrayOps:
         if propagate is not None:
             self._propagate(*propagate)
         for update in updates:
-            self._sgd_update(*update)
+            self._update(update)
 
     # -- the fit loop's bookkeeping (kernels/batch.cu) ----------------------
+    def count_step(self, t: Any) -> None:
+        """t += 1: Adam's step count, on the device (read by the step's updates)."""
+        self.xp.add(t, 1, out=t)
+
     def shuffle_keys(self, key: int, keys: Any, step: Any) -> None:
         """keys[i] = mix64(i + mix64(key)) (uint64, wrapping); step[0] = 0. The key is mixed
         first so that nearby keys (0, 1, ...) give unrelated orders."""

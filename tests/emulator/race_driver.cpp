@@ -41,15 +41,26 @@ int main() {
                 PropagateParams<float>{delta.data(), W.data(), o.data(), below.data(), B, M, N, (int)ACT_TANH, 0, 0});
     emu::launch(&weight_grad<float, Small>, dim3{tiles(N, 64), tiles(M, 64), 1}, block,
                 WeightGradParams<float>{o.data(), err.data(), o_next.data(), delta.data(), W.data(), b.data(),
-                                        vel_w.data(), vel_b.data(), M, N, B, (int)ACT_SIGMOID, 1, 0, 0},
-                UpdateRule<float>{(int)SGD_MOMENTUM, 0.01f, 0.9f}, SplitK<float>{});
+                                        vel_w.data(), vel_b.data(), nullptr, nullptr, M, N, B, (int)ACT_SIGMOID, 1, 0,
+                                        0},
+                UpdateRule<float>{nullptr, (int)SGD_MOMENTUM, 0.01f, 0.9f}, SplitK<float>{});
     // the same gradient in 3 split-K slices of 16 batch rows, added by the last slice of each tile
     std::vector<float> W_split = W, b_split = b, partials_w(3 * M * N), partials_b(3 * N);
     std::vector<unsigned int> split_tickets(tiles(M, 64) * tiles(N, 64), 0);
     emu::launch(&weight_grad<float, Small>, dim3{tiles(N, 64), tiles(M, 64), 3}, block,
                 WeightGradParams<float>{o.data(), err.data(), o_next.data(), delta.data(), W_split.data(),
-                                        b_split.data(), nullptr, nullptr, M, N, B, (int)ACT_SIGMOID, 1, 0, 0},
-                UpdateRule<float>{(int)SGD, 0.01f, 0.0f},
+                                        b_split.data(), nullptr, nullptr, nullptr, nullptr, M, N, B, (int)ACT_SIGMOID, 1,
+                                        0, 0},
+                UpdateRule<float>{nullptr, (int)SGD, 0.01f, 0.0f},
+                SplitK<float>{partials_w.data(), partials_b.data(), split_tickets.data(), 16, 3});
+    // Adam in the split-K epilogue: moments and the step count read by the last slice of each tile
+    std::vector<float> W_adam = W, b_adam = b, m_w(M * N), v_w(M * N), m_b(N), v_b(N);
+    std::vector<long long> adam_t(1, 1);
+    emu::launch(&weight_grad<float, Small>, dim3{tiles(N, 64), tiles(M, 64), 3}, block,
+                WeightGradParams<float>{o.data(), delta.data(), nullptr, nullptr, W_adam.data(), b_adam.data(),
+                                        m_w.data(), m_b.data(), v_w.data(), v_b.data(), M, N, B, 0, 0, 0, 0},
+                UpdateRule<float>{adam_t.data(), (int)ADAM, 0.001f, 0.0f, 1e-4f, 1.0f / B, 0.9f, 0.999f, 1e-8f,
+                                  1e-5f},
                 SplitK<float>{partials_w.data(), partials_b.data(), split_tickets.data(), 16, 3});
     // backward.cu: blocks of a propagation (with the output delta) and of two updates (plain SGD: no
     // shared velocity) in one grid
@@ -65,12 +76,15 @@ int main() {
                                     ticket.data(), 1, (int)ACT_SIGMOID, (int)LOSS_MSE},
                 StepRecord<float>{losses.data(), correct.data(), step.data(), 1, 1},  // ... and the step record
                 WeightGradParams<float>{o.data(), err.data(), nullptr, nullptr, W_u.data(), b_u.data(), nullptr,
-                                        nullptr, M, N, B, 0, 0, u_tiles_n, u_tiles},
+                                        nullptr, nullptr, nullptr, M, N, B, 0, 0, u_tiles_n, u_tiles},
                 WeightGradParams<float>{o.data(), err.data(), nullptr, nullptr, W_v.data(), b_v.data(), nullptr,
-                                        nullptr, M, N, B, 0, 0, u_tiles_n, u_tiles},
-                UpdateRule<float>{(int)SGD, 0.01f, 0.0f});
+                                        nullptr, nullptr, nullptr, M, N, B, 0, 0, u_tiles_n, u_tiles},
+                UpdateRule<float>{nullptr, (int)SGD, 0.01f, 0.0f});
     emu::launch(&bias_update<float>, dim3{tiles(N, 32), 1, 1}, dim3{32, 8, 1}, delta.data(), b.data(),
-                vel_b.data(), (int)SGD_MOMENTUM, 0.01f, 0.9f, B, N);
+                vel_b.data(), nullptr, UpdateRule<float>{nullptr, (int)SGD_MOMENTUM, 0.01f, 0.9f}, B, N);
+    emu::launch(&weight_update<float>, dim3{3, 1, 1}, block, W_adam.data(), m_w.data(), v_w.data(), W.data(),
+                UpdateRule<float>{adam_t.data(), (int)ADAM, 0.001f, 0.0f, 0.0f, 1.0f / B, 0.9f, 0.999f, 1e-8f, 0.0f},
+                M * N);
     emu::launch(&bias_activation<float>, dim3{2, 1, 1}, block, out.data(), b.data(), (int)ACT_TANH, B, N);
     double checksum = loss[0];
     for (float x : W) checksum += x;
@@ -78,6 +92,7 @@ int main() {
     for (float x : below2) checksum += x;
     for (float x : W_u) checksum += x;
     for (float x : W_v) checksum += x;
+    for (float x : W_adam) checksum += x;
     for (float x : W_split) checksum += x;
     for (float x : out_warp) checksum += x;
     std::printf("checksum %.6f\n", checksum);

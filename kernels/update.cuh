@@ -1,0 +1,57 @@
+// The update of a parameter p from its gradient G summed over the batch, with the state
+// the rule keeps (m: velocity or Adam's first moment, v: Adam's second moment):
+//
+//   WRITE_GRADIENT  p = G
+//   weights only:   G += l2 p                       (L2 penalty, scikit-learn's alpha)
+//   SGD             p -= step G                      (step = lr / batch)
+//   SGD_MOMENTUM    m = momentum m - step G;  p += m
+//   SGD_NESTEROV    m = momentum m - step G;  p += momentum m - step G
+//   ADAM            g = scale G (the mean: scale = 1 / batch)
+//                   m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2
+//                   weights only: p -= decay p      (AdamW: decay = lr * weight_decay)
+//                   p -= step_t m / (sqrt(v) + eps),  step_t = lr sqrt(1 - beta2^t) / (1 - beta1^t)
+//
+// (scikit-learn's SGD, Nesterov and Adam; AdamW with decoupled decay.) The NumPy twin is
+// gpu_backprop/ops/reference.py apply_rule.
+#pragma once
+#include "params.cuh"
+
+enum UpdateMode { WRITE_GRADIENT = 0, SGD = 1, SGD_MOMENTUM = 2, SGD_NESTEROV = 3, ADAM = 4 };
+
+template <typename T>
+struct Updater {
+    UpdateRule<T> r;
+
+    // Adam's bias-corrected step, once per thread, in double from T's beta (as the twin).
+    __device__ explicit Updater(const UpdateRule<T>& rule) : r(rule) {
+        if (r.mode == ADAM) {
+            const double t = (double)*rule.t;
+            r.step = (T)((double)rule.step * sqrt(1.0 - pow((double)rule.beta2, t)) /
+                         (1.0 - pow((double)rule.beta1, t)));
+        }
+    }
+
+    __device__ __forceinline__ void operator()(T* p, T* m, T* v, index_t i, T grad, bool weight) const {
+        if (r.mode == WRITE_GRADIENT) {
+            p[i] = grad;
+            return;
+        }
+        if (weight && r.l2 != T(0)) grad += r.l2 * p[i];
+        if (r.mode == SGD) {
+            p[i] -= r.step * grad;
+        } else if (r.mode == SGD_MOMENTUM || r.mode == SGD_NESTEROV) {
+            const T velocity = r.momentum * m[i] - r.step * grad;
+            m[i] = velocity;
+            p[i] += r.mode == SGD_MOMENTUM ? velocity : r.momentum * velocity - r.step * grad;
+        } else {
+            const T g = r.scale * grad;
+            const T first = r.beta1 * m[i] + (T(1) - r.beta1) * g;
+            const T second = r.beta2 * v[i] + (T(1) - r.beta2) * (g * g);
+            m[i] = first;
+            v[i] = second;
+            T x = p[i];
+            if (weight && r.decay != T(0)) x -= r.decay * x;
+            p[i] = x - r.step * first / (sqrt(second) + r.eps);
+        }
+    }
+};
