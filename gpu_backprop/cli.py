@@ -64,6 +64,16 @@ def _momentum(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 and np.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
 def _positive(kind: type) -> Any:
     def parse(text: str) -> Any:
         try:
@@ -95,6 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=_positive(float), default=None,
                        help="learning rate (default 2.0; regression targets: 0.05; xor: 4.0)")
     train.add_argument("--momentum", type=_momentum, default=0.0, help="momentum in [0, 1) (default 0)")
+    train.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"],
+                       help="sgd (with --momentum, --nesterov) | adam | adamw (with --weight-decay); default sgd")
+    train.add_argument("--nesterov", action="store_true", help="Nesterov's momentum (sgd with --momentum)")
+    train.add_argument("--alpha", type=_non_negative, default=0.0, help="L2 penalty, as scikit-learn's (default 0)")
+    train.add_argument("--weight-decay", type=_non_negative, default=0.0, help="adamw's decoupled weight decay")
+    train.add_argument("--schedule", default="constant", choices=["constant", "invscaling", "adaptive", "cosine"],
+                       help="learning-rate schedule per epoch (default constant)")
+    train.add_argument("--early-stopping", type=_positive(int), metavar="PATIENCE", default=None,
+                       help="stop once the test loss has not improved for PATIENCE epochs; keep the best epoch")
+    train.add_argument("--checkpoint", metavar="CKPT.npz",
+                       help="write a checkpoint after every epoch (a model file with the optimizer and RNG state)")
+    train.add_argument("--resume", metavar="CKPT.npz", help="continue the run a --checkpoint file holds")
     train.add_argument("--epochs", type=_positive(int), default=None, help="(default 30; xor: 500)")
     train.add_argument("--batch-size", type=_positive(int), default=32)
     train.add_argument("--seed", type=_seed, default=0, help="in [0, 2**32) (default 0)")
@@ -155,6 +177,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     inputs = _outputs(args)
     if args.save is not None:
         check_writable(args.save, "--save", inputs)
+    if args.checkpoint is not None:
+        check_writable(args.checkpoint, "--checkpoint", inputs)
+    if args.resume is not None and not os.path.isfile(args.resume):
+        raise UsageError(f"--resume: {args.resume!r} is not a file (expected a --checkpoint file)")
     if args.plot is not None:
         check_writable(args.plot, "--plot", inputs)
         if args.save is not None and os.path.realpath(args.plot) == os.path.realpath(args.save):
@@ -166,7 +192,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     sizes = [ds.X_train.shape[1], *args.hidden, ds.n_outputs]
     check_memory(sizes, np.dtype(args.dtype), device, batch=min(args.batch_size, len(ds.X_train)),
-                 rows=len(ds.X_train), states=int(bool(args.momentum)), what="--hidden")
+                 rows=len(ds.X_train), states=2 if args.optimizer != "sgd" else int(bool(args.momentum)),
+                 what="--hidden")
     model = MLP(sizes, activation=args.activation, output=output,
                 loss=args.loss, device=device, dtype=args.dtype, seed=args.seed, fused=not args.unfused,
                 precision=args.precision)
@@ -175,9 +202,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"{model} on {ds.name}: {len(ds.X_train)} train / {len(ds.X_test)} test samples", file=sys.stderr)
     start = time.perf_counter()
     try:
-        history = model.fit(ds.X_train, ds.y_train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        history = _fit_named(model, ds.X_train, ds.y_train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             momentum=args.momentum, validation_data=(ds.X_test, ds.y_test), progress=not args.json,
-                            graphs=False if args.no_graphs else None)
+                            graphs=False if args.no_graphs else None, **_training(args))
     except FloatingPointError as exc:
         kept = getattr(exc, "epochs_kept", 0)
         if args.save is None or not kept:
@@ -190,7 +217,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "dataset": ds.name, "sizes": model.sizes, "activation": model.activation, "output": model.output,
         "loss_function": model.loss, "device": model.device.name, "device_reason": model.device.reason,
         "fused": model.ops.fused, "precision": model.precision, "graphs": bool(getattr(model.last_steps, "captured", 0)), "dtype": model.dtype.name, "epochs": history.epochs,
-        "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
+        "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum, "optimizer": args.optimizer,
+        "lr_last_epoch": history.lr[-1], "best_epoch": history.best_epoch, "stopped_early": history.stopped_early,
         "train_loss": history.loss[-1], "train_accuracy": history.accuracy[-1],
         "test_loss": test["loss"], "test_accuracy": test["accuracy"],
         "seconds": seconds, "seconds_per_epoch": float(np.median(history.seconds)),
@@ -218,6 +246,34 @@ def cmd_train(args: argparse.Namespace) -> int:
             if key in result:
                 print(f"{key}: {result[key]}")
     return 0
+
+
+# fit's argument names in its errors, as the options that set them
+OPTION_OF = {"resume_from": "--resume", "checkpoint": "--checkpoint", "nesterov": "--nesterov",
+             "weight_decay": "--weight-decay", "alpha": "--alpha", "patience": "--early-stopping", "lr": "--lr"}
+
+
+def _fit_named(model: MLP, *args: Any, **kwargs: Any) -> Any:
+    """model.fit, its errors naming the command's options rather than fit's arguments."""
+    try:
+        return model.fit(*args, **kwargs)
+    except ValueError as exc:
+        text = str(exc)
+        for name, option in OPTION_OF.items():
+            if text.startswith(name + ":") or text.startswith(name + " "):
+                raise UsageError(option + text[len(name):]) from None
+        raise
+
+
+def _training(args: argparse.Namespace) -> dict[str, Any]:
+    """MLP.fit's optimizer, schedule, stopping and checkpoint arguments from the options (checked by
+    fit under their names; the CLI's one-line error names the option's words)."""
+    kwargs = dict(optimizer=args.optimizer, nesterov=args.nesterov, alpha=args.alpha,
+                  weight_decay=args.weight_decay, schedule=args.schedule, checkpoint=args.checkpoint,
+                  resume_from=args.resume)
+    if args.early_stopping is not None:
+        kwargs.update(early_stopping=True, patience=args.early_stopping)
+    return kwargs
 
 
 def _why(exc: BaseException) -> str:

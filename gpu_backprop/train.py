@@ -235,7 +235,8 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
     # What a resumed run must have in common with the run it continues, to end where it would have.
     # (Not the seed: the checkpoint's RNG state draws the orders from there on.)
     settings = {"batch_size": int(batch_size), "shuffle": bool(shuffle), "n_rows": trainer.n, "optimizer": asdict(optimizer),
-                "schedule": asdict(schedule), "stopping": None if stopping is None else asdict(stopping)}
+                "schedule": asdict(schedule), "stopping": None if stopping is None else asdict(stopping),
+                "epochs": int(epochs) if schedule.name == "cosine" else None}  # cosine's rates depend on the total
     model.optimizer_state(optimizer.states)  # fresh, or continued from an earlier fit
     lr_now, samples_seen, best_score, plateau, best, done, stopped = optimizer.lr, 0, -math.inf, 0, None, 0, False
     if resume_from is not None:

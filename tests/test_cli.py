@@ -70,3 +70,27 @@ def test_bad_data_file_exits_2(tmp_path):
     np.savez(tmp_path / "nan.npz", X=np.array([[np.nan, 1.0]] * 4), y=np.array([0, 1, 0, 1]))
     proc = run("train", "--data", str(tmp_path / "nan.npz"))
     assert proc.returncode == 2 and "X: contains NaN or Inf" in proc.stderr
+
+
+def test_resume_continues_a_checkpointed_run_to_the_same_model(tmp_path):
+    """2 epochs with --checkpoint, then --resume to 4: the saved model equals 4 epochs in one run, bit
+    for bit (CPU); a resume with another batch size is refused, naming --resume."""
+    common = ["train", "--device", "cpu", "--optimizer", "adamw", "--weight-decay", "0.01", "--lr", "0.01",
+              "--schedule", "invscaling", "--json"]
+    whole = run(*common, "--epochs", "4", "--save", str(tmp_path / "whole.npz"))
+    assert whole.returncode == 0, whole.stderr
+    first = run(*common, "--epochs", "2", "--checkpoint", str(tmp_path / "ckpt.npz"))
+    assert first.returncode == 0, first.stderr
+    resumed = run(*common, "--epochs", "4", "--resume", str(tmp_path / "ckpt.npz"), "--save", str(tmp_path / "r.npz"))
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = np.load(tmp_path / "whole.npz"), np.load(tmp_path / "r.npz")
+    for key in ("W0", "b0", "W1", "b1"):
+        np.testing.assert_array_equal(a[key], b[key])
+    assert json.loads(resumed.stdout)["test_accuracy"] == json.loads(whole.stdout)["test_accuracy"]
+    other = run(*common, "--epochs", "4", "--batch-size", "16", "--resume", str(tmp_path / "ckpt.npz"))
+    assert other.returncode == 2 and other.stderr.count("\n") == 1
+    assert other.stderr.startswith("gpu-backprop: error: --resume ") and "batch_size=32" in other.stderr
+    # cosine's rates depend on the total of epochs: a checkpoint of a 2-epoch cosine run cannot go on to 4
+    run(*common[:-2], "cosine", "--json", "--epochs", "2", "--checkpoint", str(tmp_path / "cos.npz"))
+    cosine = run(*common[:-2], "cosine", "--epochs", "4", "--resume", str(tmp_path / "cos.npz"))
+    assert cosine.returncode == 2 and "epochs=2, this one has 4" in cosine.stderr

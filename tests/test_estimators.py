@@ -87,3 +87,79 @@ def test_bad_parameters_are_named_in_fit(params, match):
     clf = MLPClassifier(device="cpu", **params)  # the constructor only stores them
     with pytest.raises(ValueError, match=match):
         clf.fit(X[:50], y[:50])
+
+
+def test_early_stopping_keeps_the_best_validation_epoch():
+    """scikit-learn's early stopping: validation_fraction held out (stratified), stopped after
+    n_iter_no_change epochs without improvement, and the estimator ends with the weights of the
+    best validation score (not the last epoch's)."""
+    from sklearn.model_selection import train_test_split
+
+    X, y, _, _ = digits_split()
+    clf = MLPClassifier(hidden_layer_sizes=(16,), solver="sgd", learning_rate_init=0.3, early_stopping=True,
+                        n_iter_no_change=3, tol=0.0, max_iter=300, random_state=0, device="cpu").fit(X, y)
+    assert clf.n_iter_ < 300 and len(clf.validation_scores_) == clf.n_iter_ == len(clf.loss_curve_)
+    assert clf.best_validation_score_ == max(clf.validation_scores_) and clf.best_loss_ is None
+    _, X_val, _, y_val = train_test_split(X, y, test_size=0.1, random_state=clf._seed, stratify=y)
+    assert clf.score(X_val, y_val) == pytest.approx(clf.best_validation_score_)
+    assert int(np.argmax(clf.validation_scores_)) < clf.n_iter_ - 1  # so the last epoch's weights would differ
+
+
+@pytest.mark.parametrize("early_stopping", [False, True])
+def test_a_plateau_stops_the_fit_where_scikit_learns_does(early_stopping):
+    """tol=10: no epoch improves enough; scikit-learn's own MLPClassifier stops after the same
+    number of epochs (n_iter_no_change + 2: the first epoch sets the best)."""
+    import warnings
+
+    from sklearn.neural_network import MLPClassifier as Reference
+
+    X, y, _, _ = digits_split()
+    params = dict(hidden_layer_sizes=(8,), tol=10.0, n_iter_no_change=2, max_iter=100, random_state=0,
+                  early_stopping=early_stopping)
+    clf = MLPClassifier(device="cpu", **params).fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = Reference(**params).fit(X, y)
+    assert clf.n_iter_ == reference.n_iter_ == 4
+    assert (clf.best_loss_ is None) == (reference.best_loss_ is None) == early_stopping
+
+
+def test_partial_fit_continues_one_epoch_at_a_time():
+    X, y, X_test, y_test = digits_split()
+    labels = np.array(["d%d" % v for v in y])
+    clf = MLPClassifier(hidden_layer_sizes=(32,), learning_rate_init=0.01, random_state=0, device="cpu")
+    with pytest.raises(ValueError, match="classes: required on the first call"):
+        clf.partial_fit(X, labels)
+    for epoch in range(8):
+        clf.partial_fit(X, labels, classes=np.unique(labels) if epoch == 0 else None)
+    assert clf.n_iter_ == 8 and clf.loss_curve_[-1] < 0.5 * clf.loss_curve_[0]
+    assert clf.score(X_test, np.array(["d%d" % v for v in y_test])) > 0.9
+    with pytest.raises(ValueError, match=r"y: labels \['x'\] are not in classes"):
+        clf.partial_fit(X[:3], np.array(["d0", "d1", "x"]))
+    reg = MLPRegressor(hidden_layer_sizes=(8,), random_state=0, device="cpu")
+    for _ in range(3):
+        reg.partial_fit(X, y.astype(float))
+    assert reg.n_iter_ == 3
+
+
+def test_warm_start_continues_the_fitted_network():
+    X, y, _, _ = digits_split()
+    clf = MLPClassifier(hidden_layer_sizes=(16,), max_iter=5, tol=0.0, warm_start=True, random_state=0,
+                        device="cpu")
+    first = clf.fit(X, y).loss_curve_[-1]
+    clf.fit(X, y)
+    assert clf.n_iter_ == 10 and clf.loss_curve_[-1] < first
+    cold = MLPClassifier(hidden_layer_sizes=(16,), max_iter=5, tol=0.0, random_state=0, device="cpu").fit(X, y)
+    cold.fit(X, y)
+    assert cold.n_iter_ == 5  # without warm_start, a new network each fit
+
+
+@pytest.mark.parametrize("solver,kwargs", [("adam", {}), ("adamw", {"weight_decay": 0.01}),
+                                           ("sgd", {"learning_rate_init": 0.05, "nesterovs_momentum": True}),
+                                           ("sgd", {"learning_rate_init": 0.05, "learning_rate": "invscaling",
+                                                    "power_t": 0.1})])
+def test_every_solver_learns_digits(solver, kwargs):
+    X, y, X_test, y_test = digits_split()
+    clf = MLPClassifier(hidden_layer_sizes=(32,), solver=solver, max_iter=60, random_state=0, device="cpu",
+                        **{"learning_rate_init": 0.005, **kwargs}).fit(X, y)
+    assert clf.score(X_test, y_test) > 0.9
