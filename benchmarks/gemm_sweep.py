@@ -1,7 +1,8 @@
 """Every GEMM path of ours, forced one at a time, against cuBLAS on the shapes where the
 tuner decides (issue 12): the core alone at 4096^3 (grad_w = o^T delta), the weight gradient
 with the delta prologue and the SGD epilogue at B=4096, 1024x1024 (every tile and every
-split-K slice count), the same with delta given, and the forward GEMM with bias and sigmoid at the same size.
+split-K slice count), the same with delta given, AdamW fused into the epilogue against separate
+passes (cuBLAS + our rule kernel, PyTorch eager), and the forward GEMM with bias and sigmoid at the same size.
 
 Each path: one checked call against a float64 reference computed on the card (relative
 Frobenius error printed), then 3 rounds of 10 calls timed with CUDA events; the median of
@@ -110,6 +111,40 @@ def main(out_path: str | None = None) -> None:
         run = lambda: ops["fp32"].sgd_update(o, d32, W, b, step, config=path)  # noqa: E731
         run()
         record("wgrad+sgd B4096 1024^2 (delta given)", path, flops, rel_err(xp, W.astype(xp.float64) - W0, ref), run)
+
+    # 2c. Adam (AdamW with L2) at B=4096 and B=32, delta given: fused into our epilogue on each path,
+    # against the cuBLAS path, which writes dW and runs the rule as a pass of its own (bias.cu
+    # weight_update), and PyTorch eager (mm, then torch.optim.AdamW's step). The ratio fused /
+    # separate is what the fusion saves: NOTES.md "Adam in the epilogue" predicts it.
+    from gpu_backprop.ops import Rule
+
+    for rows_b in (batch, 32):
+        o_b, d_b = o[:rows_b], d32[:rows_b]
+        t = xp.zeros(1, dtype=xp.int64)
+        rule = Rule("adam", 1e-3, 0.0, 1e-4, 1.0 / rows_b, 0.9, 0.999, 1e-8, 1e-3 * 0.01, t)
+        state = [xp.zeros_like(W0), xp.zeros_like(b0), xp.zeros_like(W0), xp.zeros_like(b0)]
+        flops_b = 2.0 * rows_b * n_in * n_out
+        for path in (*CONFIGS, *split_paths(rows_b), "cublas"):
+            W[...] = W0
+            run = lambda: (ops["fp32"].count_step(t), ops["fp32"].update(o_b, d_b, W, b, rule, *state,  # noqa: E731
+                                                                          config=path))
+            run()
+            record(f"wgrad+adamw B{rows_b} 1024^2", path, flops_b, 0.0, run)
+        try:
+            import torch
+        except ImportError:
+            continue
+        to, td = torch.as_tensor(o_b, device="cuda"), torch.as_tensor(d_b, device="cuda")
+        tw = torch.nn.Parameter(torch.as_tensor(W0, device="cuda").clone())
+        tb = torch.nn.Parameter(torch.as_tensor(b0, device="cuda").clone())
+        adamw = torch.optim.AdamW([tw, tb], lr=1e-3, weight_decay=0.01)
+
+        def torch_step() -> None:
+            tw.grad = torch.mm(to.T, td) / rows_b + 1e-4 / rows_b * tw.detach()
+            tb.grad = td.sum(0) / rows_b
+            adamw.step()
+        torch_step()
+        record(f"wgrad+adamw B{rows_b} 1024^2", "torch eager", flops_b, 0.0, torch_step)
 
     # 3. forward out = sigmoid(o W + b), B=4096, 1024x1024
     o = xp.asarray(rng.random((batch, n_in), dtype=np.float32))
