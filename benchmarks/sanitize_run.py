@@ -1,7 +1,9 @@
 """A small run of every fused kernel for compute-sanitizer (memcheck, racecheck):
 odd shapes, both dtypes, every tile configuration (CONFIGS), momentum, the delta prologue,
 the grouped backward launch (with and without the output delta inside), split-K
-weight gradients (partials, tickets and the last slice's sum).
+weight gradients (partials, tickets and the last slice's sum), and the update rules of
+kernels/update.cuh (Nesterov, L2, Adam/AdamW with the step count on the device) fused and
+on the cuBLAS path (bias.cu weight_update).
 CuPy's memory pool is switched off so each array is its own cudaMalloc and an
 out-of-bounds access cannot land silently inside a neighbour's allocation."""
 import numpy as np
@@ -20,6 +22,10 @@ def main() -> None:
             model = MLP([64, 33, 17, 10], activation=activation, loss=loss, device="cuda", dtype=dtype, seed=0)
             model.fit(ds.X_train[:130], ds.y_train[:130], epochs=1, batch_size=33, lr=0.5, momentum=0.9)
             model.evaluate(ds.X_test[:65], ds.y_test[:65])
+            model.fit(ds.X_train[:130], ds.y_train[:130], epochs=1, batch_size=33, lr=0.01, optimizer="adamw",
+                      alpha=1e-4, weight_decay=0.01)
+            model.fit(ds.X_train[:130], ds.y_train[:130], epochs=1, batch_size=33, lr=0.1, momentum=0.9,
+                      nesterov=True)
     device = get_device("cuda")
     ops, xp = device.ops(fused=True), device.xp
     rng = np.random.default_rng(0)
@@ -53,6 +59,16 @@ def main() -> None:
             ops.sgd_update(o, err, W, b, 0.01, 0.9, xp.zeros_like(W), xp.zeros_like(b),
                            o_next=xp.asarray(rng.random((301, 127)), dtype=dtype), activation="sigmoid",
                            delta_out=xp.empty((301, 127), dtype), config=split)
+        from gpu_backprop.ops import Rule
+
+        t = xp.ones(1, dtype=np.int64)
+        o = xp.asarray(rng.random((301, 65)), dtype=dtype)
+        err = xp.asarray(rng.standard_normal((301, 127)), dtype=dtype)
+        for config in ("small", "warp/s4", "cublas"):  # Adam in the epilogue, split, and as a pass of its own
+            W, b = xp.zeros((65, 127), dtype), xp.zeros(127, dtype)
+            state = [xp.zeros_like(W), xp.zeros_like(b), xp.ones_like(W), xp.ones_like(b)]
+            ops.update(o, err, W, b, Rule("adam", 1e-3, 0.0, 1e-4, 1 / 301, 0.9, 0.999, 1e-8, 1e-5, t), *state,
+                       config=config)
     xp.cuda.runtime.deviceSynchronize()
     print("sanitize_run: ok")
 

@@ -163,3 +163,14 @@ def test_every_solver_learns_digits(solver, kwargs):
     clf = MLPClassifier(hidden_layer_sizes=(32,), solver=solver, max_iter=60, random_state=0, device="cpu",
                         **{"learning_rate_init": 0.005, **kwargs}).fit(X, y)
     assert clf.score(X_test, y_test) > 0.9
+
+
+def test_dataframe_columns_become_feature_names_in_():
+    pd = pytest.importorskip("pandas")
+    X, y, X_test, _ = digits_split()
+    columns = [f"pixel{i}" for i in range(X.shape[1])]
+    clf = MLPClassifier(hidden_layer_sizes=(8,), max_iter=3, random_state=0, device="cpu")
+    clf.fit(pd.DataFrame(X, columns=columns), y)
+    assert list(clf.feature_names_in_) == columns and clf.n_features_in_ == 64
+    with pytest.raises(ValueError, match="feature names"):
+        clf.predict(pd.DataFrame(X_test, columns=columns[::-1]))

@@ -122,6 +122,41 @@ def test_fused_unfused_and_cpu_training_agree(dtype, momentum):
         assert rel_error(params["unfused"][key], params["cpu"][key]) < tol
 
 
+@pytest.mark.parametrize("optimizer,kwargs", [("adamw", {"alpha": 1e-4, "weight_decay": 0.01}),
+                                              ("sgd", {"momentum": 0.9, "nesterov": True, "alpha": 1e-3})])
+def test_update_rules_agree_with_the_cpu_and_under_graphs(optimizer, kwargs, monkeypatch):
+    """The rules of kernels/update.cuh on the card (fused, unfused, captured in graphs: Adam's count
+    read from device memory at every replay) == the CPU, float64; and a captured run == a plain one."""
+    monkeypatch.setattr(Tuner, "choose", lambda self, key, candidates, trial, default: default)
+    ds = data.digits(seed=0)
+    params = {}
+    for name, device, fused, graphs in (("cpu", "cpu", True, None), ("fused", "cuda", True, False),
+                                        ("graphs", "cuda", True, True), ("unfused", "cuda", False, None)):
+        model = MLP([64, 32, 16, 10], activation="tanh", device=device, dtype="float64", seed=1, fused=fused)
+        model.fit(ds.X_train[:500], ds.y_train[:500], epochs=3, batch_size=33, lr=0.01, optimizer=optimizer,
+                  graphs=graphs, schedule="cosine", **kwargs)
+        params[name] = model.get_params()
+        if name == "graphs":
+            assert model.last_steps.captured >= 1
+    for key in params["cpu"]:
+        for name in ("fused", "graphs", "unfused"):
+            assert rel_error(params[name][key], params["cpu"][key]) < 1e-9, (name, key)
+        np.testing.assert_array_equal(params["graphs"][key], params["fused"][key])
+
+
+def test_a_resumed_gpu_run_ends_near_the_uninterrupted_one(tmp_path):
+    ds = data.digits(seed=0)
+    fit = dict(epochs=4, batch_size=32, lr=0.01, optimizer="adam", validation_data=(ds.X_test, ds.y_test))
+    whole = MLP([64, 64, 10], device="cuda", seed=0)
+    whole.fit(ds.X_train, ds.y_train, **fit)
+    first = MLP([64, 64, 10], device="cuda", seed=0)
+    first.fit(ds.X_train, ds.y_train, checkpoint=tmp_path / "c.npz", **{**fit, "epochs": 2})
+    resumed = MLP([64, 64, 10], device="cuda", seed=5)
+    resumed.fit(ds.X_train, ds.y_train, resume_from=tmp_path / "c.npz", **fit)
+    for key, value in whole.get_params().items():
+        assert rel_error(resumed.get_params()[key], value) < 1e-4
+
+
 def test_digits_on_gpu_matches_cpu_accuracy():
     ds = data.digits(seed=0)
     accuracy = {}

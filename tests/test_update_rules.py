@@ -215,3 +215,21 @@ def test_training_with_a_rule_matches_the_cpu(loader, optimizer, kwargs, path):
     for key in params[0]:
         np.testing.assert_allclose(params[1][key], params[0][key], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-10)
+
+
+def test_a_resumed_run_through_the_kernels_equals_the_uninterrupted_one(loader, tmp_path):
+    """The CUDA launchers (shim), Adam with a schedule: 2 epochs with a checkpoint, then resumed to 4
+    in a new model == 4 epochs in one go, bit for bit (the kernels' sums have a fixed order)."""
+    rng = np.random.default_rng(7)
+    X, y = rng.standard_normal((40, 13)), rng.integers(0, 5, 40)
+    fit = dict(batch_size=9, lr=0.01, optimizer="adamw", weight_decay=0.01, alpha=1e-3, schedule="invscaling")
+    runs = []
+    for epochs, kwargs in ((4, {}), (2, {"checkpoint": tmp_path / "c.npz"}), (4, {"resume_from": tmp_path / "c.npz"})):
+        model = MLP([13, 9, 5], activation="relu", loss="cross_entropy", device="cpu", dtype=np.float32,
+                    seed=3 if not kwargs.get("resume_from") else 8)
+        model.ops = fused_ops(loader, "warp/s2")
+        model.fit(X, y, epochs=epochs, **fit, **kwargs)
+        runs.append(model)
+    for key, value in runs[0].get_params().items():
+        np.testing.assert_array_equal(runs[2].get_params()[key], value)
+    assert int(runs[2]._state.t[0]) == int(runs[0]._state.t[0]) == 4 * 5
