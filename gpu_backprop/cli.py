@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint", metavar="CKPT.npz",
                        help="write a checkpoint after every epoch (a model file with the optimizer and RNG state)")
     train.add_argument("--resume", metavar="CKPT.npz", help="continue the run a --checkpoint file holds")
+    train.add_argument("--distributed", default="auto", choices=["auto", "none", "mpi", "nccl"],
+                       help="under mpiexec -n N: data-parallel over the N ranks (auto: NCCL on CUDA, MPI on the "
+                            "CPU; needs gpu_backprop[mpi]); --batch-size is the global batch")
     train.add_argument("--epochs", type=_positive(int), default=None, help="(default 30; xor: 500)")
     train.add_argument("--batch-size", type=_positive(int), default=32)
     train.add_argument("--seed", type=_seed, default=0, help="in [0, 2**32) (default 0)")
@@ -172,7 +175,75 @@ def _outputs(args: argparse.Namespace) -> list[str]:
     return [] if args.data in data_mod.BUILTIN else [args.data]
 
 
+CLI_ERRORS = (UsageError, ValueError, TypeError, FileNotFoundError, DeviceError, FloatingPointError, MemoryError)
+
+
+def _communicator(args: argparse.Namespace) -> Any:
+    """This process's communicator: one rank of several when mpiexec started more than one."""
+    from . import distributed
+
+    try:
+        return distributed.from_environment(args.distributed, _device_kind(args.device))
+    except distributed.DistributedError as exc:
+        raise UsageError(f"--distributed: {exc}") from None
+
+
+def _device_kind(spec: str | None) -> str:
+    spec = spec if spec is not None else os.environ.get("GPU_BACKPROP_DEVICE", "auto")
+    if spec.startswith("cuda"):
+        return "cuda"
+    if spec == "auto":
+        from .device import probe_cuda
+
+        return "cuda" if probe_cuda()[0] else "cpu"
+    return "cpu"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    comm = args.comm = _communicator(args)
+    if comm.size == 1:
+        return _train(args, comm)
+    # Every rank checks its options, data and device; they agree before any training starts, so
+    # an error on one rank (a file only it cannot read) stops every rank, with rank 0 saying why.
+    error = None
+    try:
+        prepared = _prepare(args, comm)
+    except CLI_ERRORS as exc:
+        error, prepared = " ".join(str(exc).split()), None
+    error = comm.agree(error)
+    if error is not None:
+        raise UsageError(error)
+    return _train(args, comm, prepared)
+
+
+def _train(args: argparse.Namespace, comm: Any, prepared: tuple | None = None) -> int:
+    ds, model, inputs = prepared if prepared is not None else _prepare(args, comm)
+    lead = comm.rank == 0  # the rank that prints and writes
+    if not args.json and lead:
+        ranks = f", {comm.size} ranks ({comm.name})" if comm.size > 1 else ""
+        print(f"{model} on {ds.name}: {len(ds.X_train)} train / {len(ds.X_test)} test samples{ranks}", file=sys.stderr)
+    start = time.perf_counter()
+    comm.training = True  # from here a failure on one rank ends every rank (main)
+    try:
+        history = _fit_named(model, ds.X_train, ds.y_train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                            momentum=args.momentum, validation_data=(ds.X_test, ds.y_test), progress=not args.json,
+                            graphs=False if args.no_graphs else None,
+                            distributed=comm if comm.size > 1 else None, **_training(args))
+    except FloatingPointError as exc:
+        comm.training = False  # every rank saw the same reduced loss diverge: rank 0 alone reports it
+        kept = getattr(exc, "epochs_kept", 0)
+        if args.save is None or not kept or not lead:
+            raise
+        # The epochs before the divergence are a trained model: keep them.
+        raise UsageError(f"{exc}; {_save(model, ds, args, inputs, f'the model after epoch {kept}')}") from None
+    comm.training = False
+    if not lead:
+        return 0
+    return _report(args, comm, ds, model, inputs, history, time.perf_counter() - start)
+
+
+def _prepare(args: argparse.Namespace, comm: Any) -> tuple:
+    """Options, data, device and model, all checked: (dataset, model, input files)."""
     # Every output path is checked before any training, so no trained model is lost to a bad one.
     inputs = _outputs(args)
     if args.save is not None:
@@ -190,6 +261,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     _defaults(args, ds.task)
     output = args.output or ("identity" if ds.task == "regression" else None)
     device = resolve_device(args.device)
+    if comm.size > 1 and device.kind == "cuda":  # one GPU per rank, by its rank on the machine
+        from .device import get_device
+        from .distributed import local_rank
+
+        device = get_device(f"cuda:{local_rank() % device.xp.cuda.runtime.getDeviceCount()}")
     sizes = [ds.X_train.shape[1], *args.hidden, ds.n_outputs]
     check_memory(sizes, np.dtype(args.dtype), device, batch=min(args.batch_size, len(ds.X_train)),
                  rows=len(ds.X_train), states=2 if args.optimizer != "sgd" else int(bool(args.momentum)),
@@ -198,20 +274,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                 loss=args.loss, device=device, dtype=args.dtype, seed=args.seed, fused=not args.unfused,
                 precision=args.precision)
     model.classes_ = ds.classes
-    if not args.json:
-        print(f"{model} on {ds.name}: {len(ds.X_train)} train / {len(ds.X_test)} test samples", file=sys.stderr)
-    start = time.perf_counter()
-    try:
-        history = _fit_named(model, ds.X_train, ds.y_train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                            momentum=args.momentum, validation_data=(ds.X_test, ds.y_test), progress=not args.json,
-                            graphs=False if args.no_graphs else None, **_training(args))
-    except FloatingPointError as exc:
-        kept = getattr(exc, "epochs_kept", 0)
-        if args.save is None or not kept:
-            raise
-        # The epochs before the divergence are a trained model: keep them.
-        raise UsageError(f"{exc}; {_save(model, ds, args, inputs, f'the model after epoch {kept}')}") from None
-    seconds = time.perf_counter() - start
+    return ds, model, inputs
+
+
+def _report(args: argparse.Namespace, comm: Any, ds: data_mod.Dataset, model: MLP, inputs: list[str],
+            history: Any, seconds: float) -> int:
     test = model.evaluate(ds.X_test, ds.y_test)
     result = {
         "dataset": ds.name, "sizes": model.sizes, "activation": model.activation, "output": model.output,
@@ -223,6 +290,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "test_loss": test["loss"], "test_accuracy": test["accuracy"],
         "seconds": seconds, "seconds_per_epoch": float(np.median(history.seconds)),
         "gemm_paths": model.ops.gemm_paths(),  # CUDA: the tile, split or cuBLAS each layer's GEMMs ran on
+        "ranks": comm.size, "distributed": comm.name if comm.size > 1 else None,
     }
     if args.save:
         message = _save(model, ds, args, inputs, "the trained model")
@@ -414,18 +482,32 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _speaks() -> bool:
+    """Whether this process reports errors: the only one, or rank 0 of those mpiexec started."""
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if os.environ.get(name, "0").isdigit() and os.environ.get(name, "0") != "0":
+            return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="gpu_backprop: %(message)s")
+    args = None
     try:
         args = build_parser().parse_args(argv)
         # Numerical trouble is found by explicit checks (finite inputs, losses, outputs) and
         # reported in one line; NumPy's RuntimeWarnings would only spill onto stderr.
         with np.errstate(all="ignore"):
             return {"train": cmd_train, "predict": cmd_predict, "info": cmd_info}[args.command](args)
-    except (UsageError, ValueError, TypeError, FileNotFoundError, DeviceError, FloatingPointError,
-            MemoryError) as exc:
+    except CLI_ERRORS as exc:
         message = " ".join(str(exc).split())  # one line, whatever the message held
-        print(f"gpu-backprop: error: {message}", file=sys.stderr)
+        comm = getattr(args, "comm", None)
+        if comm is not None and comm.size > 1 and getattr(comm, "training", False):
+            # a failure on this rank mid-training: say which, and end every rank (no one waits in a sum)
+            print(f"gpu-backprop: error: rank {comm.rank} of {comm.size}: {message}", file=sys.stderr)
+            comm.abort(EXIT_USAGE)
+        if _speaks():  # under mpiexec, every rank failed alike (or agreed): rank 0 says it once
+            print(f"gpu-backprop: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -18,7 +18,7 @@ from . import data as data_mod
 from . import modelfile
 from .device import ENV_VAR, Device, DeviceError, get_device, to_host
 from .files import write_atomically
-from .ops import Gather, Output, Propagate, Record, Update
+from .ops import Gather, Output, Propagate, Record, Rule, Update
 from .ops import activations as act
 from .optim import Optimizer, Schedule, Stopping
 
@@ -58,6 +58,17 @@ class OptimizerState:
                for k, a in enumerate(getattr(self, name))}
         out["t"] = self.t
         return out
+
+
+@dataclass
+class Gradients:
+    """The summed gradients of every layer in one flat buffer (what a data-parallel step sums
+    across ranks), layer j's as ``layer[j]`` = [dW_j.ravel(), db_j] with views ``w[j]``, ``b[j]``."""
+
+    flat: Any
+    layer: list
+    w: list
+    b: list
 
 
 @dataclass
@@ -211,9 +222,12 @@ class MLP:
         return loss_out
 
     def _backward_plan(self, o: list, Y: Any, rule: Any, state: OptimizerState, loss_out: Any,
-                       record: Record | None) -> list:
+                       record: Record | None, weights: list | None = None, biases: list | None = None) -> list:
         """(propagation, updates, output) of each backward launch (``backward_schedule``); the
-        first computes delta[L] and the loss from the output."""
+        first computes delta[L] and the loss from the output. ``weights``, ``biases``: what the
+        updates write (the gradient buffers, for rule "gradient"), else the parameters."""
+        weights = self.weights if weights is None else weights
+        biases = self.biases if biases is None else biases
         delta = [None] + self._batch_buffers(Y.shape[0]).deltas  # delta[k]: the error at o[k]'s pre-activation
         none = [None] * len(self.weights)
         vel_w, vel_b, sq_w, sq_b = (getattr(state, name) or none for name in ("vel_w", "vel_b", "sq_w", "sq_b"))
@@ -222,11 +236,61 @@ class MLP:
         for launch, (k, updated) in enumerate(backward_schedule(len(self.weights))):
             propagate = None if k is None else Propagate(delta[k + 1], self.weights[k], o[k],
                                                          self.activations[k - 1], delta[k])
-            updates = [Update(o[j], delta[j + 1], self.weights[j], self.biases[j], rule.step, rule.momentum,
+            updates = [Update(o[j], delta[j + 1], weights[j], biases[j], rule.step, rule.momentum,
                               vel_w[j], vel_b[j], rule, sq_w[j], sq_b[j])
                        for j in updated]
             plan.append((propagate, updates, output if launch == 0 else None))
         return plan
+
+    # -- data-parallel steps (gpu_backprop.distributed) -------------------------
+    def gradients(self) -> Gradients:
+        """The model's gradient buffers (made once)."""
+        grads = getattr(self, "_gradients", None)
+        if grads is None:
+            sizes = [a * b + b for a, b in zip(self.sizes[:-1], self.sizes[1:])]
+            flat = self.xp.zeros(sum(sizes), dtype=self.dtype)
+            starts = np.cumsum([0, *sizes])
+            layer = [flat[s:e] for s, e in zip(starts[:-1], starts[1:])]
+            w = [part[:a * b].reshape(a, b) for part, a, b in zip(layer, self.sizes[:-1], self.sizes[1:])]
+            b = [part[a * n:] for part, a, n in zip(layer, self.sizes[:-1], self.sizes[1:])]
+            grads = self._gradients = Gradients(flat, layer, w, b)
+        return grads
+
+    def gradient_step(self, X: Any, Y: Any, reduce: Any, loss_out: Any = None, record: Record | None = None,
+                      gather: Gather | None = None) -> list:
+        """Forward and backward on (X, Y), the kernels writing each layer's summed gradient into
+        :meth:`gradients` instead of updating; ``reduce(buffer)`` (a non-blocking all-reduce) is
+        called on each layer's gradient as soon as the backward launch that writes it is issued,
+        so the sums of the upper layers go on while the lower ones are computed. Returns the
+        requests; wait for them, then :meth:`apply_gradients`."""
+        ops = self.ops
+        buf = self._batch_buffers(X.shape[0])
+        o = self.forward(X, gather)
+        loss_out = buf.loss if loss_out is None else loss_out
+        grads = self.gradients()
+        key = ("gradient", id(X), id(Y), id(loss_out), id(record))
+        if buf.plan_key != key:
+            none = OptimizerState([], [], [], [], None)
+            plan = self._backward_plan(o, Y, Rule("gradient"), none, loss_out, record, grads.w, grads.b)
+            buf.plan, buf.plan_key = plan, key
+        requests = []
+        for (propagate, updates, output), (_, updated) in zip(buf.plan, backward_schedule(len(self.weights))):
+            ops.backward(propagate, updates, output)
+            requests += [reduce(grads.layer[j]) for j in updated]
+        return requests
+
+    def apply_gradients(self, optimizer: Optimizer, lr: float, batch: int) -> None:
+        """Every parameter updated by ``optimizer`` from :meth:`gradients` (summed over ``batch``
+        rows, all ranks' together)."""
+        state = self.optimizer_state(optimizer.states)
+        if optimizer.name != "sgd":
+            self.ops.count_step(state.t)
+        rule = optimizer.rule(batch, lr, state.t)
+        grads = self.gradients()
+        for j in range(len(self.weights)):
+            for p, g, m, v, weight in ((self.weights[j], grads.w[j], state.vel_w, state.sq_w, True),
+                                       (self.biases[j], grads.b[j], state.vel_b, state.sq_b, False)):
+                self.ops.apply_rule(rule, p, g, m[j] if m else None, v[j] if v else None, weight)
 
     def optimizer_state(self, states: int = 0) -> OptimizerState:
         """The update rule's state, created (zeros) with at least ``states`` arrays per parameter
@@ -250,7 +314,8 @@ class MLP:
             schedule: str = "constant", power_t: float = 0.5, lr_min: float = 0.0,
             early_stopping: bool = False, patience: int = 10, tol: float = 1e-4, monitor: str | None = None,
             restore_best: bool = True,
-            checkpoint: "str | os.PathLike | None" = None, resume_from: "str | os.PathLike | None" = None):
+            checkpoint: "str | os.PathLike | None" = None, resume_from: "str | os.PathLike | None" = None,
+            distributed: Any = None):
         """Train with mini-batch gradient descent; returns a :class:`~gpu_backprop.train.History`.
 
         ``y``: integer class labels (1-D) for classification, or a 2-D array of
@@ -266,7 +331,9 @@ class MLP:
         (unless ``restore_best`` is False). ``checkpoint``: a file written after every epoch
         (a model file that also holds the optimizer state, the epoch and the RNG state);
         ``resume_from``: such a file, to continue its run to ``epochs`` in all, to the same weights
-        as a run never stopped (bit for bit on the CPU).
+        as a run never stopped (bit for bit on the CPU). ``distributed``: a communicator of
+        :mod:`gpu_backprop.distributed` (e.g. ``distributed.MPI()`` under ``mpiexec``): this
+        process trains its share of every batch of ``batch_size`` rows (the global batch).
         """
         from .train import fit
 
@@ -292,7 +359,7 @@ class MLP:
             return fit(self, X, y, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
                        shuffle=shuffle, validation_data=validation_data, progress=progress, seed=seed,
                        graphs=graphs, optimizer=opt, schedule=Schedule(schedule, power_t, lr_min).check(),
-                       stopping=stopping, checkpoint=checkpoint, resume_from=resume_from)
+                       stopping=stopping, checkpoint=checkpoint, resume_from=resume_from, distributed=distributed)
 
     def _inputs(self, X: Any, name: str = "X") -> Any:
         X = data_mod.check_features(X, self.sizes[0], name=name, dtype=self.dtype)

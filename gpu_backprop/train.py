@@ -144,11 +144,17 @@ class Trainer:
     (``ops.gather_batch`` and ``ops.finish_batch``; on CUDA inside the first forward
     and the first backward launch), so on CUDA a whole step is one
     graph replay, and the host sends one integer and reads two small arrays per epoch.
+
+    With a communicator ``comm`` (gpu_backprop.distributed), a data-parallel step: each global
+    batch's share of this rank (``distributed.shares``) is gathered through a per-rank order
+    (``local_order``, taken from the global order once per epoch), the step writes gradients,
+    which are summed across ranks layer by layer, then every rank applies the same update with
+    the global batch size. No graphs there (an MPI call cannot be captured).
     """
 
     def __init__(self, model: Any, X: Any, y: Any, batch_size: int = 32, lr: float = 0.1, momentum: float = 0.0,
                  shuffle: bool = True, seed: int | None = None, graphs: bool | None = None,
-                 capture: Capture | None = None, optimizer: Optimizer | None = None):
+                 capture: Capture | None = None, optimizer: Optimizer | None = None, comm: Any = None):
         _check_hyper(1, batch_size, lr, momentum)
         self.optimizer = optimizer if optimizer is not None else Optimizer("sgd", lr, momentum)
         self.lr = self.optimizer.lr
@@ -164,6 +170,10 @@ class Trainer:
         self.counter = xp.zeros(1, dtype=np.int64)
         self.losses = xp.zeros(len(self.slices), dtype=model.dtype)
         self.correct = xp.zeros(len(self.slices), dtype=np.int64)
+        self.comm = comm
+        if comm is not None:
+            self._distribute(model, batch_size)
+            return
 
         def make(batch: int) -> Callable[[], None]:
             xb = xp.empty((batch, self.X.shape[1]), dtype=model.dtype)
@@ -185,6 +195,57 @@ class Trainer:
             timer = capture and model.device.time_step
         self.steps = StepRunner(make, capture, model.ops.capturable, timer)
 
+    def _distribute(self, model: Any, batch_size: int) -> None:
+        """The data-parallel steps (see the class): this rank's rows of every global batch, in a
+        local order whose step s starts at s * stride, as the gather reads it."""
+        from .distributed import shares
+
+        xp, comm = model.xp, self.comm
+        self.local = [shares(rows.stop - rows.start, comm.size)[comm.rank] for rows in self.slices]
+        stride = max(hi - lo for lo, hi in self.local)
+        positions = np.concatenate([np.arange(rows.start + lo, rows.start + hi)
+                                    for rows, (lo, hi) in zip(self.slices, self.local)] or [np.zeros(0, np.int64)])
+        # where each local row sits in the local order: step s's rows from s * stride on
+        where = np.concatenate([s * stride + np.arange(hi - lo) for s, (lo, hi) in enumerate(self.local)]
+                               or [np.zeros(0, np.int64)])
+        assert where.size == 0 or where.max() < self.n
+        self.positions = xp.asarray(positions.astype(np.int64))
+        self.where = xp.asarray(where.astype(np.int64))
+        self.local_order = xp.zeros(self.n, dtype=np.int64)
+        count = self.labels is not None
+        record = Record(self.losses, self.correct, self.counter, count)
+
+        def make(batch: int) -> Callable[[], None]:  # batch: the global batch's size
+            rows = shares(batch, comm.size)[comm.rank]
+            local = rows[1] - rows[0]
+            xb = xp.empty((local, self.X.shape[1]), dtype=model.dtype)
+            yb = xp.empty((local, self.Y.shape[1]), dtype=model.dtype)
+            buffers = model._batch_buffers(local)
+            gather = Gather(self.X, self.Y, self.local_order, self.counter, stride, yb)
+
+            def step() -> None:
+                requests = model.gradient_step(xb, yb, comm.iallreduce, loss_out=buffers.loss, record=record,
+                                               gather=gather)
+                for request in requests:
+                    request.wait()
+                model.apply_gradients(self.optimizer, self.lr, batch)
+            return step
+
+        self.steps = StepRunner(make, None)
+
+    def _empty_step(self, s: int, batch: int) -> None:
+        """A step in which this rank has no rows (a last batch of fewer rows than ranks): no
+        gradient of its own, but its part in the sums and the same update as the others."""
+        model = self.model
+        grads = model.gradients()
+        grads.flat[...] = 0
+        self.losses[s] = 0
+        self.correct[s] = 0
+        self.counter[...] += 1
+        for layer in reversed(grads.layer):
+            self.comm.iallreduce(layer).wait()
+        model.apply_gradients(self.optimizer, self.lr, batch)
+
     def set_lr(self, lr: float) -> None:
         """This epoch's learning rate (a schedule's); graphs captured at another are captured again."""
         if lr != self.lr:
@@ -195,19 +256,31 @@ class Trainer:
         """One pass over the data; (mean loss, accuracy or None)."""
         key = int(self.rng.integers(0, 2**63))
         self.model.ops.shuffle_epoch(self.order, self.counter, key, self.shuffle)
-        for rows in self.slices:
-            self.steps(rows.stop - rows.start)
+        if self.comm is not None:
+            xp = self.model.xp
+            self.local_order[self.where] = xp.take(self.order, self.positions)
+        for s, rows in enumerate(self.slices):
+            if self.comm is not None and self.local[s][0] == self.local[s][1]:
+                self._empty_step(s, rows.stop - rows.start)
+            else:
+                self.steps(rows.stop - rows.start)
         # One device-to-host transfer each per epoch: the steps never wait for the host.
-        loss = float(to_host(self.losses).astype(np.float64).sum()) / self.n
-        accuracy = None if self.labels is None else int(to_host(self.correct).sum()) / self.n
-        return loss, accuracy
+        loss = float(to_host(self.losses).astype(np.float64).sum())
+        correct = None if self.labels is None else int(to_host(self.correct).sum())
+        if self.comm is not None:  # the ranks' sums, summed
+            from .distributed import sum_metrics
+
+            loss, correct = sum_metrics(self.comm, [loss, correct or 0])
+        accuracy = None if self.labels is None else int(correct) / self.n
+        return loss / self.n, accuracy
 
 
 def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: float = 0.1,
         momentum: float = 0.0, shuffle: bool = True, validation_data: tuple | None = None,
         progress: bool = False, seed: int | None = None, graphs: bool | None = None,
         capture: Capture | None = None, optimizer: Optimizer | None = None, schedule: Schedule | None = None,
-        stopping: Stopping | None = None, checkpoint: Any = None, resume_from: Any = None) -> History:
+        stopping: Stopping | None = None, checkpoint: Any = None, resume_from: Any = None,
+        distributed: Any = None) -> History:
     """Mini-batch training of ``model`` (see :meth:`gpu_backprop.MLP.fit` and :class:`Trainer`).
 
     On CUDA the steps replay captured graphs (``graphs``, default on);
@@ -224,10 +297,16 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
         if len(validation_data) != 2:
             raise ValueError("validation_data: expected a pair (X_val, y_val)")
         data_mod.check_features(validation_data[0], model.sizes[0], name="validation_data[0]")
-    if checkpoint is not None:
+    comm = None
+    if distributed is not None:
+        from .distributed import check_communicator
+
+        comm = check_communicator(distributed)
+    lead = comm is None or comm.rank == 0  # the rank that speaks and writes
+    if checkpoint is not None and lead:
         check_writable(checkpoint, "checkpoint")  # before any epoch: no run trained for a file it cannot write
     trainer = Trainer(model, X, y, batch_size, optimizer.lr, optimizer.momentum, shuffle, seed, graphs, capture,
-                      optimizer)
+                      optimizer, comm)
     if validation_data is not None:  # checked now, not after the first epoch, under its own name
         data_mod.targets(validation_data[1], model.sizes[-1], model.task, model.dtype,
                          n_rows=len(validation_data[0]), name="validation_data[1]")
@@ -246,6 +325,9 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
                                                         state["epochs"], state["stopped"])
         best_score = -math.inf if state["best_score"] is None else state["best_score"]
         history = History(**state["history"])
+    if comm is not None:  # every rank starts from rank 0's parameters and optimizer state
+        for array in (*model.weights, *model.biases, *model._state.arrays().values()):
+            comm.broadcast(array)
     if stopping is not None and stopping.restore_best and best is None:
         best = [p.copy() for p in (*model.weights, *model.biases)]
     # The last parameters known finite, restored if an epoch diverges (in place: captured
@@ -254,7 +336,7 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(done, epochs), disable=not progress, unit="epoch", leave=True, dynamic_ncols=True,
+    bar = tqdm(range(done, epochs), disable=not (progress and lead), unit="epoch", leave=True, dynamic_ncols=True,
                initial=done, total=epochs)
     # the training stream waits for the copies above and is waited for by what follows fit
     with model.device.stream():
@@ -287,7 +369,7 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
             if accuracy is not None:
                 postfix["acc"] = f"{accuracy:.3f}"
             if validation_data is not None:
-                val = model.evaluate(*validation_data)
+                val = _evaluate(model, validation_data, comm)
                 metrics.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
                 history.val_loss.append(val["loss"])
                 history.val_accuracy.append(val["accuracy"])
@@ -306,7 +388,7 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
                         lr_now, plateau = lr_now / 5, 0
                     else:
                         stopped = history.stopped_early = True
-            if checkpoint is not None:
+            if checkpoint is not None and lead:
                 checkpoint_mod.write(checkpoint, model, {
                     "epochs": epoch + 1, "rng": trainer.rng.bit_generator.state, "lr": lr_now,
                     "samples_seen": samples_seen, "plateau": plateau, "stopped": stopped,
@@ -318,6 +400,25 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
             p[...] = b
     model.last_steps = trainer.steps  # graph bookkeeping of this fit, for inspection
     return history
+
+
+def _evaluate(model: Any, validation_data: tuple, comm: Any) -> dict:
+    """model.evaluate on the validation data; with ``comm``, each rank evaluates its share of
+    the rows and the sums are added across ranks (the same result on every rank)."""
+    if comm is None:
+        return model.evaluate(*validation_data)
+    from .distributed import shares, sum_metrics
+
+    X_val, y_val = validation_data
+    n = len(X_val)
+    lo, hi = shares(n, comm.size)[comm.rank]
+    loss_sum = correct = 0.0
+    if hi > lo:
+        mine = model.evaluate(X_val[lo:hi], np.asarray(to_host(y_val))[lo:hi])
+        loss_sum = mine["loss"] * (hi - lo)
+        correct = 0.0 if mine["accuracy"] is None else round(mine["accuracy"] * (hi - lo))
+    loss_sum, correct = sum_metrics(comm, [loss_sum, correct])
+    return {"loss": loss_sum / n, "accuracy": None if model.task == "regression" else correct / n}
 
 
 def _graph_capture(model: Any, graphs: bool | None) -> Capture | None:

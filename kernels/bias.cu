@@ -4,8 +4,10 @@
 // bias_activation:  out = f(out + b)      in place, after cuBLAS wrote out = o W
 // bias_update:      db = sum over the batch of delta (fixed order: deterministic),
 //                   then the update rule (update.cuh) on b
-// weight_update:    the update rule on W from dW, which cuBLAS wrote, for the rules
-//                   cuBLAS's alpha and beta cannot express (L2, Nesterov, Adam)
+// weight_update:    the update rule on a parameter from its gradient, which cuBLAS (or an
+//                   all-reduce across ranks) wrote: for the rules cuBLAS's alpha and beta
+//                   cannot express (L2, Nesterov, Adam), and data-parallel steps; weight = 0
+//                   for a bias (no L2, no decay)
 //
 // bias_update runs 32 columns per block (blockDim 32 x 8): each of 8 row slices sums
 // every 8th row of its column, then thread row 0 adds the 8 partials in order.
@@ -38,9 +40,9 @@ __global__ void bias_update(const T* __restrict__ delta, T* __restrict__ b, T* _
 
 template <typename T>
 __global__ void weight_update(T* __restrict__ W, T* __restrict__ vel_w, T* __restrict__ sq_w,
-                              const T* __restrict__ grad_w, UpdateRule<T> rule, index_t n) {
+                              const T* __restrict__ grad_w, UpdateRule<T> rule, index_t n, int weight) {
     const Updater<T> update(rule);
     const index_t stride = (index_t)gridDim.x * blockDim.x;
     for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
-        update(W, vel_w, sq_w, i, grad_w[i], true);
+        update(W, vel_w, sq_w, i, grad_w[i], weight != 0);
 }

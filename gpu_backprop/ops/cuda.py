@@ -190,6 +190,15 @@ def replayed(method: Callable) -> Callable:
     return call
 
 
+def rule_fields(rule: Rule, dtype: np.dtype) -> dict:
+    """A rule as the fields of params.cuh's UpdateRule<T>: coefficients in T, the mode's code,
+    Adam's count (a device array) or null."""
+    typed = np.dtype(dtype).type
+    return dict(t=rule.t if rule.mode == "adam" else None, mode=RULE_MODES.index(rule.mode),
+                **{name: typed(getattr(rule, name))
+                   for name in ("step", "momentum", "l2", "scale", "beta1", "beta2", "eps", "decay")})
+
+
 def _or(*arrays: Any, unread: Any) -> list:
     """Pointer arguments a rule does not read, as ``unread`` (a raw kernel takes no None)."""
     return [unread if a is None else a for a in arrays]
@@ -595,10 +604,7 @@ class CudaOps(ArrayOps):
         vel_w, vel_b, sq_w, sq_b = [a for _, a, _ in states] + [None] * (4 - len(states))  # unread ones: null
         if mode == ADAM:
             self._check("rule.t", rule.t, (1,), np.int64)
-        typed = dtype.type
-        fields = dict(t=rule.t if mode == ADAM else None, mode=mode, step=typed(rule.step),
-                      momentum=typed(rule.momentum), l2=typed(rule.l2), scale=typed(rule.scale),
-                      beta1=typed(rule.beta1), beta2=typed(rule.beta2), eps=typed(rule.eps), decay=typed(rule.decay))
+        fields = rule_fields(rule, dtype)
         code = np.int32(act.CODES[act.check_activation(activation)])
         ctype = CTYPES[dtype]
         params = dict(o=o, g=g, o_next=o_next if prologue else None, delta_out=delta_out if prologue else None,
@@ -629,7 +635,7 @@ class CudaOps(ArrayOps):
                 self._cublas(path, o, delta, grad_w, trans_a=True)
                 self._launch("bias.cu", f"weight_update<{ctype}>", self._grid_1d(n_in * n_out), (BLOCK, 1, 1),
                              [W, *_or(params["vel_w"], params["sq_w"], unread=W), grad_w, rule_struct,
-                              np.int64(n_in * n_out)])
+                              np.int64(n_in * n_out), np.int32(1)])
             self._launch("bias.cu", f"bias_update<{ctype}>", (-(-n_out // 32), 1, 1), (32, 8, 1),
                          [delta, b, *_or(params["vel_b"], params["sq_b"], unread=b), rule_struct, np.int64(batch),
                           np.int64(n_out)])
@@ -759,6 +765,22 @@ class CudaOps(ArrayOps):
         self._run([self._weight_grad_gemm(o, delta, grad_w, grad_b, Rule("gradient"), o_next=o_next,
                                           activation=activation, delta_out=delta_out)], config)
         return grad_w, grad_b
+
+    @replayed
+    def apply_rule(self, rule: Rule, p: Any, grad: Any, m: Any = None, v: Any = None, weight: bool = True) -> None:
+        """p (and its state m, v) updated by ``rule`` from a gradient already summed (bias.cu
+        weight_update): the update of a data-parallel step, after the all-reduce."""
+        dtype = self._dtype_of("p", p)
+        for name, array in (("grad", grad), ("m", m), ("v", v))[:1 + rule.states]:
+            self._check(name, array, p.shape, dtype)
+        self._check("p", p, p.shape, dtype)
+        check_rule(rule, m, m, v, v)
+        if rule.mode == "adam":
+            self._check("rule.t", rule.t, (1,), np.int64)
+        fields = rule_fields(rule, dtype)
+        self._launch("bias.cu", f"weight_update<{CTYPES[dtype]}>", self._grid_1d(p.size), (BLOCK, 1, 1),
+                     [p, *_or(m if rule.states else None, v if rule.states == 2 else None, unread=p), grad,
+                      make("UpdateRule", dtype, **fields), np.int64(p.size), np.int32(bool(weight))])
 
     @replayed
     def count_step(self, t: Any) -> None:

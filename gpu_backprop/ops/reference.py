@@ -517,6 +517,12 @@ class ArrayOps:
         for update in updates:
             self._update(update)
 
+    def apply_rule(self, rule: Rule, p: Any, grad: Any, m: Any = None, v: Any = None, weight: bool = True) -> None:
+        """p (and its state m, v) updated by ``rule`` from a gradient already summed (overwritten):
+        the update of a data-parallel step, after the all-reduce (:func:`apply_rule`)."""
+        check_rule(rule, m, m, v, v)
+        apply_rule(self.xp, rule, p, grad, m, v, weight)
+
     # -- the fit loop's bookkeeping (kernels/batch.cu) ----------------------
     def count_step(self, t: Any) -> None:
         """t += 1: Adam's step count, on the device (read by the step's updates)."""

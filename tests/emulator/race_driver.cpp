@@ -84,7 +84,7 @@ int main() {
                 vel_b.data(), nullptr, UpdateRule<float>{nullptr, (int)SGD_MOMENTUM, 0.01f, 0.9f}, B, N);
     emu::launch(&weight_update<float>, dim3{3, 1, 1}, block, W_adam.data(), m_w.data(), v_w.data(), W.data(),
                 UpdateRule<float>{adam_t.data(), (int)ADAM, 0.001f, 0.0f, 0.0f, 1.0f / B, 0.9f, 0.999f, 1e-8f, 0.0f},
-                M * N);
+                M * N, 1);
     emu::launch(&bias_activation<float>, dim3{2, 1, 1}, block, out.data(), b.data(), (int)ACT_TANH, B, N);
     double checksum = loss[0];
     for (float x : W) checksum += x;

@@ -1,0 +1,204 @@
+"""Data-parallel training over several processes: one model, its batches split across ranks.
+
+Each step's global batch of B rows is cut into N shares (rank r takes rows [r m / N, (r + 1) m / N)
+of a batch of m rows); every rank draws the same global order from the seed, computes the
+gradient of its share (the weight-gradient kernels write it instead of updating), the gradients
+are summed across ranks, layer by layer as the backward pass writes them (non-blocking, so the
+sums of the upper layers overlap the backward of the lower ones), and every rank applies the same
+update with the global batch's 1/B. So every rank holds the same parameters after every step.
+
+Communicators (ChainerMN's split): :class:`MPI` over mpi4py with NumPy buffers (the CPU; a CuPy
+buffer goes through the host), :class:`NCCL` over CuPy's NCCL for CuPy buffers (its id broadcast
+over MPI, one GPU per rank by local rank), and :class:`Local`, one process, for tests and the
+single-process path. :func:`from_environment` picks one for a process started by ``mpiexec``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+
+INSTALL_HINT = 'pip install "gpu_backprop[mpi]" (mpi4py and MPICH from wheels)'
+
+
+class DistributedError(RuntimeError):
+    """The processes cannot work together (no MPI, a rank failed): the message says why."""
+
+
+def launched_size() -> int:
+    """Ranks ``mpiexec`` started, from its environment (MPICH's Hydra, Open MPI); 1 otherwise."""
+    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+def local_rank() -> int:
+    """This rank's index among the ranks on its machine (its GPU), from mpiexec's environment."""
+    for name in ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "PMIX_LOCAL_RANK"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def shares(m: int, size: int) -> list[tuple[int, int]]:
+    """The rows [lo, hi) of a batch of m rows each of ``size`` ranks takes (sizes differ by at most 1)."""
+    return [(r * m // size, (r + 1) * m // size) for r in range(size)]
+
+
+class Request:
+    """A non-blocking sum in flight; ``wait()`` completes it (in place)."""
+
+    def __init__(self, wait: Any = None):
+        self._wait = wait
+
+    def wait(self) -> None:
+        if self._wait is not None:
+            self._wait()
+            self._wait = None
+
+
+class Local:
+    """One process: sums over one rank are the arrays themselves."""
+
+    rank, size, name, training = 0, 1, "local", False
+
+    def iallreduce(self, array: Any) -> Request:
+        return Request()
+
+    def allreduce(self, array: Any) -> None:
+        pass
+
+    def broadcast(self, array: Any, root: int = 0) -> None:
+        pass
+
+    def agree(self, error: str | None) -> str | None:
+        return error
+
+    def abort(self, code: int = 1) -> None:
+        sys.exit(code)
+
+    def __repr__(self) -> str:
+        return "Local()"
+
+
+class MPI:
+    """mpi4py's COMM_WORLD (or ``comm``); sums of NumPy buffers in place. A CuPy buffer is copied
+    to the host and back (no CUDA-aware MPI assumed: use :class:`NCCL` on GPUs)."""
+
+    name, training = "mpi", False
+
+    def __init__(self, comm: Any = None):
+        try:
+            from mpi4py import MPI as mpi
+        except ImportError:
+            raise DistributedError(f"distributed training needs mpi4py: {INSTALL_HINT}") from None
+        self.mpi = mpi
+        self.comm = comm if comm is not None else mpi.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+
+    def _host(self, array: Any) -> tuple[np.ndarray, Any]:
+        if isinstance(array, np.ndarray):
+            return array, None
+        host = array.get()
+        return host, lambda: array.set(host)
+
+    def iallreduce(self, array: Any) -> Request:
+        host, back = self._host(array)
+        request = self.comm.Iallreduce(self.mpi.IN_PLACE, host, op=self.mpi.SUM)
+
+        def wait() -> None:
+            request.Wait()
+            if back is not None:
+                back()
+        return Request(wait)
+
+    def allreduce(self, array: Any) -> None:
+        self.iallreduce(array).wait()
+
+    def broadcast(self, array: Any, root: int = 0) -> None:
+        host, back = self._host(array)
+        self.comm.Bcast(host, root=root)
+        if back is not None:
+            back()
+
+    def agree(self, error: str | None) -> str | None:
+        """Every rank's error (or None) gathered: the lowest rank's error, on every rank, so all
+        stop together (and only one says why)."""
+        errors = self.comm.allgather(error)
+        return next((f"rank {r}: {e}" if self.size > 1 else e for r, e in enumerate(errors) if e), None)
+
+    def abort(self, code: int = 1) -> None:
+        """End every rank now (mpiexec kills the others): a failure on one rank never leaves the
+        others waiting in a sum."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+    def __repr__(self) -> str:
+        return f"MPI(rank {self.rank} of {self.size})"
+
+
+class NCCL(MPI):
+    """NCCL all-reduce of CuPy buffers on this rank's GPU (the stream of the current CuPy stream),
+    its unique id broadcast from rank 0 over MPI; ``broadcast`` and ``agree`` go over MPI."""
+
+    name = "nccl"
+
+    def __init__(self, comm: Any = None):
+        super().__init__(comm)
+        try:
+            from cupy.cuda import nccl
+        except ImportError:
+            raise DistributedError("NCCL: CuPy's NCCL bindings are not available (install CuPy for your CUDA; "
+                                   "or use the MPI communicator)") from None
+        self.nccl = nccl
+        uid = nccl.get_unique_id() if self.rank == 0 else None
+        uid = self.comm.bcast(uid, root=0)
+        self.nccl_comm = nccl.NcclCommunicator(self.size, uid, self.rank)
+
+    def iallreduce(self, array: Any) -> Request:
+        import cupy
+
+        if isinstance(array, np.ndarray):
+            return super().iallreduce(array)
+        dtype = {np.dtype(np.float32): self.nccl.NCCL_FLOAT32, np.dtype(np.float64): self.nccl.NCCL_FLOAT64,
+                 np.dtype(np.int64): self.nccl.NCCL_INT64}[np.dtype(array.dtype)]
+        stream = cupy.cuda.get_current_stream().ptr
+        # enqueued on the stream: ordered after the kernels that wrote it, before those that read it
+        self.nccl_comm.allReduce(array.data.ptr, array.data.ptr, array.size, dtype, self.nccl.NCCL_SUM, stream)
+        return Request()
+
+    def __repr__(self) -> str:
+        return f"NCCL(rank {self.rank} of {self.size})"
+
+
+def from_environment(kind: str = "auto", device_kind: str = "cpu") -> Any:
+    """The communicator for this process: ``kind`` "none" -> :class:`Local`; "mpi", "nccl"; "auto":
+    :class:`Local` unless mpiexec started more than one rank, then NCCL on CUDA and MPI on the CPU."""
+    if kind not in ("auto", "none", "mpi", "nccl"):
+        raise ValueError(f"distributed: expected auto, none, mpi or nccl, got {kind!r}")
+    if kind == "none" or (kind == "auto" and launched_size() <= 1):
+        return Local()
+    if kind == "auto":
+        kind = "nccl" if device_kind == "cuda" else "mpi"
+    return NCCL() if kind == "nccl" else MPI()
+
+
+def check_communicator(comm: Any) -> Any:
+    for name in ("rank", "size", "iallreduce", "allreduce", "broadcast", "agree"):
+        if not hasattr(comm, name):
+            raise TypeError(f"distributed: expected a communicator (gpu_backprop.distributed.MPI, NCCL or Local), "
+                            f"got {type(comm).__name__}")
+    return comm
+
+
+def sum_metrics(comm: Any, values: Sequence[float]) -> list[float]:
+    """Scalars summed over the ranks (float64, one small all-reduce)."""
+    array = np.asarray(values, dtype=np.float64)
+    comm.allreduce(array)
+    return array.tolist()

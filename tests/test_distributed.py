@@ -1,0 +1,195 @@
+"""Data-parallel training (gpu_backprop.distributed): in one process through the Local
+communicator (the kernels' gradient mode and the update after the sum, on the CPU and the shim),
+and under ``mpiexec -n 2`` and ``-n 3`` (an uneven split: a rank with no rows in the last batch):
+every rank holds the same parameters bit for bit, they equal one process's up to the order of the
+sums, the same run twice gives the same bits, and a rank that fails ends every rank."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpu_backprop import MLP
+from gpu_backprop.distributed import DistributedError, Local, from_environment, shares
+
+HERE = Path(__file__).parent
+
+
+def mpiexec():
+    """mpiexec from the environment's MPI (the mpich wheel installs it beside python)."""
+    pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install 'gpu_backprop[mpi]')")
+    found = Path(sys.executable).with_name("mpiexec")
+    found = str(found) if found.exists() else shutil.which("mpiexec")
+    if found is None:
+        pytest.skip("no mpiexec on PATH or beside python")
+    return found
+
+
+def run_ranks(n, *args, timeout=120):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    return subprocess.run([mpiexec(), "-n", str(n), sys.executable, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def one_process(optimizer):
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((50, 13)), rng.integers(0, 4, 50)
+    model = MLP([13, 8, 4], activation="tanh", loss="cross_entropy", device="cpu", dtype="float64", seed=1)
+    kwargs = {"momentum": 0.9, "nesterov": True, "alpha": 1e-3} if optimizer == "sgd" else {"weight_decay": 0.01}
+    history = model.fit(X, y, epochs=3, batch_size=16, lr=0.05, optimizer=optimizer,
+                        validation_data=(X[:11], y[:11]), **kwargs)
+    return model.get_params(), history
+
+
+def test_shares_cover_every_row_once():
+    for m in (1, 2, 7, 16, 50):
+        for size in (1, 2, 3, 5):
+            parts = shares(m, size)
+            assert parts[0][0] == 0 and parts[-1][1] == m
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+            assert max(hi - lo for lo, hi in parts) - min(hi - lo for lo, hi in parts) <= 1
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_the_data_parallel_step_in_one_process_is_the_plain_step(optimizer):
+    """Local communicator: gradients written by the kernels, then the update as a pass of its own ==
+    the update fused into the GEMM (float64, up to the order of the sums)."""
+    params, history = one_process(optimizer)
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((50, 13)), rng.integers(0, 4, 50)
+    model = MLP([13, 8, 4], activation="tanh", loss="cross_entropy", device="cpu", dtype="float64", seed=1)
+    kwargs = {"momentum": 0.9, "nesterov": True, "alpha": 1e-3} if optimizer == "sgd" else {"weight_decay": 0.01}
+    local = model.fit(X, y, epochs=3, batch_size=16, lr=0.05, optimizer=optimizer, distributed=Local(),
+                      validation_data=(X[:11], y[:11]), **kwargs)
+    for key, value in params.items():
+        np.testing.assert_allclose(model.get_params()[key], value, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(local.loss, history.loss, rtol=1e-12)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_ranks_agree_bit_for_bit_and_with_one_process(tmp_path, ranks, optimizer):
+    runs = []
+    for attempt in range(2):
+        out = tmp_path / f"run{attempt}"
+        out.mkdir()
+        proc = run_ranks(ranks, HERE / "mpi" / "fit.py", out, optimizer)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs.append([dict(np.load(out / f"rank{r}.npz")) for r in range(ranks)])
+    first = runs[0][0]
+    for run in runs:
+        for rank in run:  # every rank, both runs: the same bits
+            for key, value in first.items():
+                np.testing.assert_array_equal(rank[key], value, err_msg=f"{key}")
+    params, history = one_process(optimizer)
+    for key, value in params.items():  # one process with the same global batch: up to reassociation
+        np.testing.assert_allclose(first[key], value, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(first["loss"], history.loss, rtol=1e-10)
+    np.testing.assert_allclose(first["val_loss"], history.val_loss, rtol=1e-10)
+
+
+def test_a_rank_that_fails_ends_every_rank():
+    """Rank 1 raises in its second epoch; rank 0 is then waiting in a sum: the command line ends
+    both (MPI_Abort), says which rank failed and why, within the timeout (never a hang)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-c", FAILING_CLI, "train", "--device", "cpu",
+                           "--epochs", "4", "--json"], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode != 0
+    assert "gpu-backprop: error: rank 1 of 2: planted failure in epoch 2" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+FAILING_CLI = """
+import sys
+from gpu_backprop import cli, train
+epoch, calls = train.Trainer.epoch, [0]
+def failing(self):
+    calls[0] += 1
+    if calls[0] == 2 and self.comm.rank == 1:
+        raise ValueError("planted failure in epoch 2")
+    return epoch(self)
+train.Trainer.epoch = failing
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+SETUP_FAILS_ON_RANK_1 = """
+import os, sys
+from gpu_backprop import cli
+dataset = cli._dataset
+def failing(args):
+    if os.environ.get("PMI_RANK") == "1":
+        raise FileNotFoundError("--data: 'shard.npz' does not exist")
+    return dataset(args)
+cli._dataset = failing
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_an_error_on_one_rank_before_training_stops_all_with_one_line():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([mpiexec(), "-n", "3", sys.executable, "-c", SETUP_FAILS_ON_RANK_1, "train", "--device",
+                           "cpu", "--json"], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr == "gpu-backprop: error: rank 1: --data: 'shard.npz' does not exist\n"
+    bad = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-m", "gpu_backprop.cli", "train", "--hidden", "0"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert bad.returncode == 2 and bad.stderr.count("gpu-backprop: error:") == 1  # rank 0 alone says it
+
+
+def test_the_command_line_under_mpiexec_prints_once(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-m", "gpu_backprop.cli", "train", "--device", "cpu",
+                           "--epochs", "2", "--optimizer", "adam", "--lr", "0.01", "--json", "--save",
+                           str(tmp_path / "m.npz"), "--checkpoint", str(tmp_path / "c.npz")],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1
+    import json
+
+    result = json.loads(lines[0])
+    assert result["ranks"] == 2 and result["distributed"] == "mpi" and result["test_accuracy"] > 0.8
+    assert (tmp_path / "m.npz").exists() and (tmp_path / "c.npz").exists()
+
+
+def test_without_mpi4py_the_error_says_how_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py fails
+    with pytest.raises(DistributedError, match=r"pip install \"gpu_backprop\[mpi\]\""):
+        from_environment("mpi")
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setenv("PMI_RANK", "0")
+    from gpu_backprop.cli import main
+
+    assert main(["train", "--device", "cpu", "--epochs", "1"]) == 2
+    assert capsys.readouterr().err == ('gpu-backprop: error: --distributed: distributed training needs mpi4py: '
+                                       'pip install "gpu_backprop[mpi]" (mpi4py and MPICH from wheels)\n')
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_the_data_parallel_step_through_the_kernels(optimizer):
+    """The CUDA launchers on the shim, Local communicator: the grouped backward launches write the
+    gradients (rule "gradient"), then bias.cu's weight_update applies the rule to weights and
+    biases (no L2 or decay on the biases) == the CPU's data-parallel step, float64."""
+    import scipy.special
+
+    from gpu_backprop.ops.autotune import Tuner
+    from gpu_backprop.ops.cuda import CudaOps
+
+    from .emulator.builder import EmuLoader
+
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((50, 13)), rng.integers(0, 4, 50)
+    kwargs = {"momentum": 0.9, "nesterov": True, "alpha": 1e-2} if optimizer == "sgd" else {"weight_decay": 0.05,
+                                                                                              "alpha": 1e-2}
+    params = []
+    for fused in (False, True):
+        model = MLP([13, 8, 4], activation="tanh", loss="cross_entropy", device="cpu", dtype="float64", seed=1)
+        if fused:
+            model.ops = CudaOps(np, scipy.special, EmuLoader(), tuner=Tuner(enabled=False))
+        model.fit(X, y, epochs=3, batch_size=16, lr=0.05, optimizer=optimizer, distributed=Local(), **kwargs)
+        params.append(model.get_params())
+    for key, value in params[0].items():
+        np.testing.assert_allclose(params[1][key], value, rtol=1e-12, atol=1e-14)
