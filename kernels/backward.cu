@@ -17,12 +17,12 @@
 // last of them keeps the fit loop's step record (finish_batch's work).
 // Blocks [0, p.tiles) take P's tiles, the next u.tiles U's, the rest V's; each part's
 // tiles go row by row, tiles_n to a row; a part with no tiles is absent (params.cuh).
-// All updates share one UpdateRule.
+// All updates share one UpdateRule, of the rule family FAMILY (update.cuh).
 #include "delta.cu"
 #include "propagate.cu"
 #include "weight_grad.cu"
 
-template <typename T, class Core>
+template <typename T, class Core, int FAMILY = SGD_RULES>
 __global__ void backward(PropagateParams<T> p, OutputParams<T> out, StepRecord<T> record, WeightGradParams<T> u,
                          WeightGradParams<T> v, UpdateRule<T> rule) {
     __shared__ GemmTiles<Core> tiles;
@@ -62,9 +62,9 @@ __global__ void backward(PropagateParams<T> p, OutputParams<T> out, StepRecord<T
     }
     t -= p.tiles;
     if (t < u.tiles) {
-        weight_grad_tile<T, Core>(tiles, t / u.tiles_n, t % u.tiles_n, u, rule);
+        weight_grad_tile<T, Core, FAMILY>(tiles, t / u.tiles_n, t % u.tiles_n, u, rule);
         return;
     }
     t -= u.tiles;
-    weight_grad_tile<T, Core>(tiles, t / v.tiles_n, t % v.tiles_n, v, rule);
+    weight_grad_tile<T, Core, FAMILY>(tiles, t / v.tiles_n, t % v.tiles_n, v, rule);
 }

@@ -33,16 +33,21 @@ __global__ void bias_update(const T* __restrict__ delta, T* __restrict__ b, T* _
     if (threadIdx.y == 0 && col < cols) {
         T total = T(0);
         for (int s = 0; s < 8; ++s) total += partial[s][threadIdx.x];
-        const Updater<T> update(rule);
-        update(b, vel_b, sq_b, col, total, false);
+        update_any(rule, b, vel_b, sq_b, col, total, false);
     }
 }
 
 template <typename T>
 __global__ void weight_update(T* __restrict__ W, T* __restrict__ vel_w, T* __restrict__ sq_w,
                               const T* __restrict__ grad_w, UpdateRule<T> rule, index_t n, int weight) {
-    const Updater<T> update(rule);
     const index_t stride = (index_t)gridDim.x * blockDim.x;
-    for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
-        update(W, vel_w, sq_w, i, grad_w[i], weight != 0);
+    if (rule.mode == ADAM) {
+        const Updater<T, ADAM_RULES> update(rule);
+        for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+            update(W, vel_w, sq_w, i, grad_w[i], weight != 0);
+    } else {
+        const Updater<T, SGD_RULES> update(rule);
+        for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+            update(W, vel_w, sq_w, i, grad_w[i], weight != 0);
+    }
 }

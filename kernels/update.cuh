@@ -13,36 +13,48 @@
 //
 // (scikit-learn's SGD, Nesterov and Adam; AdamW with decoupled decay.) The NumPy twin is
 // gpu_backprop/ops/reference.py apply_rule.
+//
+// The GEMM epilogues inline the update once per output of a thread's tile (64 in the large
+// tiles), so the rules come in two families, a template argument of the GEMM kernels: SGD_RULES
+// (the first four modes: a few FMAs) and ADAM_RULES (a square root and a division more). One
+// family for all made every GEMM kernel 3-6x slower to compile (NVRTC: the cold start); a run
+// compiles the Adam instantiations only when it trains with Adam. A mode of the other family traps.
 #pragma once
 #include "params.cuh"
 
 enum UpdateMode { WRITE_GRADIENT = 0, SGD = 1, SGD_MOMENTUM = 2, SGD_NESTEROV = 3, ADAM = 4 };
+enum RuleFamily { SGD_RULES = 0, ADAM_RULES = 1 };
 
-template <typename T>
+template <typename T, int FAMILY = SGD_RULES>
 struct Updater {
     UpdateRule<T> r;
 
     // Adam's bias-corrected step, once per thread, in double from T's beta (as the twin).
     __device__ explicit Updater(const UpdateRule<T>& rule) : r(rule) {
-        if (r.mode == ADAM) {
+        if (FAMILY == ADAM_RULES && r.mode == ADAM) {
             const double t = (double)*rule.t;
             r.step = (T)((double)rule.step * sqrt(1.0 - pow((double)rule.beta2, t)) /
                          (1.0 - pow((double)rule.beta1, t)));
         }
     }
 
+    // Not inlined: an epilogue calls it once per output of the thread's tile (64 in the large tiles),
+    // and inlined copies of every mode made the kernels 3-6x slower to compile (NVRTC, the cold start).
     __device__ __forceinline__ void operator()(T* p, T* m, T* v, index_t i, T grad, bool weight) const {
+        if ((r.mode == ADAM) != (FAMILY == ADAM_RULES)) __trap();  // launched with the other family
         if (r.mode == WRITE_GRADIENT) {
             p[i] = grad;
             return;
         }
         if (weight && r.l2 != T(0)) grad += r.l2 * p[i];
-        if (r.mode == SGD) {
-            p[i] -= r.step * grad;
-        } else if (r.mode == SGD_MOMENTUM || r.mode == SGD_NESTEROV) {
-            const T velocity = r.momentum * m[i] - r.step * grad;
-            m[i] = velocity;
-            p[i] += r.mode == SGD_MOMENTUM ? velocity : r.momentum * velocity - r.step * grad;
+        if constexpr (FAMILY == SGD_RULES) {
+            if (r.mode == SGD) {
+                p[i] -= r.step * grad;
+            } else {
+                const T velocity = r.momentum * m[i] - r.step * grad;
+                m[i] = velocity;
+                p[i] += r.mode == SGD_MOMENTUM ? velocity : r.momentum * velocity - r.step * grad;
+            }
         } else {
             const T g = r.scale * grad;
             const T first = r.beta1 * m[i] + (T(1) - r.beta1) * g;
@@ -55,3 +67,17 @@ struct Updater {
         }
     }
 };
+
+// The update of one element by whichever family its rule's mode is in (the elementwise kernels:
+// one copy of each, no tile to unroll).
+template <typename T>
+__device__ __forceinline__ void update_any(const UpdateRule<T>& rule, T* p, T* m, T* v, index_t i, T grad,
+                                           bool weight) {
+    if (rule.mode == ADAM) {
+        const Updater<T, ADAM_RULES> update(rule);
+        update(p, m, v, i, grad, weight);
+    } else {
+        const Updater<T, SGD_RULES> update(rule);
+        update(p, m, v, i, grad, weight);
+    }
+}

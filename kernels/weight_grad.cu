@@ -24,7 +24,7 @@
 #include "gemm_tile.cuh"
 #include "update.cuh"
 
-template <typename T, class Core>
+template <typename T, class Core, int FAMILY = SGD_RULES>
 __device__ __forceinline__ void weight_grad_tile(GemmTiles<Core>& tiles, index_t tile_m, index_t tile_n,
                                                  const WeightGradParams<T>& p, const UpdateRule<T>& rule,
                                                  const SplitK<T>& split = SplitK<T>{}, index_t slice = 0) {
@@ -58,7 +58,7 @@ __device__ __forceinline__ void weight_grad_tile(GemmTiles<Core>& tiles, index_t
         acc, tiles.A, tiles.B, [&](index_t m, index_t k) { return o[k * M + m]; }, load_delta, sum_bias, m0, n0,
         M, N, k_end, k_begin);
     const bool owns_bias = bias_block && tid < BN && n0 + tid < N;
-    const Updater<T> update(rule);
+    const Updater<T, FAMILY> update(rule);
     if (is_split) {
         T* __restrict__ partial = split.partials + slice * M * N;
         Core::for_each_output(acc, m0, n0, M, N, [&](index_t m, index_t n, T v) { partial[m * N + n] = v; });
@@ -86,9 +86,10 @@ __device__ __forceinline__ void weight_grad_tile(GemmTiles<Core>& tiles, index_t
     if (owns_bias) update(p.b, p.vel_b, p.sq_b, n0 + tid, bias_acc, false);
 }
 
-template <typename T, class Core>
+// FAMILY: the update rules compiled into the epilogue (update.cuh); SGD_RULES by default.
+template <typename T, class Core, int FAMILY = SGD_RULES>
 __global__ void weight_grad(WeightGradParams<T> p, UpdateRule<T> rule, SplitK<T> split) {
     __shared__ GemmTiles<Core> tiles;
     if (!launched_as_core<Core>()) return;
-    weight_grad_tile<T, Core>(tiles, blockIdx.y, blockIdx.x, p, rule, split, blockIdx.z);
+    weight_grad_tile<T, Core, FAMILY>(tiles, blockIdx.y, blockIdx.x, p, rule, split, blockIdx.z);
 }

@@ -233,3 +233,19 @@ def test_a_resumed_run_through_the_kernels_equals_the_uninterrupted_one(loader, 
     for key, value in runs[0].get_params().items():
         np.testing.assert_array_equal(runs[2].get_params()[key], value)
     assert int(runs[2]._state.t[0]) == int(runs[0]._state.t[0]) == 4 * 5
+
+
+@pytest.mark.parametrize("config", ["small", "cublas"])
+def test_adam_launched_with_the_sgd_family_traps(loader, rng, monkeypatch, config):
+    """The GEMM kernels carry one rule family each (kernels/update.cuh): an Adam rule sent to an
+    instantiation without Adam's rules traps rather than running an SGD step (the elementwise
+    kernels of the cuBLAS path pick the family themselves, so they still run it right)."""
+    import gpu_backprop.ops.cuda as cuda
+
+    monkeypatch.setattr(cuda, "family_of", lambda fields: 0)
+    ops = fused_ops(loader)
+    if config == "small":
+        with pytest.raises(RuntimeError, match="trapped"):
+            check_rule(ops, rng, np.float64, (33, 65, 63), "adam", config)
+    else:
+        check_rule(ops, rng, np.float64, (33, 65, 63), "adam", config)

@@ -59,14 +59,22 @@ ELEMENTWISE_FILES = {"delta.cu": ("output_delta", "hidden_delta"),
                      "bias.cu": ("bias_activation", "bias_update", "weight_update"),
                      "batch.cu": ("gather_batch", "finish_batch", "shuffle_keys")}
 UNTYPED = ("shuffle_keys",)  # kernels that are not templated on the float type
+RULE_KERNELS = ("weight_grad", "backward")  # GEMM kernels with an update epilogue: one instance per rule family
 CUBLAS_TF32_TENSOR_OP_MATH = 3  # cublasMath_t in cublas_api.h; CuPy 14's cublas module does not export it
 
 
-def gemm_name(kernel: str, dtype: Any, config: str) -> str:
+def gemm_name(kernel: str, dtype: Any, config: str, family: int = 0) -> str:
+    """The instantiation of a GEMM kernel on ``config``; ``family`` 1: with Adam's update rules in
+    its epilogue (kernels/update.cuh ADAM_RULES; weight_grad and backward only)."""
     config = split_of(config)[0]
     ctype = CTYPES[np.dtype(dtype)]
     core = "Tf32" if config == "tf32" else CONFIGS[config][4].format(T=ctype)
-    return f"{kernel}<{ctype}, {core}>"
+    return f"{kernel}<{ctype}, {core}{', 1' if family else ''}>"
+
+
+def family_of(fields: dict | None) -> int:
+    """The rule family (kernels/update.cuh) of an UpdateRule's fields: 1 for Adam, else 0."""
+    return int(fields is not None and fields["mode"] == ADAM)
 
 
 def split_of(path: str) -> tuple[str, int]:
@@ -99,8 +107,9 @@ def names_in(file: str) -> list[str]:
         return ([f"{k}<{t}>" for k in kernels if k not in UNTYPED for t in CTYPES.values()]
                 + [k for k in kernels if k in UNTYPED])
     kernels = [k for k, f in GEMM_FILES.items() if f == file]
-    return [name for k in kernels
-            for name in [gemm_name(k, dt, c) for dt in CTYPES for c in CONFIGS] + [gemm_name(k, np.float32, "tf32")]]
+    return [name for k in kernels for family in ((0, 1) if k in RULE_KERNELS else (0,))
+            for name in [gemm_name(k, dt, c, family) for dt in CTYPES for c in CONFIGS]
+            + [gemm_name(k, np.float32, "tf32", family)]]
 
 
 KERNEL_FILES = ("delta.cu", "bias.cu", "batch.cu", *dict.fromkeys(GEMM_FILES.values()))
@@ -412,10 +421,12 @@ class CudaOps(ArrayOps):
     def _cublas(self, path: str, a: Any, b: Any, out: Any, **kwargs: Any) -> None:
         self._issue(lambda: self.loader.gemm(a, b, out, tf32=path == "cublas_tf32", **kwargs))
 
-    def _gemm(self, kernel: str, dtype: Any, M: int, N: int, config: str, args: list, slices: int = 1) -> None:
+    def _gemm(self, kernel: str, dtype: Any, M: int, N: int, config: str, args: list, slices: int = 1,
+              family: int = 0) -> None:
         bm, bn = tile_of(config)
         grid = (-(-N // bn), -(-M // bm), slices)
-        self._launch(GEMM_FILES[kernel], gemm_name(kernel, dtype, config), grid, (threads_of(config), 1, 1), args)
+        self._launch(GEMM_FILES[kernel], gemm_name(kernel, dtype, config, family), grid, (threads_of(config), 1, 1),
+                     args)
 
     def _grid_1d(self, n: int) -> tuple[int, int, int]:
         return (max(1, min(-(-n // BLOCK), self.max_blocks)), 1, 1)
@@ -616,7 +627,7 @@ class CudaOps(ArrayOps):
             if not path.startswith("cublas"):
                 split, slices = self._split_k(path, dtype, n_in, n_out, batch)
                 self._gemm("weight_grad", dtype, n_in, n_out, path,
-                           [make("WeightGradParams", dtype, **params), rule_struct, split], slices)
+                           [make("WeightGradParams", dtype, **params), rule_struct, split], slices, family_of(fields))
                 return
             W, b = params["W"], params["b"]
             delta = self._hidden_delta(g, params["o_next"], params["delta_out"], code) if params["has_prologue"] else g
@@ -737,7 +748,7 @@ class CudaOps(ArrayOps):
                 make("WeightGradParams", dtype, **(v.part(tile) if v else {})),
                 make("UpdateRule", dtype, **(u.rule if u else {"mode": SGD}))]
         n_blocks = sum(g.part(tile)["tiles"] for g in gemms)
-        kernel = self._kernel("backward.cu", gemm_name("backward", dtype, path))
+        kernel = self._kernel("backward.cu", gemm_name("backward", dtype, path, family_of(u.rule if u else None)))
         return lambda: self._issue(lambda: kernel((n_blocks, 1, 1), (threads_of(path), 1, 1), args))
 
     @replayed
