@@ -335,3 +335,36 @@ def test_tf32_training_on_digits():
     model = MLP([64, 64, 10], device="cuda", seed=0, precision="tf32")
     model.fit(ds.X_train, ds.y_train, epochs=30, batch_size=32, lr=2.0)
     assert model.evaluate(ds.X_test, ds.y_test)["accuracy"] >= 0.95
+
+
+def test_nccl_data_parallel_steps():
+    """The NCCL communicator (one rank here: the NCCL code runs, its sums are the arrays) trains as
+    the plain fused path does (float64; the gradient written, summed, then the update as a pass of
+    its own); with more GPUs, mpiexec runs one rank per GPU through the command line."""
+    pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install 'gpu_backprop[mpi]')")
+    import cupy
+
+    from gpu_backprop.distributed import NCCL
+
+    ds = data.digits(seed=0)
+    params = []
+    for distributed in (None, NCCL()):
+        model = MLP([64, 32, 10], activation="tanh", device="cuda", dtype="float64", seed=1)
+        model.fit(ds.X_train[:500], ds.y_train[:500], epochs=2, batch_size=33, lr=0.01, optimizer="adam",
+                  distributed=distributed)
+        params.append(model.get_params())
+    for key in params[0]:
+        assert rel_error(params[1][key], params[0][key]) < 1e-10
+    gpus = cupy.cuda.runtime.getDeviceCount()
+    if gpus > 1:
+        import json
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        mpiexec = str(Path(sys.executable).with_name("mpiexec"))
+        proc = subprocess.run([mpiexec, "-n", str(gpus), sys.executable, "-m", "gpu_backprop.cli", "train", "--device",
+                               "cuda", "--distributed", "nccl", "--epochs", "2", "--json"], capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["ranks"] == gpus
