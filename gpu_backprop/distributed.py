@@ -79,6 +79,9 @@ class Local:
     def agree(self, error: str | None) -> str | None:
         return error
 
+    def allgather(self, value: Any) -> list:
+        return [value]
+
     def abort(self, code: int = 1) -> None:
         sys.exit(code)
 
@@ -126,6 +129,10 @@ class MPI:
         if back is not None:
             back()
 
+    def allgather(self, value: Any) -> list:
+        """Every rank's ``value`` (a small picklable object), in rank order, on every rank."""
+        return self.comm.allgather(value)
+
     def agree(self, error: str | None) -> str | None:
         """Every rank's error (or None) gathered: the lowest rank's error, on every rank, so all
         stop together (and only one says why)."""
@@ -144,8 +151,9 @@ class MPI:
 
 
 class NCCL(MPI):
-    """NCCL all-reduce of CuPy buffers on this rank's GPU (the stream of the current CuPy stream),
-    its unique id broadcast from rank 0 over MPI; ``broadcast`` and ``agree`` go over MPI."""
+    """NCCL all-reduce of CuPy buffers on this rank's GPU, on a side stream ordered by events
+    with the training stream; its unique id broadcast from rank 0 over MPI; ``broadcast`` and
+    ``agree`` go over MPI (through the host)."""
 
     name = "nccl"
 
@@ -162,16 +170,23 @@ class NCCL(MPI):
         self.nccl_comm = nccl.NcclCommunicator(self.size, uid, self.rank)
 
     def iallreduce(self, array: Any) -> Request:
+        """Enqueue the sum of ``array`` on a stream of its own, after what the current stream has
+        issued (the kernels that wrote it): the backward of the layers below runs meanwhile.
+        ``wait()`` makes the current stream wait for the sum (the host does not)."""
         import cupy
 
         if isinstance(array, np.ndarray):
             return super().iallreduce(array)
         dtype = {np.dtype(np.float32): self.nccl.NCCL_FLOAT32, np.dtype(np.float64): self.nccl.NCCL_FLOAT64,
                  np.dtype(np.int64): self.nccl.NCCL_INT64}[np.dtype(array.dtype)]
-        stream = cupy.cuda.get_current_stream().ptr
-        # enqueued on the stream: ordered after the kernels that wrote it, before those that read it
-        self.nccl_comm.allReduce(array.data.ptr, array.data.ptr, array.size, dtype, self.nccl.NCCL_SUM, stream)
-        return Request()
+        stream = cupy.cuda.get_current_stream()
+        if getattr(self, "_side", None) is None:
+            self._side = cupy.cuda.Stream(non_blocking=True)
+        self._side.wait_event(stream.record())
+        self.nccl_comm.allReduce(array.data.ptr, array.data.ptr, array.size, dtype, self.nccl.NCCL_SUM,
+                                 self._side.ptr)
+        done = self._side.record()
+        return Request(lambda: stream.wait_event(done))
 
     def __repr__(self) -> str:
         return f"NCCL(rank {self.rank} of {self.size})"
@@ -190,7 +205,7 @@ def from_environment(kind: str = "auto", device_kind: str = "cpu") -> Any:
 
 
 def check_communicator(comm: Any) -> Any:
-    for name in ("rank", "size", "iallreduce", "allreduce", "broadcast", "agree"):
+    for name in ("rank", "size", "iallreduce", "allreduce", "broadcast", "agree", "allgather"):
         if not hasattr(comm, name):
             raise TypeError(f"distributed: expected a communicator (gpu_backprop.distributed.MPI, NCCL or Local), "
                             f"got {type(comm).__name__}")

@@ -315,7 +315,7 @@ class MLP:
             early_stopping: bool = False, patience: int = 10, tol: float = 1e-4, monitor: str | None = None,
             restore_best: bool = True,
             checkpoint: "str | os.PathLike | None" = None, resume_from: "str | os.PathLike | None" = None,
-            distributed: Any = None):
+            distributed: Any = None, sharded: bool = False):
         """Train with mini-batch gradient descent; returns a :class:`~gpu_backprop.train.History`.
 
         ``y``: integer class labels (1-D) for classification, or a 2-D array of
@@ -333,7 +333,9 @@ class MLP:
         ``resume_from``: such a file, to continue its run to ``epochs`` in all, to the same weights
         as a run never stopped (bit for bit on the CPU). ``distributed``: a communicator of
         :mod:`gpu_backprop.distributed` (e.g. ``distributed.MPI()`` under ``mpiexec``): this
-        process trains its share of every batch of ``batch_size`` rows (the global batch).
+        process trains its share of every batch of ``batch_size`` rows (the global batch);
+        ``sharded``: X, y and validation_data are this rank's own rows (a shard per rank: a
+        memory-mapped ``.npy`` or a file of its own), each rank shuffling its shard every epoch.
         """
         from .train import fit
 
@@ -359,7 +361,7 @@ class MLP:
             return fit(self, X, y, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
                        shuffle=shuffle, validation_data=validation_data, progress=progress, seed=seed,
                        graphs=graphs, optimizer=opt, schedule=Schedule(schedule, power_t, lr_min).check(),
-                       stopping=stopping, checkpoint=checkpoint, resume_from=resume_from, distributed=distributed)
+                       stopping=stopping, checkpoint=checkpoint, resume_from=resume_from, distributed=distributed, sharded=sharded)
 
     def _inputs(self, X: Any, name: str = "X") -> Any:
         X = data_mod.check_features(X, self.sizes[0], name=name, dtype=self.dtype)

@@ -154,7 +154,8 @@ class Trainer:
 
     def __init__(self, model: Any, X: Any, y: Any, batch_size: int = 32, lr: float = 0.1, momentum: float = 0.0,
                  shuffle: bool = True, seed: int | None = None, graphs: bool | None = None,
-                 capture: Capture | None = None, optimizer: Optimizer | None = None, comm: Any = None):
+                 capture: Capture | None = None, optimizer: Optimizer | None = None, comm: Any = None,
+                 sharded: bool = False):
         _check_hyper(1, batch_size, lr, momentum)
         self.optimizer = optimizer if optimizer is not None else Optimizer("sgd", lr, momentum)
         self.lr = self.optimizer.lr
@@ -170,7 +171,8 @@ class Trainer:
         self.counter = xp.zeros(1, dtype=np.int64)
         self.losses = xp.zeros(len(self.slices), dtype=model.dtype)
         self.correct = xp.zeros(len(self.slices), dtype=np.int64)
-        self.comm = comm
+        self.comm, self.sharded = comm, bool(sharded) and comm is not None
+        self.rows_per_epoch = self.n
         if comm is not None:
             self._distribute(model, batch_size)
             return
@@ -196,28 +198,45 @@ class Trainer:
         self.steps = StepRunner(make, capture, model.ops.capturable, timer)
 
     def _distribute(self, model: Any, batch_size: int) -> None:
-        """The data-parallel steps (see the class): this rank's rows of every global batch, in a
-        local order whose step s starts at s * stride, as the gather reads it."""
+        """The data-parallel steps (see the class). Each step s has this rank's rows (a slice of
+        its local order, from s * stride) and the global batch's size; the local order is the
+        global order's rows of this rank's shares, or with ``sharded`` (X is this rank's shard)
+        its own shard shuffled, ``batch_size`` / N rows a step, as many steps as the smallest
+        shard gives (the rest of a larger shard waits for a later epoch's order)."""
         from .distributed import shares
 
         xp, comm = model.xp, self.comm
-        self.local = [shares(rows.stop - rows.start, comm.size)[comm.rank] for rows in self.slices]
-        stride = max(hi - lo for lo, hi in self.local)
-        positions = np.concatenate([np.arange(rows.start + lo, rows.start + hi)
-                                    for rows, (lo, hi) in zip(self.slices, self.local)] or [np.zeros(0, np.int64)])
-        # where each local row sits in the local order: step s's rows from s * stride on
-        where = np.concatenate([s * stride + np.arange(hi - lo) for s, (lo, hi) in enumerate(self.local)]
-                               or [np.zeros(0, np.int64)])
-        assert where.size == 0 or where.max() < self.n
-        self.positions = xp.asarray(positions.astype(np.int64))
-        self.where = xp.asarray(where.astype(np.int64))
-        self.local_order = xp.zeros(self.n, dtype=np.int64)
+        if self.sharded:
+            lo, hi = shares(batch_size, comm.size)[comm.rank]
+            if hi == lo:
+                raise ValueError(f"batch_size: expected at least one row per rank ({comm.size}), got {batch_size}")
+            local = [rows.stop - rows.start for rows in batch_slices(self.n, hi - lo)]
+            counts = comm.allgather(local)
+            steps = min(len(c) for c in counts)
+            self.steps_plan = [(local[s], sum(c[s] for c in counts)) for s in range(steps)]
+            stride, self.local_order = hi - lo, self.order
+        else:
+            parts = [shares(rows.stop - rows.start, comm.size)[comm.rank] for rows in self.slices]
+            self.steps_plan = [(hi - lo, rows.stop - rows.start) for rows, (lo, hi) in zip(self.slices, parts)]
+            stride = max(size for size, _ in self.steps_plan)
+            positions = np.concatenate([np.arange(rows.start + lo, rows.start + hi)
+                                        for rows, (lo, hi) in zip(self.slices, parts)] or [np.zeros(0, np.int64)])
+            # where each local row sits in the local order: step s's rows from s * stride on
+            where = np.concatenate([s * stride + np.arange(size) for s, (size, _) in enumerate(self.steps_plan)]
+                                   or [np.zeros(0, np.int64)])
+            assert where.size == 0 or where.max() < self.n
+            self.positions = xp.asarray(positions.astype(np.int64))
+            self.where = xp.asarray(where.astype(np.int64))
+            self.local_order = xp.zeros(self.n, dtype=np.int64)
+        self.rows_per_epoch = sum(batch for _, batch in self.steps_plan)
+        if len(self.steps_plan) > len(self.slices):
+            self.losses = xp.zeros(len(self.steps_plan), dtype=model.dtype)
+            self.correct = xp.zeros(len(self.steps_plan), dtype=np.int64)
         count = self.labels is not None
         record = Record(self.losses, self.correct, self.counter, count)
 
-        def make(batch: int) -> Callable[[], None]:  # batch: the global batch's size
-            rows = shares(batch, comm.size)[comm.rank]
-            local = rows[1] - rows[0]
+        def make(key: tuple[int, int]) -> Callable[[], None]:  # (this rank's rows, the global batch's)
+            local, batch = key
             xb = xp.empty((local, self.X.shape[1]), dtype=model.dtype)
             yb = xp.empty((local, self.Y.shape[1]), dtype=model.dtype)
             buffers = model._batch_buffers(local)
@@ -256,14 +275,17 @@ class Trainer:
         """One pass over the data; (mean loss, accuracy or None)."""
         key = int(self.rng.integers(0, 2**63))
         self.model.ops.shuffle_epoch(self.order, self.counter, key, self.shuffle)
-        if self.comm is not None:
-            xp = self.model.xp
-            self.local_order[self.where] = xp.take(self.order, self.positions)
-        for s, rows in enumerate(self.slices):
-            if self.comm is not None and self.local[s][0] == self.local[s][1]:
-                self._empty_step(s, rows.stop - rows.start)
-            else:
+        if self.comm is None:
+            for rows in self.slices:
                 self.steps(rows.stop - rows.start)
+        else:
+            if not self.sharded:
+                self.local_order[self.where] = self.model.xp.take(self.order, self.positions)
+            for s, (local, batch) in enumerate(self.steps_plan):
+                if local == 0:
+                    self._empty_step(s, batch)
+                else:
+                    self.steps((local, batch))
         # One device-to-host transfer each per epoch: the steps never wait for the host.
         loss = float(to_host(self.losses).astype(np.float64).sum())
         correct = None if self.labels is None else int(to_host(self.correct).sum())
@@ -271,8 +293,8 @@ class Trainer:
             from .distributed import sum_metrics
 
             loss, correct = sum_metrics(self.comm, [loss, correct or 0])
-        accuracy = None if self.labels is None else int(correct) / self.n
-        return loss / self.n, accuracy
+        accuracy = None if self.labels is None else int(correct) / self.rows_per_epoch
+        return loss / self.rows_per_epoch, accuracy
 
 
 def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: float = 0.1,
@@ -280,7 +302,7 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
         progress: bool = False, seed: int | None = None, graphs: bool | None = None,
         capture: Capture | None = None, optimizer: Optimizer | None = None, schedule: Schedule | None = None,
         stopping: Stopping | None = None, checkpoint: Any = None, resume_from: Any = None,
-        distributed: Any = None) -> History:
+        distributed: Any = None, sharded: bool = False) -> History:
     """Mini-batch training of ``model`` (see :meth:`gpu_backprop.MLP.fit` and :class:`Trainer`).
 
     On CUDA the steps replay captured graphs (``graphs``, default on);
@@ -306,14 +328,15 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
     if checkpoint is not None and lead:
         check_writable(checkpoint, "checkpoint")  # before any epoch: no run trained for a file it cannot write
     trainer = Trainer(model, X, y, batch_size, optimizer.lr, optimizer.momentum, shuffle, seed, graphs, capture,
-                      optimizer, comm)
+                      optimizer, comm, sharded)
     if validation_data is not None:  # checked now, not after the first epoch, under its own name
         data_mod.targets(validation_data[1], model.sizes[-1], model.task, model.dtype,
                          n_rows=len(validation_data[0]), name="validation_data[1]")
     history = History()
     # What a resumed run must have in common with the run it continues, to end where it would have.
     # (Not the seed: the checkpoint's RNG state draws the orders from there on.)
-    settings = {"batch_size": int(batch_size), "shuffle": bool(shuffle), "n_rows": trainer.n, "optimizer": asdict(optimizer),
+    settings = {"batch_size": int(batch_size), "shuffle": bool(shuffle), "n_rows": trainer.rows_per_epoch,
+                "optimizer": asdict(optimizer),
                 "schedule": asdict(schedule), "stopping": None if stopping is None else asdict(stopping),
                 "epochs": int(epochs) if schedule.name == "cosine" else None}  # cosine's rates depend on the total
     model.optimizer_state(optimizer.states)  # fresh, or continued from an earlier fit
@@ -369,7 +392,7 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
             if accuracy is not None:
                 postfix["acc"] = f"{accuracy:.3f}"
             if validation_data is not None:
-                val = _evaluate(model, validation_data, comm)
+                val = _evaluate(model, validation_data, comm, trainer.sharded)
                 metrics.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
                 history.val_loss.append(val["loss"])
                 history.val_accuracy.append(val["accuracy"])
@@ -402,22 +425,23 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
     return history
 
 
-def _evaluate(model: Any, validation_data: tuple, comm: Any) -> dict:
+def _evaluate(model: Any, validation_data: tuple, comm: Any, sharded: bool = False) -> dict:
     """model.evaluate on the validation data; with ``comm``, each rank evaluates its share of
-    the rows and the sums are added across ranks (the same result on every rank)."""
+    the rows (``sharded``: all of its own rows) and the sums are added across ranks (the same
+    result on every rank)."""
     if comm is None:
         return model.evaluate(*validation_data)
     from .distributed import shares, sum_metrics
 
     X_val, y_val = validation_data
     n = len(X_val)
-    lo, hi = shares(n, comm.size)[comm.rank]
+    lo, hi = (0, n) if sharded else shares(n, comm.size)[comm.rank]
     loss_sum = correct = 0.0
     if hi > lo:
         mine = model.evaluate(X_val[lo:hi], np.asarray(to_host(y_val))[lo:hi])
         loss_sum = mine["loss"] * (hi - lo)
         correct = 0.0 if mine["accuracy"] is None else round(mine["accuracy"] * (hi - lo))
-    loss_sum, correct = sum_metrics(comm, [loss_sum, correct])
+    loss_sum, correct, n = sum_metrics(comm, [loss_sum, correct, hi - lo])
     return {"loss": loss_sum / n, "accuracy": None if model.task == "regression" else correct / n}
 
 
