@@ -471,6 +471,10 @@ class ArrayOps:
 
     def _update(self, u: Update) -> None:
         rule = u.effective_rule
+        if rule.mode == "gradient":  # straight into the gradient buffers (a data-parallel step's)
+            self.gemm(u.o, u.delta, u.W, trans_a=True)
+            u.delta.sum(axis=0, out=u.b)
+            return
         if rule.mode in ("sgd", "momentum") and not rule.l2:
             self._sgd_update(u.o, u.delta, u.W, u.b, rule.step, rule.momentum, u.vel_w, u.vel_b)
             return
