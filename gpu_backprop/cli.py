@@ -484,10 +484,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _speaks() -> bool:
     """Whether this process reports errors: the only one, or rank 0 of those mpiexec started."""
-    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
-        if os.environ.get(name, "0").isdigit() and os.environ.get(name, "0") != "0":
-            return False
-    return True
+    from .distributed import launched_rank
+
+    return launched_rank() == 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

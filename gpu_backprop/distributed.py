@@ -27,22 +27,29 @@ class DistributedError(RuntimeError):
     """The processes cannot work together (no MPI, a rank failed): the message says why."""
 
 
-def launched_size() -> int:
-    """Ranks ``mpiexec`` started, from its environment (MPICH's Hydra, Open MPI); 1 otherwise."""
-    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE"):
+def _from_env(names: Sequence[str], default: int) -> int:
+    """The first of ``names`` set to an integer in the environment mpiexec gives its ranks
+    (MPICH's Hydra, Open MPI, PMIx), else ``default``."""
+    for name in names:
         value = os.environ.get(name, "")
         if value.isdigit():
             return int(value)
-    return 1
+    return default
+
+
+def launched_size() -> int:
+    """Ranks ``mpiexec`` started; 1 otherwise."""
+    return _from_env(("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE"), 1)
+
+
+def launched_rank() -> int:
+    """This process's rank among those ``mpiexec`` started (before MPI is initialised); 0 otherwise."""
+    return _from_env(("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"), 0)
 
 
 def local_rank() -> int:
-    """This rank's index among the ranks on its machine (its GPU), from mpiexec's environment."""
-    for name in ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "PMIX_LOCAL_RANK"):
-        value = os.environ.get(name, "")
-        if value.isdigit():
-            return int(value)
-    return 0
+    """This rank's index among the ranks on its machine (its GPU)."""
+    return _from_env(("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "PMIX_LOCAL_RANK"), 0)
 
 
 def shares(m: int, size: int) -> list[tuple[int, int]]:
