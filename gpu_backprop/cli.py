@@ -266,6 +266,7 @@ def _prepare(args: argparse.Namespace, comm: Any) -> tuple:
         from .distributed import local_rank
 
         device = get_device(f"cuda:{local_rank() % device.xp.cuda.runtime.getDeviceCount()}")
+        device.xp.cuda.Device(device.index).use()  # current for every allocation of this rank
     sizes = [ds.X_train.shape[1], *args.hidden, ds.n_outputs]
     check_memory(sizes, np.dtype(args.dtype), device, batch=min(args.batch_size, len(ds.X_train)),
                  rows=len(ds.X_train), states=2 if args.optimizer != "sgd" else int(bool(args.momentum)),

@@ -167,11 +167,14 @@ class NCCL(MPI):
     def __init__(self, comm: Any = None):
         super().__init__(comm)
         try:
+            import cupy
             from cupy.cuda import nccl
         except ImportError:
             raise DistributedError("NCCL: CuPy's NCCL bindings are not available (install CuPy for your CUDA; "
                                    "or use the MPI communicator)") from None
         self.nccl = nccl
+        # this rank's GPU, by its rank on the machine: current from here on, for NCCL and the model
+        cupy.cuda.Device(local_rank() % cupy.cuda.runtime.getDeviceCount()).use()
         uid = nccl.get_unique_id() if self.rank == 0 else None
         uid = self.comm.bcast(uid, root=0)
         self.nccl_comm = nccl.NcclCommunicator(self.size, uid, self.rank)

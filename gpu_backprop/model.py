@@ -285,7 +285,11 @@ class MLP:
         state = self.optimizer_state(optimizer.states)
         if optimizer.name != "sgd":
             self.ops.count_step(state.t)
-        rule = optimizer.rule(batch, lr, state.t)
+        key = (optimizer, lr, batch, id(state))
+        cached = getattr(self, "_applied_rule", None)
+        if cached is None or cached[0] != key:  # one Rule object per setting: the launches replay by its id
+            cached = self._applied_rule = (key, optimizer.rule(batch, lr, state.t), state)
+        rule = cached[1]
         grads = self.gradients()
         for j in range(len(self.weights)):
             for p, g, m, v, weight in ((self.weights[j], grads.w[j], state.vel_w, state.sq_w, True),

@@ -206,6 +206,13 @@ class Trainer:
         from .distributed import shares
 
         xp, comm = model.xp, self.comm
+        # every rank draws the epochs' orders from rank 0's generator, whatever seed it was given
+        self.rng.bit_generator.state = comm.allgather(self.rng.bit_generator.state)[0]
+        if not self.sharded:
+            rows = comm.allgather(self.n)
+            if len(set(rows)) > 1:
+                raise ValueError(f"X: every rank must pass the same rows (got {rows} rows by rank); for a "
+                                 "shard per rank, use sharded=True")
         if self.sharded:
             lo, hi = shares(batch_size, comm.size)[comm.rank]
             if hi == lo:
@@ -338,11 +345,12 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
     settings = {"batch_size": int(batch_size), "shuffle": bool(shuffle), "n_rows": trainer.rows_per_epoch,
                 "optimizer": asdict(optimizer),
                 "schedule": asdict(schedule), "stopping": None if stopping is None else asdict(stopping),
-                "epochs": int(epochs) if schedule.name == "cosine" else None}  # cosine's rates depend on the total
+                "epochs": int(epochs) if schedule.name == "cosine" else None,  # cosine's rates depend on the total
+                "ranks": 1 if comm is None else comm.size, "sharded": trainer.sharded}
     model.optimizer_state(optimizer.states)  # fresh, or continued from an earlier fit
     lr_now, samples_seen, best_score, plateau, best, done, stopped = optimizer.lr, 0, -math.inf, 0, None, 0, False
     if resume_from is not None:
-        state, best = checkpoint_mod.read(resume_from, model, settings)
+        state, best = _on_every_rank(comm, lambda: checkpoint_mod.read(resume_from, model, settings))
         trainer.rng.bit_generator.state = state["rng"]
         lr_now, samples_seen, plateau, done, stopped = (state["lr"], state["samples_seen"], state["plateau"],
                                                         state["epochs"], state["stopped"])
@@ -370,7 +378,7 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
             trainer.set_lr(lr_now)
             start = time.perf_counter()
             loss, accuracy = trainer.epoch()
-            samples_seen += trainer.n
+            samples_seen += trainer.rows_per_epoch  # every rank's rows: the same on every rank
             history.seconds.append(time.perf_counter() - start)
             params, xp = (*model.weights, *model.biases), model.xp
             if not (math.isfinite(loss) and bool(xp.stack([xp.isfinite(p).all() for p in params]).all())):
@@ -411,18 +419,35 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
                         lr_now, plateau = lr_now / 5, 0
                     else:
                         stopped = history.stopped_early = True
-            if checkpoint is not None and lead:
-                checkpoint_mod.write(checkpoint, model, {
-                    "epochs": epoch + 1, "rng": trainer.rng.bit_generator.state, "lr": lr_now,
-                    "samples_seen": samples_seen, "plateau": plateau, "stopped": stopped,
-                    "best_score": None if best_score == -math.inf else best_score, "history": history.as_dict(),
-                    "settings": settings}, best)
+            if checkpoint is not None:
+                fit_state = {"epochs": epoch + 1, "rng": trainer.rng.bit_generator.state, "lr": lr_now,
+                             "samples_seen": samples_seen, "plateau": plateau, "stopped": stopped,
+                             "best_score": None if best_score == -math.inf else best_score,
+                             "history": history.as_dict(), "settings": settings}
+                _on_every_rank(comm, lambda: lead and checkpoint_mod.write(checkpoint, model, fit_state, best))
             bar.set_postfix(postfix)
     if best is not None and history.best_epoch is not None and history.best_epoch != history.epochs:
         for p, b in zip((*model.weights, *model.biases), best):
             p[...] = b
     model.last_steps = trainer.steps  # graph bookkeeping of this fit, for inspection
     return history
+
+
+def _on_every_rank(comm: Any, work: Callable[[], Any]) -> Any:
+    """``work()``, and with ``comm`` the ranks agree on whether it failed anywhere: a rank whose
+    work failed (a checkpoint it cannot read or write) stops every rank with its error, rather
+    than leaving the others waiting in the next sum."""
+    if comm is None:
+        return work()
+    error, result = None, None
+    try:
+        result = work()
+    except (OSError, ValueError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    error = comm.agree(error)
+    if error is not None:
+        raise ValueError(error)
+    return result
 
 
 def _evaluate(model: Any, validation_data: tuple, comm: Any, sharded: bool = False) -> dict:

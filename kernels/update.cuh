@@ -38,8 +38,8 @@ struct Updater {
         }
     }
 
-    // Not inlined: an epilogue calls it once per output of the thread's tile (64 in the large tiles),
-    // and inlined copies of every mode made the kernels 3-6x slower to compile (NVRTC, the cold start).
+    // Inlined once per output of the thread's tile: a call would spill the accumulators to local
+    // memory (tests/test_sass.py), hence the two families above.
     __device__ __forceinline__ void operator()(T* p, T* m, T* v, index_t i, T grad, bool weight) const {
         if ((r.mode == ADAM) != (FAMILY == ADAM_RULES)) __trap();  // launched with the other family
         if (r.mode == WRITE_GRADIENT) {

@@ -228,3 +228,60 @@ def test_sharded_needs_a_row_per_rank():
             size = 2
         MLP([3, 2], device="cpu").fit(np.ones((4, 3)), np.array([0, 1, 0, 1]), batch_size=1, distributed=Two(),
                                       sharded=True)
+
+
+def test_shards_of_different_sizes_keep_the_ranks_identical(tmp_path):
+    """Shards of 20, 27 rows: the rate of invscaling (rows seen by every rank) and the steps per
+    epoch (the smallest shard's) are the same on each rank, so are the parameters, bit for bit."""
+    proc = run_ranks(2, HERE / "mpi" / "cases.py", tmp_path, "uneven-shards")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ranks = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(2)]
+    assert "error" not in ranks[0]
+    for key, value in ranks[0].items():
+        np.testing.assert_array_equal(ranks[1][key], value)
+
+
+def test_ranks_given_other_seeds_still_draw_one_order(tmp_path):
+    """Seeds 0 and 1 on ranks 0 and 1 train exactly as seed 0 on both: rank 0's generator draws
+    every epoch's order (two orders would still give equal ranks, but another fit)."""
+    results = {}
+    for case in ("other-seeds", "same-seeds"):
+        (tmp_path / case).mkdir()
+        proc = run_ranks(2, HERE / "mpi" / "cases.py", tmp_path / case, case)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results[case] = [dict(np.load(tmp_path / case / f"rank{r}.npz")) for r in range(2)]
+    for key, value in results["same-seeds"][0].items():
+        for rank in results["other-seeds"]:
+            np.testing.assert_array_equal(rank[key], value)
+
+
+def test_a_checkpoint_one_rank_cannot_read_stops_every_rank(tmp_path):
+    """Through the API (no CLI around it): rank 1 cannot read the checkpoint; both ranks stop with
+    rank 1's error, within the timeout, instead of rank 0 waiting in the first sum."""
+    proc = run_ranks(2, HERE / "mpi" / "cases.py", tmp_path, "resume-missing", timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for r in range(2):
+        error = str(np.load(tmp_path / f"rank{r}.npz")["error"])
+        assert error.startswith("rank 1: ") and "missing.npz" in error
+
+
+def test_the_data_parallel_step_replays_its_launches():
+    """Every step of a data-parallel fit makes the same launcher calls with the same objects, so
+    the CUDA launchers replay them (one recorded entry per call site, however many steps run): a
+    rule built anew each step would record 2 L more entries a step, and their checks run again."""
+    import scipy.special
+
+    from gpu_backprop.ops.autotune import Tuner
+    from gpu_backprop.ops.cuda import CudaOps
+
+    from .emulator.builder import EmuLoader
+
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((40, 13)), rng.integers(0, 4, 40)
+    entries = []
+    for epochs in (1, 3):
+        model = MLP([13, 8, 4], activation="tanh", loss="cross_entropy", device="cpu", dtype="float64", seed=1)
+        model.ops = CudaOps(np, scipy.special, EmuLoader(), tuner=Tuner(enabled=False))
+        model.fit(X, y, epochs=epochs, batch_size=8, lr=0.01, optimizer="adam", distributed=Local())
+        entries.append(len(model.ops._launches))
+    assert entries[0] == entries[1]
