@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train an MLP (default: the bundled digits dataset)")
     train.add_argument("--data", default="digits",
-                       help="digits | xor | regression | FILE.npz (arrays X, y) | FILE.csv (with --label)")
+                       help="digits | xor | regression | FILE.npz (arrays X, y) | FILE.csv (with --label); under "
+                            "mpiexec, a name with {rank} (train-{rank}.npz): a file per rank, each reading its own")
     train.add_argument("--label", help="target column of a CSV file")
     train.add_argument("--hidden", type=_hidden, default=None,
                        help="hidden widths, e.g. 128,64 (default 64; xor: 8)")
@@ -147,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dataset(args: argparse.Namespace) -> data_mod.Dataset:
+    if _sharded(args):
+        comm = getattr(args, "comm", None)
+        if comm is None or comm.size == 1:
+            raise UsageError(f"--data: {args.data!r} names a file per rank ({{rank}}): run it under mpiexec -n N")
+        return data_mod.from_file(args.data.replace("{rank}", str(comm.rank)), args.label, seed=args.seed)
     if args.data in data_mod.BUILTIN:
         if args.label is not None:
             raise UsageError(f"--label: applies to .csv files, not the built-in dataset {args.data!r}")
@@ -205,19 +211,35 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _train(args, comm)
     # Every rank checks its options, data and device; they agree before any training starts, so
     # an error on one rank (a file only it cannot read) stops every rank, with rank 0 saying why.
-    error = None
+    ds = _agreed(comm, lambda: _dataset(args))
+    if _sharded(args):  # each rank read its own file: one standardisation and one set of classes
+        from .distributed import shard_dataset
+
+        ds = _agreed(comm, lambda: shard_dataset(ds, comm))
+    return _train(args, comm, _agreed(comm, lambda: _prepare(args, comm, ds)))
+
+
+def _agreed(comm: Any, work: Any) -> Any:
+    """``work()`` on every rank; if it failed on any, every rank stops with the first error."""
+    error = result = None
     try:
-        prepared = _prepare(args, comm)
+        result = work()
     except CLI_ERRORS as exc:
-        error, prepared = " ".join(str(exc).split()), None
+        error = " ".join(str(exc).split())
     error = comm.agree(error)
     if error is not None:
         raise UsageError(error)
-    return _train(args, comm, prepared)
+    return result
+
+
+def _sharded(args: argparse.Namespace) -> bool:
+    """--data with {rank}: a file per rank (under mpiexec), each rank reading its own."""
+    return "{rank}" in args.data
 
 
 def _train(args: argparse.Namespace, comm: Any, prepared: tuple | None = None) -> int:
-    ds, model, inputs = prepared if prepared is not None else _prepare(args, comm)
+    ds, model, inputs = prepared if prepared is not None else _prepare(args, comm, _dataset(args))
+    sharded = _sharded(args) and comm.size > 1
     lead = comm.rank == 0  # the rank that prints and writes
     if not args.json and lead:
         ranks = f", {comm.size} ranks ({comm.name})" if comm.size > 1 else ""
@@ -228,7 +250,7 @@ def _train(args: argparse.Namespace, comm: Any, prepared: tuple | None = None) -
         history = _fit_named(model, ds.X_train, ds.y_train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             momentum=args.momentum, validation_data=(ds.X_test, ds.y_test), progress=not args.json,
                             graphs=False if args.no_graphs else None,
-                            distributed=comm if comm.size > 1 else None, **_training(args))
+                            distributed=comm if comm.size > 1 else None, sharded=sharded, **_training(args))
     except FloatingPointError as exc:
         comm.training = False  # every rank saw the same reduced loss diverge: rank 0 alone reports it
         kept = getattr(exc, "epochs_kept", 0)
@@ -236,14 +258,19 @@ def _train(args: argparse.Namespace, comm: Any, prepared: tuple | None = None) -
             raise
         # The epochs before the divergence are a trained model: keep them.
         raise UsageError(f"{exc}; {_save(model, ds, args, inputs, f'the model after epoch {kept}')}") from None
+    seconds = time.perf_counter() - start
+    from .train import _evaluate
+
+    # the test metrics over every rank's share (sharded: every rank's own test rows), on every rank
+    test = _evaluate(model, (ds.X_test, ds.y_test), comm if comm.size > 1 else None, sharded)
     comm.training = False
     if not lead:
         return 0
-    return _report(args, comm, ds, model, inputs, history, time.perf_counter() - start)
+    return _report(args, comm, ds, model, inputs, history, seconds, test)
 
 
-def _prepare(args: argparse.Namespace, comm: Any) -> tuple:
-    """Options, data, device and model, all checked: (dataset, model, input files)."""
+def _prepare(args: argparse.Namespace, comm: Any, ds: data_mod.Dataset) -> tuple:
+    """Options, device and model for the dataset ``ds``, all checked: (dataset, model, input files)."""
     # Every output path is checked before any training, so no trained model is lost to a bad one.
     inputs = _outputs(args)
     if args.save is not None:
@@ -257,7 +284,6 @@ def _prepare(args: argparse.Namespace, comm: Any) -> tuple:
         if args.save is not None and os.path.realpath(args.plot) == os.path.realpath(args.save):
             raise UsageError(f"--plot: {args.plot!r} is also the --save path: expected two different files")
         _require_matplotlib()
-    ds = _dataset(args)
     _defaults(args, ds.task)
     output = args.output or ("identity" if ds.task == "regression" else None)
     device = resolve_device(args.device)
@@ -279,8 +305,7 @@ def _prepare(args: argparse.Namespace, comm: Any) -> tuple:
 
 
 def _report(args: argparse.Namespace, comm: Any, ds: data_mod.Dataset, model: MLP, inputs: list[str],
-            history: Any, seconds: float) -> int:
-    test = model.evaluate(ds.X_test, ds.y_test)
+            history: Any, seconds: float, test: dict) -> int:
     result = {
         "dataset": ds.name, "sizes": model.sizes, "activation": model.activation, "output": model.output,
         "loss_function": model.loss, "device": model.device.name, "device_reason": model.device.reason,

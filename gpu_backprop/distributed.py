@@ -227,3 +227,35 @@ def sum_metrics(comm: Any, values: Sequence[float]) -> list[float]:
     array = np.asarray(values, dtype=np.float64)
     comm.allreduce(array)
     return array.tolist()
+
+
+def shard_dataset(ds: Any, comm: Any) -> Any:
+    """Every rank's Dataset (``gpu_backprop.data``, each read from its own file and standardised
+    with its own statistics) made one: the features standardised with the statistics of every
+    rank's training rows together, the labels indexed into the union of every rank's classes
+    (sorted), so every rank trains the same model on the same encoding. Collective."""
+    from dataclasses import replace
+
+    tasks = comm.allgather((ds.task, ds.n_outputs if ds.task == "regression" else None, ds.X_train.shape[1]))
+    if len(set(tasks)) > 1:
+        raise ValueError(f"data: the ranks' files disagree (task, regression outputs, features by rank: {tasks})")
+    classes, y_train, y_test, n_outputs = ds.classes, ds.y_train, ds.y_test, ds.n_outputs
+    if ds.task == "classification":
+        every = comm.allgather(list(ds.classes))
+        kinds = {type(c) for rank in every for c in rank}
+        if len(kinds) > 1:
+            raise ValueError("data: the ranks' labels mix strings and numbers")
+        classes = sorted(set().union(*every))
+        index = np.array([classes.index(c) for c in ds.classes], dtype=np.int64)
+        y_train, y_test, n_outputs = index[ds.y_train], index[ds.y_test], len(classes)
+    raw_train = ds.X_train * ds.scale + ds.mean  # back to the file's values
+    raw_test = ds.X_test * ds.scale + ds.mean
+    sums = np.concatenate([[len(raw_train)], raw_train.sum(axis=0), (raw_train ** 2).sum(axis=0)])
+    comm.allreduce(sums)
+    n, d = sums[0], raw_train.shape[1]
+    mean = sums[1:1 + d] / n
+    var = sums[1 + d:] / n - mean ** 2
+    scale = np.sqrt(np.maximum(var, 0.0))
+    scale[var <= 1e-12 * np.maximum(mean ** 2, 1.0)] = 1.0  # constant everywhere (up to the sums' rounding)
+    return replace(ds, X_train=(raw_train - mean) / scale, X_test=(raw_test - mean) / scale, y_train=y_train,
+                   y_test=y_test, n_outputs=n_outputs, classes=classes, mean=mean, scale=scale)

@@ -357,6 +357,10 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
         best_score = -math.inf if state["best_score"] is None else state["best_score"]
         history = History(**state["history"])
     if comm is not None:  # every rank starts from rank 0's parameters and optimizer state
+        models = comm.allgather((model.sizes, model.dtype.name, optimizer.states))
+        if len(set(map(str, models))) > 1:
+            raise ValueError(f"distributed: the ranks' models differ (sizes, dtype, optimizer states by rank: "
+                             f"{models}); every rank must build the same network")
         for array in (*model.weights, *model.biases, *model._state.arrays().values()):
             comm.broadcast(array)
     if stopping is not None and stopping.restore_best and best is None:

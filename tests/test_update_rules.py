@@ -12,7 +12,7 @@ from gpu_backprop.ops.autotune import Tuner
 from gpu_backprop.ops.cuda import PATHS, CudaOps
 
 from .emulator.builder import EmuLoader, planted_kernels
-from .test_emulated_kernels import SPLITS, Always, close, fused_ops, gemm_terms, inputs, nan
+from .test_emulated_kernels import SPLITS, Always, close, fused_ops, gemm_terms, inputs
 
 twin = NumpyOps()
 DTYPES = [np.float32, np.float64]
