@@ -105,7 +105,7 @@ def test_rule_in_the_epilogue(loader, rng, config, dtype, name, shape):
     # Nesterov's look-ahead dropped: plain momentum
     ("p[i] += r.mode == SGD_MOMENTUM ? velocity : r.momentum * velocity - r.step * grad;", "p[i] += velocity;",
      "nesterov"),
-    # AdamW's decay applied after the step instead of before
+    # AdamW's decay dropped
     ("if (weight && r.decay != T(0)) x -= r.decay * x;", "", "adamw+l2"),
 ])
 @pytest.mark.parametrize("config", ["small", "large/s4", "cublas"])
