@@ -48,6 +48,7 @@ inline constexpr std::size_t dynamic_shared_max = 48 * 1024;
 struct Warp {
     std::barrier<> barrier;
     alignas(8) unsigned char slot[32][8];
+    alignas(16) unsigned char exchange[32][64];  // per-lane fragments of warp-wide instructions (mma_shim.h)
     explicit Warp(std::ptrdiff_t lanes) : barrier(lanes) {}
 };
 
@@ -148,3 +149,5 @@ void launch_packed(void (*kernel)(Params...), dim3 grid, dim3 block, Schedule sc
     launch_packed(kernel, grid, block, schedule, args, std::index_sequence_for<Params...>{});
 }
 }  // namespace emu
+
+#include "mma_shim.h"  // the tensor-core instructions (mma.sync, ldmatrix, cvt)
