@@ -74,7 +74,9 @@ def build(cu_file: Path, names: Sequence[str], extra_flags: Sequence[str] = (), 
     include_dirs = [Path(d).resolve() for d in (*include_dirs, HERE)]
     source = wrapper_source(cu_file, names) if shared else cu_file.read_text()
     digest = hashlib.sha256()
-    for part in [source, CXX, *FLAGS, *extra_flags, SHIM.read_text()] + [p.read_text() for p in sources_of(cu_file, include_dirs)]:
+    # the shim with the headers it includes (mma_shim.h), then the kernel's own sources
+    shim = [p.read_text() for p in sources_of(SHIM, [HERE])]
+    for part in [source, CXX, *FLAGS, *extra_flags, *shim] + [p.read_text() for p in sources_of(cu_file, include_dirs)]:
         digest.update(part.encode())
     suffix = ".so" if shared else ".exe"
     target = output or CACHE / f"{cu_file.stem}-{digest.hexdigest()[:16]}{suffix}"
