@@ -2,15 +2,16 @@
 // THREADS, BM, BN, BK, PAD). Included by gemm_tile.cuh.
 #pragma once
 #include "common.cuh"
+#include "mma.cuh"
 
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-// Tensor cores: float operands rounded to TF32 (10-bit mantissa), products summed in float.
+// Tensor cores: float operands rounded to TF32 (10-bit mantissa), products summed in float; on
+// the GPU the PTX, in the CUDA-on-CPU shim its emulation (mma.cuh).
 // Fragment layouts of mma.sync.m16n8k8 .tf32 (PTX ISA), lane = 4 g + t:
 //   A (16 x 8, row):  a[r] = A(g + 8 (r % 2), t + 4 (r / 2))
 //   B (8 x 8, col):   b[r] = B(t + 4 r, g)
 //   C (16 x 8):       c[r] = C(g + 8 (r / 2), 2 t + r % 2)
 struct Tf32 {
-    static const int BM = 64, BN = 64, BK = 16, PAD = 8, STAGES = 2;  // PAD 8: the fragment loads hit 32 banks
+    static const int BM = 64, BN = 64, BK = 16, PAD = 8, STAGES = 2, MIN_BLOCKS = 1;  // PAD 8: the fragment loads hit 32 banks
     static const int THREADS = 256, WARP_M = 32, WARP_N = 16;  // 8 warps: 2 along m, 4 along n
     static const int MI = WARP_M / 16, NI = WARP_N / 8;        // mma tiles per warp
     static_assert(THREADS == 32 * (BM / WARP_M) * (BN / WARP_N), "one warp per warp tile");
@@ -28,12 +29,6 @@ struct Tf32 {
                 for (int r = 0; r < 4; ++r) acc.v[i][j][r] = 0.0f;
     }
 
-    static __device__ __forceinline__ unsigned to_tf32(float x) {
-        unsigned y;
-        asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(y) : "f"(x));
-        return y;
-    }
-
     static __device__ __forceinline__ void multiply(Acc& acc, const float (&As)[BK][BM + PAD],
                                                     const float (&Bs)[BK][BN + PAD]) {
         const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
@@ -44,22 +39,15 @@ struct Tf32 {
 #pragma unroll
             for (int i = 0; i < MI; ++i)
 #pragma unroll
-                for (int r = 0; r < 4; ++r) a[i][r] = to_tf32(As[k0 + t + 4 * (r / 2)][wm + 16 * i + g + 8 * (r % 2)]);
+                for (int r = 0; r < 4; ++r) a[i][r] = tf32_round(As[k0 + t + 4 * (r / 2)][wm + 16 * i + g + 8 * (r % 2)]);
 #pragma unroll
             for (int j = 0; j < NI; ++j)
 #pragma unroll
-                for (int r = 0; r < 2; ++r) b[j][r] = to_tf32(Bs[k0 + t + 4 * r][wn + 8 * j + g]);
+                for (int r = 0; r < 2; ++r) b[j][r] = tf32_round(Bs[k0 + t + 4 * r][wn + 8 * j + g]);
 #pragma unroll
             for (int i = 0; i < MI; ++i)
 #pragma unroll
-                for (int j = 0; j < NI; ++j) {
-                    float* c = acc.v[i][j];
-                    asm volatile(
-                        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
-                        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-                        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                        : "r"(a[i][0]), "r"(a[i][1]), "r"(a[i][2]), "r"(a[i][3]), "r"(b[j][0]), "r"(b[j][1]));
-                }
+                for (int j = 0; j < NI; ++j) mma_m16n8k8_tf32(acc.v[i][j], a[i], b[j], acc.v[i][j]);
         }
     }
 
@@ -80,4 +68,3 @@ struct Tf32 {
                 }
     }
 };
-#endif
