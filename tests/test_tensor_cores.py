@@ -113,6 +113,46 @@ def test_bf16_round_is_round_to_nearest_even(probe):
     np.testing.assert_array_equal(bits32(back), halves.astype(np.uint32) << 16)
 
 
+# ---------------------------------------------------------------- the GPU side of mma.cuh
+
+# each probe kernel's instruction in the SASS (a regular expression, the whole opcode)
+SASS = {"mma_values<0>": r"HMMA\.1688\.F32\.TF32", "mma_values<1>": r"HMMA\.16816\.F32\.BF16",
+        "mma_values<2>": r"HMMA\.16816\.F32", "bf16x2_round_values": r"F2FP\.BF16(\.F32)?\.PACK_AB",
+        **{f"ldmatrix_values<{n}, {t}>": rf"LDSM\.16\.M{'T' if t == 'true' else ''}88{'' if n == 1 else f'.{n}'}"
+           for n in (1, 2, 4) for t in ("false", "true")}}
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_the_probe_compiles_to_the_tensor_core_instructions(tmp_path, arch):
+    """The PTX of every function in mma.cuh (the Tf32 core uses only some) through nvcc: each
+    probe kernel holds its instruction (HMMA, LDSM, F2FP), with no local memory."""
+    import re
+    import shutil
+    import subprocess
+
+    from .test_compile import _require
+    from .test_sass import tool
+
+    nvcc, cuobjdump = shutil.which("nvcc"), tool("cuobjdump")
+    _require(nvcc is not None and cuobjdump is not None, "nvcc and cuobjdump")
+    source = tmp_path / "probe.cu"
+    source.write_text(f'#include "{HERE / PROBE}"\nstatic void* const instances[] = {{\n'
+                      + ",\n".join(f"    (void*)&{name}" for name in PROBE_NAMES) + "\n};\n")
+    cubin = tmp_path / "probe.cubin"
+    proc = subprocess.run([nvcc, "-std=c++17", "-cubin", f"-arch={arch}", "-Xptxas", "-v",
+                           f"-I{HERE.parents[1] / 'kernels'}", "-o", str(cubin), str(source)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bytes stack frame" in proc.stderr and not re.search(r"[1-9]\d* bytes (stack frame|spill)", proc.stderr)
+    sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    functions = re.split(r"\n\s*Function : ", sass)[1:]
+    demangled = subprocess.run(["c++filt"], input="\n".join(f.split("\n", 1)[0].strip() for f in functions),
+                               capture_output=True, text=True).stdout.split("\n")
+    code = {name.split("(")[0].replace("void ", "").strip(): body for name, body in zip(demangled, functions)}
+    for name, opcode in SASS.items():
+        assert re.search(rf"\b{opcode}[\s;]", code[name]), (name, opcode)
+
+
 # ---------------------------------------------------------------- mma: fragment layouts and the arithmetic model
 
 def tf32_layout():
@@ -459,11 +499,18 @@ PLANTED = {
 }
 
 
+class Tf32Only(EmuLoader):
+    """Builds a file's tensor-core instantiations only (a planted copy compiles in a second)."""
+
+    def function(self, file, name, all_names):
+        return super().function(file, name, [n for n in all_names if "Tf32" in n])
+
+
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     def make(fault):
         folder = planted_kernels(tmp_path_factory.mktemp(fault) / "kernels", *PLANTED[fault])
-        return tf32_ops(EmuLoader(folder))
+        return tf32_ops(Tf32Only(folder))
     return make
 
 
