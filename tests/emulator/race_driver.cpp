@@ -35,6 +35,9 @@ int main() {
     std::vector<float> out_warp(B * N);  // the warp-tiled core: fragments read as 16-byte vectors
     emu::launch(&forward<float, Warp<float, 128, 128, 8, 64, 32, 2, 2, 4, 4>>, dim3{1, 1, 1}, block,
                 ForwardParams<float>{o.data(), W.data(), b.data(), out_warp.data(), B, N, M, (int)ACT_SIGMOID});
+    std::vector<float> out_tf32(B * N);  // the tensor-core core: mma.sync through the warp's exchange buffer
+    emu::launch(&forward<float, Tf32>, dim3{tiles(N, 64), tiles(B, 64), 1}, block,
+                ForwardParams<float>{o.data(), W.data(), b.data(), out_tf32.data(), B, N, M, (int)ACT_SIGMOID});
     emu::launch(&output_delta<float>, dim3{3, 1, 1}, block, out.data(), o_next.data(), delta.data(), (int)ACT_SIGMOID,
                 (int)LOSS_MSE, B * N, partials.data(), ticket.data(), loss.data());
     emu::launch(&propagate<float, Small>, dim3{tiles(M, 64), tiles(B, 64), 1}, block,
@@ -95,6 +98,7 @@ int main() {
     for (float x : W_adam) checksum += x;
     for (float x : W_split) checksum += x;
     for (float x : out_warp) checksum += x;
+    for (float x : out_tf32) checksum += x;
     std::printf("checksum %.6f\n", checksum);
     return 0;
 }
