@@ -23,7 +23,7 @@
 #include "weight_grad.cu"
 
 template <typename T, class Core, int FAMILY = SGD_RULES>
-__global__ void backward(PropagateParams<T> p, OutputParams<T> out, StepRecord<T> record, WeightGradParams<T> u,
+__global__ void __launch_bounds__(Core::THREADS, Core::MIN_BLOCKS) backward(PropagateParams<T> p, OutputParams<T> out, StepRecord<T> record, WeightGradParams<T> u,
                          WeightGradParams<T> v, UpdateRule<T> rule) {
     __shared__ GemmTiles<Core> tiles;
     if (!launched_as_core<Core>()) return;
@@ -36,9 +36,8 @@ __global__ void backward(PropagateParams<T> p, OutputParams<T> out, StepRecord<T
         T* __restrict__ delta = const_cast<T*>(p.delta);  // written here only when computed from the output
         const index_t K = p.K;
         double loss = 0.0;
-        auto load_delta = [&](index_t m, index_t k) {
+        auto load_output_delta = [&](index_t m, index_t k) {
             const index_t i = m * K + k;
-            if (!out.on) return delta[i];
             T d;
             const double term = output_delta_at(y_hat[i], y[i], d, out.act, out.loss);
             if (writes_delta) {
@@ -47,7 +46,10 @@ __global__ void backward(PropagateParams<T> p, OutputParams<T> out, StepRecord<T
             }
             return d;
         };
-        propagate_tile<T, Core>(tiles, tile_m, tile_n, load_delta, p.W, p.o, p.out, p.act, p.M, p.N, K);
+        if (out.on)
+            propagate_tile<T, Core>(tiles, tile_m, tile_n, load_output_delta, p.W, p.o, p.out, p.act, p.M, p.N, K);
+        else
+            propagate_tile<T, Core>(tiles, tile_m, tile_n, Direct<T>{delta, K}, p.W, p.o, p.out, p.act, p.M, p.N, K);
         if (writes_delta) {
             long long hits = 0;  // rows of this tile predicted right
             if (record.on && record.count)

@@ -69,6 +69,48 @@ struct alignas(16) Pack {
 
 __device__ __forceinline__ bool aligned16(const void* p) { return ((unsigned long long)p & 15ull) == 0; }
 
+// cp.async (sm_80+): BYTES (4, 8 or 16) copied from global to shared memory without passing
+// through registers; src_bytes is BYTES or 0 (a zero fill: nothing is read). A copy lands only
+// once its thread has waited for its group: cp_async_commit() closes the group of the copies
+// issued since the last one, cp_async_wait<N>() waits until at most the N newest groups are in
+// flight. Its own copies only: the other threads' copies are seen after a barrier. Before sm_80
+// a plain load and store (the wait is then a no-op). The shim (tests/emulator/cuda_shim.h)
+// defers each copy to the wait and poisons the destination meanwhile.
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem, int src_bytes) {
+    static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
+#if __CUDA_ARCH__ >= 800
+    const unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
+    if (BYTES == 16)  // .cg: through L2 only (the tile is reused from shared memory, not L1)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(gmem), "n"(BYTES),
+                     "r"(src_bytes));
+#else
+    struct alignas(BYTES) Word {
+        int w[BYTES / 4];
+    };
+    Word v = {};
+    if (src_bytes) v = *static_cast<const Word*>(gmem);
+    *static_cast<Word*>(smem) = v;
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+#endif
+
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
     for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);

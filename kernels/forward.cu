@@ -2,7 +2,7 @@
 //
 //   out = f(o W + b)        o: B x K, W: K x N, b: N, out: B x N (row-major)
 //
-// Tiling: see gemm_tile.cuh (Core: Simt or Tf32); C rows are the batch (m), columns the outputs (n).
+// Tiling: see gemm_tile.cuh (Core: Simt, Warp or Tf32); C rows are the batch (m), columns the outputs (n).
 // forward_gather is the first layer of a fit step, gathering its batch as it loads it:
 //
 //   o[r] = X[order[step * stride + r]]        (batch.cu's gather_batch, fused)
@@ -18,27 +18,22 @@ __device__ __forceinline__ void forward_tile(GemmTiles<Core>& tiles, index_t til
                                              int act, index_t M, index_t N, index_t K) {
     const index_t m0 = tile_m * Core::BM, n0 = tile_n * Core::BN;
     typename Core::Acc acc;
-    gemm_mainloop<Core, false, true>(
-        acc, tiles.A, tiles.B, load_o,                        // o: m-major
-        [&](index_t n, index_t k) { return W[k * N + n]; },  // W: k-major
-        NoTileHook(), m0, n0, M, N, K);
+    gemm_mainloop<Core, false, true>(acc, tiles, load_o, Direct<T>{W, N},  // o: m-major, W: k-major
+                                     NoTileHook(), m0, n0, M, N, K);
     Core::for_each_output(acc, m0, n0, M, N,
                           [&](index_t m, index_t n, T v) { out[m * N + n] = activate(act, v + b[n]); });
 }
 
 template <typename T, class Core>
-__global__ void forward(ForwardParams<T> p) {
+__global__ void __launch_bounds__(Core::THREADS, Core::MIN_BLOCKS) forward(ForwardParams<T> p) {
     __shared__ GemmTiles<Core> tiles;
     if (!launched_as_core<Core>()) return;
-    const T* __restrict__ o = p.o;
-    forward_tile<T, Core>(
-        tiles, blockIdx.y, blockIdx.x, [&](index_t m, index_t k) { return o[m * p.K + k]; }, p.W, p.b, p.out, p.act,
-        p.M, p.N, p.K);
+    forward_tile<T, Core>(tiles, blockIdx.y, blockIdx.x, Direct<T>{p.o, p.K}, p.W, p.b, p.out, p.act, p.M, p.N, p.K);
 }
 
 // p.o is the gathered batch xb: written here, by the blocks of tile column 0.
 template <typename T, class Core>
-__global__ void forward_gather(ForwardParams<T> p, GatherParams<T> g) {
+__global__ void __launch_bounds__(Core::THREADS, Core::MIN_BLOCKS) forward_gather(ForwardParams<T> p, GatherParams<T> g) {
     __shared__ GemmTiles<Core> tiles;
     if (!launched_as_core<Core>()) return;
     const T* __restrict__ X = g.X;

@@ -2,31 +2,54 @@
 //
 //   acc = sum_k A(m, k) * B(k, n)   for the block's BM x BN tile of C
 //
-// Tiles of A and B go through shared memory BK deep, the next pair fetched into
-// registers while the current one is multiplied; elements outside M x N x K
-// load as zero, so no size needs to be a multiple of a tile. The
-// operands are read through functors load_a(m, k), load_b(n, k) (a prologue
-// can transform elements while the tile is loaded); on_tile(Bs) sees each B
-// tile once it is in shared memory (the bias-gradient sums use it). A_KROWS
-// says A is stored k-major (element (m, k) at k*M + m: consecutive m are
-// adjacent), otherwise m-major (at m*K + k); likewise B_KROWS for B (k-major:
-// (k, n) at k*N + n). The load order follows the layout so global reads coalesce.
+// Pieces (CUTLASS's split): the operands' tile iterators (TileCopy: cp.async global -> shared;
+// TileFetch: through registers, for an operand computed as it loads), the main loop over k
+// (gemm_mainloop: a ring of STAGES tile pairs in shared memory, one barrier per k tile), and
+// the cores' arithmetic and epilogue iteration (Simt, Warp, Tf32: zero, multiply,
+// for_each_output). Elements outside M x N x K load as zero, so no size needs to be a multiple
+// of a tile. An operand is Direct (a pointer and leading dimension) or a functor load(row, k)
+// (a prologue can transform elements while the tile is loaded); on_tile(Bs) sees each B tile
+// once it is in shared memory (the bias-gradient sums use it). A_KROWS says A is stored k-major
+// (element (m, k) at k*M + m: consecutive m are adjacent), otherwise m-major (at m*K + k);
+// likewise B_KROWS for B (k-major: (k, n) at k*N + n). The load order follows the layout so
+// global reads coalesce.
 //
-// Two cores do the arithmetic, with the same interface (a kernel is written once,
-// templated on its core):
+// The cores, with one interface (a kernel is written once, templated on its core):
 //   Simt<T, BM, BN, BK, TM, TN>  CUDA cores, float or double. Each thread owns TM x TN
 //       outputs at rows ty + i*(BM/TM), columns tx + j*(BN/TN): strided, so a warp
-//       reads consecutive shared-memory words and writes C coalesced.
-//   Tf32  tensor cores (sm_80+), float in, float accumulate, TF32 products:
-//       mma.sync m16n8k8; 64 x 64 x 16 tiles, 8 warps of 32 x 16 outputs each.
-//       Built only by NVRTC/nvcc (the CPU harness checks the Simt core).
+//       reads consecutive shared-memory words and writes C coalesced. Two stages.
+//   Warp<T, BM, BN, BK, WM, WN, WMITER, WNITER, TM, TN, STAGES, MIN_BLOCKS>  CUDA cores, warp
+//       tiles, fragments read as 16-byte vectors, up to STAGES stages (below).
+//   Tf32  tensor cores (sm_80+), float in, float accumulate, TF32 products (gemm_tf32.cuh).
 #pragma once
 #include "common.cuh"
 
-// One operand's BK x ROWS tile in flight: each thread fetches its share into
-// registers (all its global reads issued back to back, out-of-range elements as
-// zero), then stores them to shared memory. KROWS (k-major storage): consecutive
-// threads take consecutive rows; else consecutive k. Either way global reads coalesce.
+// Static shared memory a GEMM's tiles may take (of the 48 KB a block can declare statically).
+constexpr int SHARED_BUDGET = 46 * 1024;
+
+// An operand read straight from memory: element (row, k) at p[k * ld + row] when the mainloop's
+// KROWS says it is stored k-major, else at p[row * ld + k]. Its tiles go from global to shared
+// memory by cp.async, never through registers. Any other operand is a functor load(row, k)
+// (a prologue: computed, or with side effects), fetched into registers and stored.
+template <typename T>
+struct Direct {
+    const T* p;
+    index_t ld;
+};
+
+template <typename Op>
+struct is_direct {
+    static const bool value = false;
+};
+template <typename T>
+struct is_direct<Direct<T>> {
+    static const bool value = true;
+};
+
+// A functor operand's BK x ROWS tile in flight: each thread fetches its share into registers
+// (all its global reads issued back to back, out-of-range elements as zero), then stores them
+// to shared memory. KROWS (k-major storage): consecutive threads take consecutive rows; else
+// consecutive k. Either way global reads coalesce.
 template <typename T, int ROWS, int BK, int PAD, bool KROWS, int THREADS>
 struct TileFetch {
     static const int PER_THREAD = (BK * ROWS + THREADS - 1) / THREADS;
@@ -55,39 +78,164 @@ struct TileFetch {
     }
 };
 
-// The main loop both cores share: store the fetched tiles, fetch the next ones
-// (their global reads in flight during this tile's arithmetic), hook, multiply,
-// repeat over k in [k_begin, K) (a split-K slice takes part of K). Every element is
-// loaded exactly once (a prologue's side effect too).
-template <class Core, bool A_KROWS, bool B_KROWS, typename T, typename Acc, typename LoadA, typename LoadB,
-          typename OnTile>
-__device__ __forceinline__ void gemm_mainloop(Acc& acc, T (&As)[Core::BK][Core::BM + Core::PAD],
-                                              T (&Bs)[Core::BK][Core::BN + Core::PAD], LoadA load_a,
-                                              LoadB load_b, OnTile on_tile, index_t m0, index_t n0, index_t M,
-                                              index_t N, index_t K, index_t k_begin = 0) {
-    const int tid = threadIdx.x;
-    TileFetch<T, Core::BM, Core::BK, Core::PAD, A_KROWS, Core::THREADS> a;
-    TileFetch<T, Core::BN, Core::BK, Core::PAD, B_KROWS, Core::THREADS> b;
-    Core::zero(acc);
-    a.fetch(load_a, m0, k_begin, M, K, tid);
-    b.fetch(load_b, n0, k_begin, N, K, tid);
-    for (index_t k0 = k_begin; k0 < K; k0 += Core::BK) {
-        a.store(As, tid);
-        b.store(Bs, tid);
-        __syncthreads();  // sync: tile loaded
-        if (k0 + Core::BK < K) {
-            a.fetch(load_a, m0, k0 + Core::BK, M, K, tid);
-            b.fetch(load_b, n0, k0 + Core::BK, N, K, tid);
-        }
-        on_tile(Bs);
-        Core::multiply(acc, As, Bs);
-        __syncthreads();  // sync: tile consumed
+// A Direct operand's BK x ROWS tile, issued as cp.async copies into one stage. k-major storage
+// (rows contiguous in memory and in the tile): 16-byte copies of VEC rows where the shared rows
+// are 16-byte aligned (the core's PAD), the operand's rows are (p and ld), and the VEC rows are
+// inside R; element copies elsewhere (edges, misaligned views, Simt's odd PAD). Otherwise
+// (consecutive k contiguous: the copy transposes) one copy per element, consecutive threads on
+// consecutive k so the global reads coalesce. Elements outside R x K are zero-filled.
+template <typename T, int ROWS, int BK, int PAD, bool KROWS, int THREADS>
+struct TileCopy {
+    static const int VEC = 16 / sizeof(T);
+    static const bool WIDE = KROWS && (ROWS + PAD) * sizeof(T) % 16 == 0 && ROWS % VEC == 0;
+    static const int UNIT = WIDE ? VEC : 1;  // elements per unit of work
+    static const int UNITS = BK * ROWS / UNIT;
+    static const int PER_THREAD = (UNITS + THREADS - 1) / THREADS;
+    static const bool EVEN = UNITS % THREADS == 0;
+
+    static __device__ __forceinline__ void element(T* dst, const Direct<T>& op, index_t r, index_t k, index_t R,
+                                                   index_t K) {
+        const bool inside = r < R && k < K;
+        cp_async<sizeof(T)>(dst, inside ? op.p + (KROWS ? k * op.ld + r : r * op.ld + k) : op.p,
+                            inside ? (int)sizeof(T) : 0);
     }
+
+    static __device__ __forceinline__ void issue(T (&tile)[BK][ROWS + PAD], const Direct<T>& op, bool wide_ok,
+                                                 index_t r0, index_t k0, index_t R, index_t K, int tid) {
+#pragma unroll
+        for (int j = 0; j < PER_THREAD; ++j) {
+            const int u = tid + j * THREADS;
+            if (!EVEN && u >= UNITS) continue;
+            if (WIDE) {
+                const int kk = u / (ROWS / VEC), rr = (u % (ROWS / VEC)) * VEC;
+                const index_t r = r0 + rr, k = k0 + kk;
+                if (wide_ok && k < K && r + VEC <= R) {
+                    cp_async<16>(&tile[kk][rr], op.p + k * op.ld + r, 16);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) element(&tile[kk][rr + e], op, r + e, k, R, K);
+                }
+            } else {
+                const int kk = KROWS ? u / ROWS : u % BK, rr = KROWS ? u % ROWS : u / BK;
+                element(&tile[kk][rr], op, r0 + rr, k0 + kk, R, K);
+            }
+        }
+    }
+};
+
+// One operand of the main loop, by kind: Direct (cp.async into the stage S - 1 tiles ahead) or
+// a functor (fetched into registers one tile ahead, stored after the multiply).
+template <typename T, int ROWS, int BK, int PAD, bool KROWS, int THREADS, typename Op, bool DIRECT = is_direct<Op>::value>
+struct Operand {
+    TileFetch<T, ROWS, BK, PAD, KROWS, THREADS> regs;
+    Op load;
+    __device__ __forceinline__ explicit Operand(Op op) : load(op) {}
+    __device__ __forceinline__ void issue(T (&)[BK][ROWS + PAD], index_t, index_t, index_t, index_t, int) {}
+    __device__ __forceinline__ void fetch(index_t r0, index_t k0, index_t R, index_t K, int tid) {
+        regs.fetch(load, r0, k0, R, K, tid);
+    }
+    __device__ __forceinline__ void store(T (&tile)[BK][ROWS + PAD], int tid) const { regs.store(tile, tid); }
+};
+
+template <typename T, int ROWS, int BK, int PAD, bool KROWS, int THREADS, typename Op>
+struct Operand<T, ROWS, BK, PAD, KROWS, THREADS, Op, true> {
+    typedef TileCopy<T, ROWS, BK, PAD, KROWS, THREADS> Copy;
+    Op op;
+    bool wide_ok;  // the 16-byte copies' global side aligned: every row start a multiple of 16 bytes
+    __device__ __forceinline__ explicit Operand(Op o)
+        : op(o), wide_ok(aligned16(o.p) && o.ld % Copy::VEC == 0) {}
+    __device__ __forceinline__ void issue(T (&tile)[BK][ROWS + PAD], index_t r0, index_t k0, index_t R, index_t K,
+                                          int tid) {
+        Copy::issue(tile, op, wide_ok, r0, k0, R, K, tid);
+    }
+    __device__ __forceinline__ void fetch(index_t, index_t, index_t, index_t, int) {}
+    __device__ __forceinline__ void store(T (&)[BK][ROWS + PAD], int) const {}
+};
+
+// Whether a functor operand's tile in flight (registers) fits beside the core's accumulators: a
+// thread of 128 accumulators (the wide warp tiles) has no registers left for it (ptxas spills).
+template <class Core>
+struct prologue_room {
+    static const bool value = sizeof(typename Core::Acc) / sizeof(typename Core::Value) <= 64;
+};
+
+// The STAGES shared-memory tile pairs of one block, declared by each kernel (`__shared__
+// GemmTiles<Core> tiles;`) and handed to the tile functions.
+template <class Core>
+struct GemmTiles {
+    typedef typename Core::Value T;
+    alignas(16) T A[Core::STAGES][Core::BK][Core::BM + Core::PAD];  // 16-byte aligned: Warp reads vectors
+    alignas(16) T B[Core::STAGES][Core::BK][Core::BN + Core::PAD];
+};
+
+// The main loop every core shares, over k in [k_begin, K) (a split-K slice takes part of K), a
+// ring of STAGES tile pairs in shared memory (CUTLASS's multistage mainloop):
+//
+//   tiles 0 .. S-2 issued;  then for each k tile t:
+//     wait until tile t has landed (cp.async.wait_group S-2), barrier   <- the one barrier
+//     issue tile t + S - 1 into the stage tile t - 1 used (every thread is past it: the barrier)
+//     multiply tile t (hook first: on_tile(B) sees each B tile once, in shared memory)
+//
+// Direct operands go by cp.async S - 1 tiles ahead; a functor operand is fetched into registers
+// during tile t's multiply and stored into stage t + 1 after it (that stage was last read in
+// iteration t + 1 - S <= t - 1, before the barrier). Every element is loaded exactly once (a
+// prologue's side effect too). Elements outside M x N x K load as zero.
+template <class Core, bool A_KROWS, bool B_KROWS, typename Acc, typename OpA, typename OpB, typename OnTile>
+__device__ __forceinline__ void gemm_mainloop(Acc& acc, GemmTiles<Core>& tiles, OpA op_a, OpB op_b, OnTile on_tile,
+                                              index_t m0, index_t n0, index_t M, index_t N, index_t K,
+                                              index_t k_begin = 0) {
+    typedef typename Core::Value T;
+    const int S = Core::STAGES, BK = Core::BK, tid = threadIdx.x;
+    static_assert(S >= 2, "a stage in use and one filling");
+    Operand<T, Core::BM, BK, Core::PAD, A_KROWS, Core::THREADS, OpA> a(op_a);
+    Operand<T, Core::BN, BK, Core::PAD, B_KROWS, Core::THREADS, OpB> b(op_b);
+    const index_t n_tiles = K > k_begin ? (K - k_begin + BK - 1) / BK : 0;
+    Core::zero(acc);
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) {
+        if (s < n_tiles) {
+            a.issue(tiles.A[s], m0, k_begin + s * BK, M, K, tid);
+            b.issue(tiles.B[s], n0, k_begin + s * BK, N, K, tid);
+        }
+        cp_async_commit();  // one group per tile, empty or not: the wait below counts groups
+    }
+    if (n_tiles > 0) {
+        a.fetch(m0, k_begin, M, K, tid);
+        b.fetch(n0, k_begin, N, K, tid);
+        a.store(tiles.A[0], tid);
+        b.store(tiles.B[0], tid);
+    }
+    int stage = 0;
+    for (index_t t = 0; t < n_tiles; ++t) {
+        cp_async_wait<S - 2>();  // this thread's copies of tile t have landed
+        __syncthreads();         // sync: tile t in shared memory, tile t - 1 consumed
+        const index_t ahead = t + S - 1;
+        const int ahead_stage = stage == 0 ? S - 1 : stage - 1;
+        if (ahead < n_tiles) {
+            a.issue(tiles.A[ahead_stage], m0, k_begin + ahead * BK, M, K, tid);
+            b.issue(tiles.B[ahead_stage], n0, k_begin + ahead * BK, N, K, tid);
+        }
+        cp_async_commit();
+        const bool more = t + 1 < n_tiles;
+        if (more) {
+            a.fetch(m0, k_begin + (t + 1) * BK, M, K, tid);
+            b.fetch(n0, k_begin + (t + 1) * BK, N, K, tid);
+        }
+        on_tile(tiles.B[stage]);
+        Core::multiply(acc, tiles.A[stage], tiles.B[stage]);
+        const int next_stage = stage + 1 == S ? 0 : stage + 1;
+        if (more) {
+            a.store(tiles.A[next_stage], tid);
+            b.store(tiles.B[next_stage], tid);
+        }
+        stage = next_stage;
+    }
+    cp_async_wait<0>();  // only empty groups are left: nothing lands after the loop
 }
 
 template <typename T, int BM_, int BN_, int BK_, int TM, int TN>
 struct Simt {
-    static const int BM = BM_, BN = BN_, BK = BK_, PAD = 1;
+    static const int BM = BM_, BN = BN_, BK = BK_, PAD = 1, STAGES = 2, MIN_BLOCKS = 1;
     static const int THREADS = (BM / TM) * (BN / TN);  // the launchers' block (ops/cuda.py threads_of)
     static const int ROW_STEP = BM / TM;  // rows of one thread are ROW_STEP apart
     static const int COL_STEP = BN / TN;
@@ -148,9 +296,19 @@ struct Simt {
 // float, where Simt reads TM + TN scalars strided). PAD keeps every tile row 16-byte aligned
 // (GemmTiles is 16-byte aligned); the fetch's scalar stores are conflict-free with it (row
 // stride BM + 4 words: 8 k-rows x 4 m land on 32 banks).
-template <typename T, int BM_, int BN_, int BK_, int WM, int WN, int WMITER, int WNITER, int TM, int TN>
+//
+// STAGES_: the most tile pairs in flight; as many as fit SHARED_BUDGET (static shared memory is
+// 48 KB a block; the rest is the kernels' own: block sums, flags). MIN_BLOCKS_: blocks per SM the
+// registers must allow in float (__launch_bounds__ of every GEMM kernel: at most
+// 65536 / (THREADS MIN_BLOCKS) registers a thread); double's accumulators take twice the registers: 1.
+template <typename T, int BM_, int BN_, int BK_, int WM, int WN, int WMITER, int WNITER, int TM, int TN,
+          int STAGES_ = 2, int MIN_BLOCKS_ = 1>
 struct Warp {
     static const int BM = BM_, BN = BN_, BK = BK_, PAD = 16 / sizeof(T);
+    static const int STAGE_BYTES = BK * (BM + BN + 2 * PAD) * (int)sizeof(T);
+    static const int FIT = SHARED_BUDGET / STAGE_BYTES;
+    static const int STAGES = STAGES_ < FIT ? STAGES_ : FIT, MIN_BLOCKS = sizeof(T) == 4 ? MIN_BLOCKS_ : 1;
+    static_assert(STAGES >= 2, "two stages of the tile must fit in static shared memory");
     static const int THREADS = (BM / WM) * (BN / WN) * 32;  // the launchers' block (ops/cuda.py threads_of)
     static const int WSUBM = WM / WMITER, WSUBN = WN / WNITER;  // one piece of a warp's sub-tile
     static const int LANES_N = WSUBN / TN, LANES_M = WSUBM / TM;
@@ -232,14 +390,6 @@ struct Warp {
 };
 
 #include "gemm_tf32.cuh"
-
-// The two shared-memory tiles of one block, declared by each kernel (`__shared__ GemmTiles<Core> tiles;`)
-// and handed to the tile functions, so kernels that run several GEMMs share one pair.
-template <class Core>
-struct GemmTiles {
-    alignas(16) typename Core::Value A[Core::BK][Core::BM + Core::PAD];  // 16-byte aligned: Warp reads vectors
-    alignas(16) typename Core::Value B[Core::BK][Core::BN + Core::PAD];
-};
 
 struct NoTileHook {
     template <typename Tile>

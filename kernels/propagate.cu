@@ -6,7 +6,7 @@
 // output o (common.cuh), so a hidden delta never needs a pass of its own.
 // cuBLASLt and CUTLASS ship dReLU/dGELU epilogues only; this covers sigmoid,
 // tanh, ReLU and identity. Both operands are m-/n-major (K contiguous).
-// propagate_tile computes one BM x BN tile, reading delta through load_delta(m, k);
+// propagate_tile computes one BM x BN tile, reading delta through load_delta (Direct, or a functor (m, k));
 // backward.cu runs it beside a weight update, or computing the output delta as it loads.
 #pragma once
 #include "gemm_tile.cuh"
@@ -19,20 +19,17 @@ __device__ __forceinline__ void propagate_tile(GemmTiles<Core>& tiles, index_t t
                                                index_t N, index_t K) {
     const index_t m0 = tile_m * Core::BM, n0 = tile_n * Core::BN;
     typename Core::Acc acc;
-    gemm_mainloop<Core, false, false>(
-        acc, tiles.A, tiles.B, load_delta, [&](index_t n, index_t k) { return W[n * K + k]; },  // B(k, n) = W[n][k]
-        NoTileHook(), m0, n0, M, N, K);
+    gemm_mainloop<Core, false, false>(acc, tiles, load_delta, Direct<T>{W, K},  // B(k, n) = W[n][k]
+                                      NoTileHook(), m0, n0, M, N, K);
     Core::for_each_output(acc, m0, n0, M, N, [&](index_t m, index_t n, T v) {
         out[m * N + n] = v * derivative(act, o[m * N + n]);
     });
 }
 
 template <typename T, class Core>
-__global__ void propagate(PropagateParams<T> p) {
+__global__ void __launch_bounds__(Core::THREADS, Core::MIN_BLOCKS) propagate(PropagateParams<T> p) {
     __shared__ GemmTiles<Core> tiles;
     if (!launched_as_core<Core>()) return;
-    const T* __restrict__ delta = p.delta;
-    propagate_tile<T, Core>(
-        tiles, blockIdx.y, blockIdx.x, [&](index_t m, index_t k) { return delta[m * p.K + k]; }, p.W, p.o, p.out,
-        p.act, p.M, p.N, p.K);
+    propagate_tile<T, Core>(tiles, blockIdx.y, blockIdx.x, Direct<T>{p.delta, p.K}, p.W, p.o, p.out, p.act, p.M, p.N,
+                            p.K);
 }

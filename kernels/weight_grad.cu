@@ -32,7 +32,8 @@ __device__ __forceinline__ void weight_grad_tile(GemmTiles<Core>& tiles, index_t
     const T* __restrict__ g = p.g;
     const T* __restrict__ o_next = p.o_next;
     T* __restrict__ delta_out = p.delta_out;
-    const int has_prologue = p.has_prologue, act = p.act;
+    const bool has_prologue = p.has_prologue;
+    const int act = p.act;
     const index_t M = p.M, N = p.N, K = p.K;
     const int BK = Core::BK, BN = Core::BN;
     const int tid = threadIdx.x;
@@ -40,7 +41,6 @@ __device__ __forceinline__ void weight_grad_tile(GemmTiles<Core>& tiles, index_t
     const bool bias_block = tile_m == 0;
     auto load_delta = [&](index_t n, index_t k) {
         const index_t i = k * N + n;
-        if (!has_prologue) return g[i];
         const T d = g[i] * derivative(act, o_next[i]);
         if (bias_block) delta_out[i] = d;
         return d;
@@ -54,9 +54,16 @@ __device__ __forceinline__ void weight_grad_tile(GemmTiles<Core>& tiles, index_t
     const index_t k_begin = is_split ? slice * split.slice_k : 0;
     const index_t k_end = is_split && k_begin + split.slice_k < K ? k_begin + split.slice_k : K;
     typename Core::Acc acc;
-    gemm_mainloop<Core, true, true>(
-        acc, tiles.A, tiles.B, [&](index_t m, index_t k) { return o[k * M + m]; }, load_delta, sum_bias, m0, n0,
-        M, N, k_end, k_begin);
+    if (has_prologue) {  // delta computed as it loads: through registers
+        if constexpr (prologue_room<Core>::value)
+            gemm_mainloop<Core, true, true>(acc, tiles, Direct<T>{o, M}, load_delta, sum_bias, m0, n0, M, N, k_end,
+                                            k_begin);
+        else
+            return __trap();  // the launchers never send a prologue to this core (ops/cuda.py WIDE_CONFIGS)
+    } else {  // delta given: both operands by cp.async
+        gemm_mainloop<Core, true, true>(acc, tiles, Direct<T>{o, M}, Direct<T>{g, N}, sum_bias, m0, n0, M, N, k_end,
+                                        k_begin);
+    }
     const bool owns_bias = bias_block && tid < BN && n0 + tid < N;
     const Updater<T, FAMILY> update(rule);
     if (is_split) {
@@ -88,7 +95,7 @@ __device__ __forceinline__ void weight_grad_tile(GemmTiles<Core>& tiles, index_t
 
 // FAMILY: the update rules compiled into the epilogue (update.cuh); SGD_RULES by default.
 template <typename T, class Core, int FAMILY = SGD_RULES>
-__global__ void weight_grad(WeightGradParams<T> p, UpdateRule<T> rule, SplitK<T> split) {
+__global__ void __launch_bounds__(Core::THREADS, Core::MIN_BLOCKS) weight_grad(WeightGradParams<T> p, UpdateRule<T> rule, SplitK<T> split) {
     __shared__ GemmTiles<Core> tiles;
     if (!launched_as_core<Core>()) return;
     weight_grad_tile<T, Core, FAMILY>(tiles, blockIdx.y, blockIdx.x, p, rule, split, blockIdx.z);

@@ -12,7 +12,8 @@ import scipy.special
 from gpu_backprop import MLP
 from gpu_backprop.ops import Gather, NumpyOps, Output, Propagate, Record, Update
 from gpu_backprop.ops.autotune import Tuner
-from gpu_backprop.ops.cuda import PATHS, CudaOps
+from gpu_backprop.ops.cuda import PATHS, WIDE_CONFIGS, CudaOps, gemm_name, names_in, paths_for
+from gpu_backprop.ops.launch import make
 
 from .reference_formulas import f_prime_from_output
 from .emulator.builder import EmuLoader
@@ -24,6 +25,13 @@ SHAPES = [(1, 1, 1), (7, 33, 1), (1, 129, 7), (33, 63, 65), (129, 65, 127), (17,
 # weight gradients also with the batch split (tests/test_split_k.py: long batches, determinism)
 SPLITS = ("small/s2", "large/s4", "warp/s2")
 twin = NumpyOps()
+
+
+def config_dtypes(configs, prologue=False):
+    """(config, dtype) pairs that exist: the wide tiles run float32 only, and no delta prologue
+    (test_wide_tiles_refuse_float64_and_the_prologue checks the refusals)."""
+    return [(c, d) for c in configs for d in DTYPES
+            if c not in WIDE_CONFIGS or (np.dtype(d) == np.float32 and not prologue)]
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +135,7 @@ def test_one_element_two_percent_off_fails(emu, rng, dtype):
         close(out, expected, dtype, k=65 + 1, terms=terms)
 
 
-@pytest.mark.parametrize("config", PATHS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config,dtype", config_dtypes(PATHS))
 @pytest.mark.parametrize("index,shape", list(enumerate(SHAPES)))
 def test_forward(emu, rng, config, dtype, index, shape):
     batch, n_in, n_out = shape
@@ -151,8 +158,7 @@ def test_forward_softmax(emu, rng):
     close(out, expected, np.float64, k=5 + 1, terms=2 * expected * z_terms)
 
 
-@pytest.mark.parametrize("config", PATHS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config,dtype", config_dtypes(PATHS))
 @pytest.mark.parametrize("index,shape", list(enumerate(SHAPES)))
 def test_propagate(emu, rng, config, dtype, index, shape):
     batch, n_in, n_out = shape
@@ -166,10 +172,9 @@ def test_propagate(emu, rng, config, dtype, index, shape):
           terms=gemm_terms(delta, W.T) * np.abs(f_prime_from_output(act, f64[2])))
 
 
-@pytest.mark.parametrize("config", PATHS + SPLITS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config,dtype,prologue", [(c, d, p) for p in (False, True)
+                                                   for c, d in config_dtypes(PATHS + SPLITS, p)])
 @pytest.mark.parametrize("index,shape", list(enumerate(SHAPES)))
-@pytest.mark.parametrize("prologue", [False, True])
 def test_weight_grad(emu, rng, config, dtype, index, shape, prologue):
     batch, n_in, n_out = shape
     act = ACTS[index % 4]
@@ -190,8 +195,7 @@ def test_weight_grad(emu, rng, config, dtype, index, shape, prologue):
         close(kwargs["delta_out"], f64["delta_out"], dtype)
 
 
-@pytest.mark.parametrize("config", PATHS + SPLITS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config,dtype", config_dtypes(PATHS + SPLITS, prologue=True))  # o_next given
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (33, 65, 63), (129, 7, 129)])
 def test_sgd_epilogue(emu, rng, config, dtype, momentum, shape):
@@ -217,6 +221,44 @@ def test_sgd_epilogue(emu, rng, config, dtype, momentum, shape):
     if momentum:
         close(vel_w, expected[2], dtype, k=batch + 6, terms=vw_terms)
         close(vel_b, expected[3], dtype, k=batch + 6, terms=vb_terms)
+
+
+@pytest.mark.parametrize("config", WIDE_CONFIGS)
+def test_wide_tiles_refuse_float64_and_the_prologue(emu, rng, config):
+    """The wide tiles' 128 accumulators a thread leave no registers for float64 or for a delta
+    prologue's tile in flight: forced there, the launchers refuse; tuned, they never offer them;
+    and the kernel itself traps on a prologue rather than compute without it."""
+    o, W = inputs(rng, np.float64, 7, 9, 5, "identity")
+    with pytest.raises(TypeError, match=f"config: {config} needs float32 arrays, got float64"):
+        emu.forward(o, W, np.zeros(5), "sigmoid", nan((7, 5), np.float64), config=config)
+    assert config not in paths_for(np.float64) and config in paths_for(np.float32)
+    o, g, o_next = (rng.random(s).astype(np.float32) for s in ((7, 9), (7, 5), (7, 5)))
+    prologue = dict(o_next=o_next, activation="sigmoid", delta_out=nan((7, 5), np.float32))
+    with pytest.raises(ValueError, match=f"config: {config} runs no delta prologue"):
+        emu.weight_grad(o, g, nan((9, 5), np.float32), nan(5, np.float32), config=config, **prologue)
+    asked = []
+    ops = CudaOps(np, scipy.special, emu.loader, tuner=Recording(asked))
+    ops.tune_min_fma = 0
+    ops.weight_grad(o, g, nan((9, 5), np.float32), nan(5, np.float32), **prologue)
+    assert asked and not set(asked[-1]) & set(WIDE_CONFIGS), asked
+    kernel = emu.loader.function("weight_grad.cu", gemm_name("weight_grad", np.float32, config),
+                                 names_in("weight_grad.cu"))
+    params = make("WeightGradParams", np.float32, o=o, g=g, o_next=o_next, delta_out=nan((7, 5), np.float32),
+                  W=nan((9, 5), np.float32), b=nan(5, np.float32), M=9, N=5, K=7, act=1, has_prologue=1)
+    with pytest.raises(RuntimeError, match="trapped"):
+        kernel((1, 1, 1), (256, 1, 1), [params, make("UpdateRule", np.float32), make("SplitK", np.float32)])
+
+
+class Recording(Tuner):
+    """A tuner that records the candidates it is offered and takes the default."""
+
+    def __init__(self, asked):
+        super().__init__(enabled=False)
+        self.asked = asked
+
+    def choose(self, key, candidates, trial, default):
+        self.asked.append(tuple(candidates))
+        return default
 
 
 def shifted(array, offset):
@@ -397,7 +439,7 @@ def test_tf32_precision_tunes_between_our_tensor_cores_and_cublas_tf32(loader):
     assert loader.tf32_gemms == before + 1
     close(out, o.astype(np.float64) @ W + 1, np.float32, k=4 + 1, terms=gemm_terms(o, W) + 1)
     ops.forward(o.astype(np.float64), W.astype(np.float64), b.astype(np.float64), "identity", out.astype(np.float64))
-    assert asked[-1][1] == PATHS
+    assert asked[-1][1] == paths_for(np.float64)  # fp64: the tiles that exist in fp64, and cuBLAS
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

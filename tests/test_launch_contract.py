@@ -160,11 +160,12 @@ def test_gemm_kernels_trap_on_a_block_their_core_was_not_written_for(loader, con
     from gpu_backprop.ops.cuda import GEMM_FILES, gemm_name, names_in, threads_of
     from gpu_backprop.ops.launch import make
 
-    kernel = loader.function(GEMM_FILES["forward"], gemm_name("forward", np.float64, config),
+    dtype = np.float64 if config in cuda_ops.configs_for(np.float64) else np.float32  # the wide tiles: float32
+    kernel = loader.function(GEMM_FILES["forward"], gemm_name("forward", dtype, config),
                              names_in(GEMM_FILES["forward"]))
-    o, W, b = np.ones((3, 4)), np.ones((4, 5)), np.zeros(5)
-    out = np.full((3, 5), np.nan)
-    params = make("ForwardParams", np.float64, o=o, W=W, b=b, out=out, M=3, N=5, K=4, act=0)
+    o, W, b = np.ones((3, 4), dtype), np.ones((4, 5), dtype), np.zeros(5, dtype)
+    out = np.full((3, 5), np.nan, dtype)
+    params = make("ForwardParams", dtype, o=o, W=W, b=b, out=out, M=3, N=5, K=4, act=0)
     kernel((1, 1, 1), (threads_of(config), 1, 1), [params])
     np.testing.assert_array_equal(out, 4.0)
     for wrong in (threads_of(config) // 2, threads_of(config) + 32):

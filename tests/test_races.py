@@ -23,8 +23,7 @@ def test_kernels_run_clean_under_tsan(tmp_path):
     assert proc.returncode == 0 and proc.stdout.startswith("checksum")
 
 
-@pytest.mark.parametrize("file,marker", [("gemm_tile.cuh", "sync: tile consumed"),
-                                         ("gemm_tile.cuh", "sync: tile loaded"),
+@pytest.mark.parametrize("file,marker", [("gemm_tile.cuh", "sync: tile t in shared memory, tile t - 1 consumed"),
                                          ("common.cuh", "sync: warp sums written"),
                                          ("bias.cu", "__syncthreads();")])
 def test_missing_syncthreads_is_reported(tmp_path, file, marker):

@@ -5,9 +5,13 @@ speed depends on the shape of the code and no GPU is at hand to time it:
   least (WMITER TM + WNITER TN) / VEC per k step of each GEMM in a kernel;
 - no GEMM kernel touches local memory (LDL/STL: spills or stack arrays);
 - the FMA share of each kernel's FMA and shared-load instructions is printed, and for the
-  warp-tiled core held to 98% of the design's: per k step a lane's WMITER TM x WNITER TN = 64
-  FMAs against (WMITER TM + WNITER TN) / VEC vector loads, 64 / (64 + 4) = 94% in float and
-  64 / (64 + 8) = 89% in double (the Simt cores: 64 / (64 + 16) at best, printed beside).
+  warp-tiled cores held to 98% of the design's: per k step a lane's WMITER TM x WNITER TN FMAs
+  against (WMITER TM + WNITER TN) / VEC vector loads: 64 / (64 + 4) = 94% in float and
+  64 / (64 + 8) = 89% in double for "warp", 128 / (128 + 6) = 96% for the wide tiles (the Simt
+  cores: 64 / (64 + 16) at best, printed beside);
+- every GEMM kernel moves its Direct operands' tiles by cp.async (LDGSTS, committed with
+  LDGDEPBAR and waited with DEPBAR), and on the warp cores the k-major ones (W in the forward;
+  o and delta in the weight gradient) as 16-byte copies (LDGSTS.E.BYPASS.128: cp.async.cg 16).
 """
 import re
 import shutil
@@ -18,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpu_backprop.ops.cuda import CONFIGS, GEMM_FILES, gemm_name, kernel_source
+from gpu_backprop.ops.cuda import CONFIGS, GEMM_FILES, configs_for, gemm_name, kernel_source
 
 from .test_compile import _require, demangle
 
@@ -47,7 +51,7 @@ def sass(tmp_path_factory):
     code: dict = {}
     for file in dict.fromkeys(GEMM_FILES.values()):
         names = [gemm_name(k, dt, c) for k, f in GEMM_FILES.items() if f == file
-                 for dt in (np.float32, np.float64) for c in CONFIGS]
+                 for dt in (np.float32, np.float64) for c in configs_for(dt)]
         source = kernel_source(file) + "\nstatic void* const instances[] = {\n" + \
             ",\n".join(f"    (void*)&{name}" for name in names) + "\n};\n"
         (tmp / file).write_text(source)
@@ -60,8 +64,9 @@ def sass(tmp_path_factory):
         assert dump.returncode == 0, dump.stderr
         for section in re.split(r"\n\s*Function : ", dump.stdout)[1:]:
             symbol, body = section.split("\n", 1)
-            code[demangle(symbol.strip())] = re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)",
-                                                        body, re.M)
+            # opcodes, without those under @!PT (never executed: ptxas pads cp.async with them)
+            code[demangle(symbol.strip())] = [op for pred, op in re.findall(
+                r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:(@!?U?P\w+)\s+)?([A-Z][A-Z0-9_.]*)", body, re.M) if pred != "@!PT"]
     return code
 
 
@@ -73,16 +78,26 @@ def counts(opcodes: list) -> tuple[int, int, int]:
 
 
 def test_every_gemm_kernel_was_disassembled(sass):
-    assert len(sass) == len(GEMM_FILES) * 2 * len(CONFIGS), sorted(sass)
+    expected = len(GEMM_FILES) * sum(len(configs_for(dt)) for dt in (np.float32, np.float64))
+    assert len(sass) == expected, sorted(sass)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+WARP_CASES = [(c, dt) for c in CONFIGS if CONFIGS[c][4].startswith("Warp<")
+              for dt in (np.float32, np.float64) if c in configs_for(dt)]
+
+
+def kernel_on(sass, kernel, config, dtype):
+    """The SASS of ``kernel`` on ``config`` (its first instantiation: the SGD rule family)."""
+    core = CONFIGS[config][4].format(T="double" if dtype == np.float64 else "float")
+    return next(n for n in sass if n.startswith(f"{kernel}<") and core.replace(" ", "") in n.replace(" ", ""))
+
+
+@pytest.mark.parametrize("config,dtype", WARP_CASES)
 @pytest.mark.parametrize("kernel", list(GEMM_FILES))
-def test_warp_core_reads_shared_memory_as_vectors(sass, kernel, dtype):
-    name = next(n for n in sass if n.startswith(f"{kernel}<") and "Warp<" in n
-                and ("double" in n) == (dtype == np.float64))
-    bm, bn, bk, threads, core = CONFIGS["warp"]
-    wm, wn, wmiter, wniter, tm, tn = map(int, re.findall(r"\d+", core.split(",", 4)[4]))
+def test_warp_core_reads_shared_memory_as_vectors(sass, kernel, config, dtype):
+    name = kernel_on(sass, kernel, config, dtype)
+    bm, bn, bk, threads, core = CONFIGS[config]
+    wm, wn, wmiter, wniter, tm, tn = list(map(int, re.findall(r"\d+", core.split(",", 4)[4])))[:6]
     vec = 16 // np.dtype(dtype).itemsize
     fma, wide, narrow = counts(sass[name])
     share = fma / (fma + wide + narrow)
@@ -91,6 +106,25 @@ def test_warp_core_reads_shared_memory_as_vectors(sass, kernel, dtype):
     design = wmiter * tm * wniter * tn / (wmiter * tm * wniter * tn + loads_per_k)
     assert wide >= bk * loads_per_k, (name, wide)
     assert share >= 0.98 * design, (name, share, design)
+
+
+# The operands each kernel reads as Direct (gemm_tile.cuh), and whether one of them is k-major
+# (rows contiguous: 16-byte copies on the warp cores). forward_gather reads its rows through the
+# epoch's order into registers; backward's propagation part may compute its delta as it loads.
+DIRECT = {"forward": True, "forward_gather": True, "propagate": False, "weight_grad": True, "backward": True}
+
+
+@pytest.mark.parametrize("kernel", list(GEMM_FILES))
+def test_gemm_kernels_copy_tiles_with_cp_async(sass, kernel):
+    for name, opcodes in sass.items():
+        if not name.startswith(f"{kernel}<"):
+            continue
+        ops = set(opcodes)
+        copies = sorted(op for op in ops if op.startswith(("LDGSTS", "LDGDEPBAR", "DEPBAR")))
+        assert any(op.startswith("LDGSTS") for op in ops) and "LDGDEPBAR" in ops and "DEPBAR.LE" in ops, (name,
+                                                                                                       copies)
+        if "Warp<" in name and DIRECT[kernel]:
+            assert "LDGSTS.E.BYPASS.128" in ops, (name, sorted(o for o in ops if o.startswith("LDGSTS")))
 
 
 def test_no_gemm_kernel_touches_local_memory(sass):

@@ -12,7 +12,7 @@ from gpu_backprop.ops.autotune import Tuner
 from gpu_backprop.ops.cuda import PATHS, CudaOps
 
 from .emulator.builder import EmuLoader, planted_kernels
-from .test_emulated_kernels import SPLITS, Always, close, fused_ops, gemm_terms, inputs
+from .test_emulated_kernels import SPLITS, Always, close, config_dtypes, fused_ops, gemm_terms, inputs
 
 twin = NumpyOps()
 DTYPES = [np.float32, np.float64]
@@ -85,8 +85,7 @@ def loader():
     return EmuLoader()
 
 
-@pytest.mark.parametrize("config", PATHS + SPLITS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config,dtype", config_dtypes(PATHS + SPLITS))
 @pytest.mark.parametrize("name", list(rules(None)))
 @pytest.mark.parametrize("shape", [(1, 1, 1), (33, 65, 63), (129, 7, 129)])
 def test_rule_in_the_epilogue(loader, rng, config, dtype, name, shape):

@@ -28,13 +28,20 @@ from .reference import RULE_MODES, ArrayOps, Gather, Output, Propagate, Rule, Up
 
 BLOCK = 256  # threads per block of the elementwise kernels (any multiple of 32 up to 1024)
 # Tiles of the CUDA-core GEMMs (gemm_tile.cuh): name: (BM, BN, BK, threads, the core with {T} for the
-# float type). Simt: each thread TM x TN outputs strided across the tile; "tiny": 2 x 2 outputs per
-# thread and a deep K step, for the latency-bound layers of small nets. Warp: warp tiles of 64 x 32,
-# each lane 2 x 2 pieces of 4 x 4 contiguous outputs, read from shared memory as 16-byte vectors.
+# float type). Simt: each thread TM x TN outputs strided across the tile, two stages; "tiny": 2 x 2
+# outputs per thread and a deep K step, for the latency-bound layers of small nets. Warp (CUTLASS's
+# SM80 SIMT list): 8 warps, each lane's fragments contiguous and read from shared memory as 16-byte
+# vectors, tiles by cp.async up to 4 (128 x 128) or 3 (128 x 256) stages deep; one block an SM
+# (2 would cap a thread at 128 registers: the weight gradient and backward spill). CUTLASS's
+# 256 x 128 is left out: its weight gradient spills at 255 registers.
 CONFIGS = {"tiny": (32, 32, 32, 256, "Simt<{T}, 32, 32, 32, 2, 2>"),
            "small": (64, 64, 16, 256, "Simt<{T}, 64, 64, 16, 4, 4>"),
            "large": (128, 128, 8, 256, "Simt<{T}, 128, 128, 8, 8, 8>"),
-           "warp": (128, 128, 8, 256, "Warp<{T}, 128, 128, 8, 64, 32, 2, 2, 4, 4>")}
+           "warp": (128, 128, 8, 256, "Warp<{T}, 128, 128, 8, 64, 32, 2, 2, 4, 4, 4, 1>"),
+           "warp128x256": (128, 256, 8, 256, "Warp<{T}, 128, 256, 8, 64, 64, 2, 2, 8, 4, 3, 1>")}
+# The wide tiles: 128 accumulators a thread, so float32 only (in float64 they would take the whole
+# register file) and no delta prologue in the weight gradient (its tile in flight would spill).
+WIDE_CONFIGS = ("warp128x256",)
 TF32_TILE = (64, 64)  # gemm_tile.cuh Tf32: tensor cores, float32 only, precision="tf32"
 TF32_THREADS = 256    # Tf32::THREADS: 8 warps of 32 x 16
 # fp32/fp64 GEMM paths: our fused kernels with either tile, or cuBLAS with our elementwise kernels
@@ -61,6 +68,16 @@ ELEMENTWISE_FILES = {"delta.cu": ("output_delta", "hidden_delta"),
 UNTYPED = ("shuffle_keys",)  # kernels that are not templated on the float type
 RULE_KERNELS = ("weight_grad", "backward")  # GEMM kernels with an update epilogue: one instance per rule family
 CUBLAS_TF32_TENSOR_OP_MATH = 3  # cublasMath_t in cublas_api.h; CuPy 14's cublas module does not export it
+
+
+def configs_for(dtype: Any) -> tuple[str, ...]:
+    """The tile configs compiled, tuned and run for ``dtype``."""
+    return tuple(c for c in CONFIGS if np.dtype(dtype) == np.float32 or c not in WIDE_CONFIGS)
+
+
+def paths_for(dtype: Any) -> tuple[str, ...]:
+    """The fp32/fp64 GEMM paths for ``dtype``: its tiles and cuBLAS."""
+    return (*configs_for(dtype), "cublas")
 
 
 def gemm_name(kernel: str, dtype: Any, config: str, family: int = 0) -> str:
@@ -108,7 +125,7 @@ def names_in(file: str) -> list[str]:
                 + [k for k in kernels if k in UNTYPED])
     kernels = [k for k, f in GEMM_FILES.items() if f == file]
     return [name for k in kernels for family in ((0, 1) if k in RULE_KERNELS else (0,))
-            for name in [gemm_name(k, dt, c, family) for dt in CTYPES for c in CONFIGS]
+            for name in [gemm_name(k, dt, c, family) for dt in CTYPES for c in configs_for(dt)]
             + [gemm_name(k, np.float32, "tf32", family)]]
 
 
@@ -225,6 +242,7 @@ class _Gemm:
     trial: Callable[[str], None]    # what the tuner times (writes no parameter)
     rule: dict | None = None        # a weight update's UpdateRule fields (params.cuh)
     groupable: bool = True          # False: a prologue (backward.cu runs none)
+    prologue: bool = False          # a weight gradient that forms delta as it loads (not on WIDE_CONFIGS)
 
     def part(self, tile: tuple[int, int]) -> dict:
         """Its struct for backward.cu, with the tile grid of ``tile``."""
@@ -386,10 +404,12 @@ class CudaOps(ArrayOps):
         return "large" if -(-M // bm) * -(-N // bn) >= self.loader.sm_count else "small"
 
     def gemm_path(self, kind: str, dtype: Any, M: int, N: int, K: int, config: str | None,
-                  trial: Any) -> str:
+                  trial: Any, prologue: bool = False) -> str:
         """``config`` when given, else the tuned (or default) path for this shape: among our
         tiles and cuBLAS, or for precision="tf32" (float32) among our tensor-core kernels and
-        cuBLAS's TF32 mode."""
+        cuBLAS's TF32 mode. ``prologue``: a weight gradient forming delta as it loads (tuned
+        apart, and never on the wide tiles)."""
+        kind = f"{kind}+prologue" if prologue else kind
         path = self._gemm_path(kind, dtype, M, N, K, config, self._unrecorded(trial))
         self._chosen[f"{kind}|{np.dtype(dtype).name}|{M}x{N}x{K}{'|graph' if self._graph_safe else ''}"] = path
         return path
@@ -400,13 +420,17 @@ class CudaOps(ArrayOps):
         return dict(self._chosen)
 
     def _gemm_path(self, kind: str, dtype: Any, M: int, N: int, K: int, config: str | None, trial: Any) -> str:
-        splits = split_paths(K) if kind == "weight_grad" else ()
+        weight_grad, prologue = kind.startswith("weight_grad"), kind.endswith("+prologue")
+        splits = split_paths(K) if weight_grad else ()
         if config is not None:
-            if config not in (*PATHS, *TF32_PATHS) and not (kind == "weight_grad" and config in SPLIT_PATHS):
+            if config not in (*PATHS, *TF32_PATHS) and not (weight_grad and config in SPLIT_PATHS):
                 raise ValueError(f"config: expected one of {', '.join(PATHS + TF32_PATHS)}"
-                                 f"{' or a split like large/s4' if kind == 'weight_grad' else ''}, got {config!r}")
-            if config in TF32_PATHS and np.dtype(dtype) != np.float32:
+                                 f"{' or a split like large/s4' if weight_grad else ''}, got {config!r}")
+            if (config in TF32_PATHS or config in WIDE_CONFIGS) and np.dtype(dtype) != np.float32:
                 raise TypeError(f"config: {config} needs float32 arrays, got {np.dtype(dtype).name}")
+            if prologue and config in WIDE_CONFIGS:
+                raise ValueError(f"config: {config} runs no delta prologue (o_next given); "
+                                 f"expected one of {', '.join(p for p in PATHS if p not in WIDE_CONFIGS)}")
             return config
         graph = "|graph" if self._graph_safe else ""
         small = M * N * K < self.tune_min_fma  # one candidate: the default, nothing timed
@@ -415,7 +439,9 @@ class CudaOps(ArrayOps):
             return self.tuner.choose(f"{kind}|tf32|{M}x{N}x{K}{graph}", paths, trial, default="tf32")
         key = f"{kind}|{np.dtype(dtype).name}|{M}x{N}x{K}{graph}"
         default = self.gemm_config(M, N)
-        paths = (default,) if small else tuple(p for p in PATHS + splits if not (graph and p.startswith("cublas")))
+        paths = (default,) if small else tuple(p for p in paths_for(dtype) + splits
+                                               if not (graph and p.startswith("cublas"))
+                                               and not (prologue and p in WIDE_CONFIGS))
         return self.tuner.choose(key, paths, trial, default=default)
 
     def _cublas(self, path: str, a: Any, b: Any, out: Any, **kwargs: Any) -> None:
@@ -660,7 +686,7 @@ class CudaOps(ArrayOps):
             launch(path, scratch, dict(fields, mode=WRITE_GRADIENT, t=None))
 
         return _Gemm("weight_grad", dtype, (n_in, n_out, batch), params, lambda path: launch(path, params, fields),
-                     trial, fields, groupable=not prologue)
+                     trial, fields, groupable=not prologue, prologue=prologue)
 
     def _split_k(self, path: str, dtype: Any, M: int, N: int, K: int) -> tuple[np.ndarray, int]:
         """The SplitK struct of a weight gradient on ``path`` and its number of slices: each a
@@ -696,7 +722,7 @@ class CudaOps(ArrayOps):
         with the output delta computed inside the propagation when ``output`` is given; else
         the output delta kernel, then the GEMMs one after another. Returns what it ran, as
         calls that run the same launches again (on the same arrays)."""
-        paths = [self.gemm_path(g.kind, g.dtype, *g.shape, config, g.trial) for g in gemms]
+        paths = [self.gemm_path(g.kind, g.dtype, *g.shape, config, g.trial, prologue=g.prologue) for g in gemms]
         grouped = self._groups(gemms, paths, output)
         launches: list = []
         # Inside the group only the propagation computes the output delta as it loads it: an

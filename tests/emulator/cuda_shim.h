@@ -15,7 +15,9 @@
 #include <barrier>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <thread>
 #include <tuple>
@@ -28,6 +30,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __noinline__ __attribute__((noinline))
+#define __launch_bounds__(...)
 #define __restrict__ __restrict
 #define __shared__ static
 // Dynamic shared memory cannot be "extern static": kernels that need it use this macro.
@@ -81,6 +84,63 @@ inline T __shfl_down_sync(unsigned int /*mask*/, T value, int delta) {
     return result;
 }
 
+// cp.async as the PTX ISA defines it: a copy that lands when its thread waits for its group,
+// not before. Here the bytes are read at the issue and written at the wait; meanwhile the
+// destination holds poison (all bits set: NaN), so a read before the wait (a missing or too
+// weak cp_async_wait, a copy left out of its group, another thread's copy read without a
+// barrier) sees NaN and fails a comparison, where hardware would often have the data by then.
+namespace emu {
+struct PendingCopy {
+    void* dst;
+    int bytes;
+    unsigned char data[16];
+};
+struct AsyncCopies {
+    std::vector<PendingCopy> open;                  // issued since the last commit
+    std::deque<std::vector<PendingCopy>> committed;  // groups, oldest first
+};
+inline thread_local AsyncCopies async_copies;
+inline void land(std::vector<PendingCopy>& group) {
+    for (const PendingCopy& c : group) std::memcpy(c.dst, c.data, c.bytes);
+    group.clear();
+}
+// A block's copies still in flight when it exits land then (a GPU completes them too).
+inline void land_all() {
+    for (auto& group : async_copies.committed) land(group);
+    async_copies.committed.clear();
+    land(async_copies.open);
+}
+}  // namespace emu
+
+template <int BYTES>
+inline void cp_async(void* smem, const void* gmem, int src_bytes) {
+    static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
+    const bool misaligned = reinterpret_cast<std::uintptr_t>(smem) % BYTES ||
+                            (src_bytes && reinterpret_cast<std::uintptr_t>(gmem) % BYTES);
+    if (misaligned || (src_bytes != 0 && src_bytes != BYTES)) {  // a GPU faults on a misaligned copy
+        __trap();
+        return;
+    }
+    emu::PendingCopy copy{smem, BYTES, {}};
+    if (src_bytes) std::memcpy(copy.data, gmem, BYTES);  // else a zero fill
+    std::memset(smem, 0xff, BYTES);
+    emu::async_copies.open.push_back(copy);
+}
+
+inline void cp_async_commit() {
+    emu::async_copies.committed.push_back(std::move(emu::async_copies.open));
+    emu::async_copies.open.clear();
+}
+
+template <int N>
+inline void cp_async_wait() {
+    auto& groups = emu::async_copies.committed;
+    while (groups.size() > N) {
+        emu::land(groups.front());
+        groups.pop_front();
+    }
+}
+
 inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
     return std::atomic_ref<unsigned int>(*address).fetch_add(value);
 }
@@ -122,6 +182,7 @@ void run_blocks(void (*kernel)(Params...), dim3 grid, dim3 block, Schedule sched
                 const unsigned int linear = schedule.order ? schedule.order[i] : i;
                 blockIdx = {linear % grid.x, (linear / grid.x) % grid.y, linear / (grid.x * grid.y)};
                 kernel(args...);
+                land_all();
                 barrier.arrive_and_wait();  // the whole block is done before the next starts
             }
         });
