@@ -6,7 +6,8 @@ kernels + cuBLAS + ``sum``) and PyTorch (``torch-eager``; ``torch-compile``
 compiles the same function). ``ours-numpy`` is gpu_backprop's CPU path (the
 NumPy twins), ``ours-fused`` its CUDA kernels (the default tile, one launch per tile), and
 ``ours-splitk`` the weight-gradient kernels with the batch split in slices (split-K), the
-tile and slice count tuned on the card among our kernels only.
+tile and slice count tuned on the card among our kernels only, and ``ours-warp`` the cp.async
+pipelined warp-tiled cores (128x128, 128x256, and their split-K slices), tuned among those.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ GEMM_CORE_SIZES = {"4096^3": ([4096, 4096, 10], 4096)}
 COMPILE_SIZES = {"small", "typical-B4096"}  # torch.compile compiles for minutes: the target sizes only
 
 CPU_PEERS = ("numpy", "ours-numpy")
-GPU_PEERS = ("cupy-unfused", "ours-fused", "ours-splitk")
+GPU_PEERS = ("cupy-unfused", "ours-fused", "ours-splitk", "ours-warp")
 SPLIT_OPS = ("weight_grad", "weight_grad_sgd", "gemm_core")  # the GEMMs over the batch: where split-K applies
 TORCH_PEERS = ("torch-eager", "torch-compile")
 PEERS = CPU_PEERS + GPU_PEERS + TORCH_PEERS
@@ -204,7 +205,7 @@ def peer_reason(peer: str, backend: Any, size: str) -> str | None:
     """Why ``peer`` does not run in this session (None when it does)."""
     if peer in CPU_PEERS and backend.kind != "cpu":
         return f"{peer} is a CPU peer: run with --bench-device cpu"
-    if peer in ("cupy-unfused", "ours-fused", "ours-splitk", "ours-graph", "ours-tf32") and backend.kind != "cuda":
+    if peer in (*GPU_PEERS, "ours-graph", "ours-tf32") and backend.kind != "cuda":
         return f"{peer} needs a CUDA GPU (none usable here)"
     if peer == "torch-compile" and backend.kind != "cuda":
         return "torch.compile peer runs on CUDA only (CPU inductor compile time would dominate the suite)"

@@ -1,5 +1,5 @@
 """A small run of every fused kernel for compute-sanitizer (memcheck, racecheck):
-odd shapes, both dtypes, every tile configuration (CONFIGS), momentum, the delta prologue,
+odd shapes, both dtypes, every tile configuration (configs_for), momentum, the delta prologue,
 the grouped backward launch (with and without the output delta inside), split-K
 weight gradients (partials, tickets and the last slice's sum), and the update rules of
 kernels/update.cuh (Nesterov, L2, Adam/AdamW with the step count on the device) fused and
@@ -15,6 +15,7 @@ def main() -> None:
     cupy.cuda.set_allocator(None)
     from gpu_backprop import MLP, data, get_device
     from gpu_backprop.ops import Output, Propagate, Update
+    from gpu_backprop.ops.cuda import WIDE_CONFIGS, configs_for
 
     ds = data.digits(seed=0)
     for dtype in ("float32", "float64"):
@@ -30,15 +31,15 @@ def main() -> None:
     ops, xp = device.ops(fused=True), device.xp
     rng = np.random.default_rng(0)
     for dtype in (np.float32, np.float64):
-        for config in ("tiny", "small", "large", "warp"):
+        for config in configs_for(dtype):
             batch, n_in, n_out = 129, 65, 127
             o = xp.asarray(rng.random((batch, n_in)), dtype=dtype)
             err = xp.asarray(rng.standard_normal((batch, n_out)), dtype=dtype)
             o_next = xp.asarray(rng.random((batch, n_out)), dtype=dtype)
             grad_w, grad_b = xp.empty((n_in, n_out), dtype), xp.empty(n_out, dtype)
             delta = xp.empty((batch, n_out), dtype)
-            ops.weight_grad(o, err, grad_w, grad_b, o_next=o_next, activation="sigmoid", delta_out=delta,
-                            config=config)
+            prologue = {} if config in WIDE_CONFIGS else dict(o_next=o_next, activation="sigmoid", delta_out=delta)
+            ops.weight_grad(o, err, grad_w, grad_b, config=config, **prologue)  # the wide tiles: no prologue
             below = xp.empty((batch, n_in), dtype)
             ops.propagate(delta, grad_w, o, "tanh", below, config=config)
             ops.forward(o, grad_w, grad_b, "relu", xp.empty((batch, n_out), dtype), config=config)

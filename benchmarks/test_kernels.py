@@ -58,20 +58,24 @@ def test_kernel(benchmark, backend, ceilings, budget, op, size, peer):
 
         ops = CudaOps(backend.xp, cupyx.scipy.special, cupy_loader(get_device("cuda")), tuner=Tuner(enabled=False))
         fn = ours(ops, backend.xp, op)
-    elif peer == "ours-splitk":  # tuned on the card among split-K slices of our tiles (never cuBLAS)
+    elif peer in ("ours-splitk", "ours-warp"):  # tuned on the card among some of our paths (never cuBLAS)
         import cupyx.scipy.special
 
         from gpu_backprop.ops.autotune import Tuner, device_key
         from gpu_backprop.ops.cuda import CudaOps, cupy_loader, split_of
 
-        class SplitOnly(Tuner):
+        def wanted(path: str) -> bool:  # split-K slices of any tile, or the warp cores (split or not)
+            return split_of(path)[1] > 1 if peer == "ours-splitk" else path.startswith("warp")
+
+        class Only(Tuner):
             def choose(self, key, candidates, trial, default):
-                splits = [c for c in candidates if split_of(c)[1] > 1]
-                return super().choose(key, splits, trial, default) if splits else default
+                chosen = [c for c in candidates if wanted(c)]
+                return super().choose(key, chosen, trial, default) if chosen else default
 
         loader = cupy_loader(get_device("cuda"))
         ops = CudaOps(backend.xp, cupyx.scipy.special, loader,
-                      tuner=SplitOnly(f"{device_key(loader)}|split-only", loader.time, enabled=True))
+                      tuner=Only(f"{device_key(loader)}|{peer}-only", loader.time, enabled=True))
+        ops.tune_min_fma = 0  # every shape tuned among them, however small
         fn = ours(ops, backend.xp, op)
     else:
         fn = spec.plain

@@ -37,13 +37,36 @@ struct Direct {
     index_t ld;
 };
 
+// A Direct operand with a prologue: element (row, k) is f(p(row, k), aux(row, k), row, k), p and
+// aux both read straight from memory with leading dimension ld. Both tiles go by cp.async (aux
+// into a stage buffer of its own, GemmTiles' Aux); once a thread's copies of a tile have landed
+// it applies f to the elements it copied, in shared memory, one tile ahead of the multiply: f
+// runs once per element a block loads, off the registers, with no barrier of its own.
+template <typename T, typename F>
+struct Transformed {
+    const T* p;
+    const T* aux;
+    index_t ld;
+    F f;
+};
+
+template <typename T, typename F>
+__device__ __forceinline__ Transformed<T, F> transformed(const T* p, const T* aux, index_t ld, F f) {
+    return Transformed<T, F>{p, aux, ld, f};
+}
+
+// The kind of a main-loop operand: 0 a functor (registers), 1 Direct, 2 Transformed.
 template <typename Op>
-struct is_direct {
-    static const bool value = false;
+struct operand_kind {
+    static const int value = 0;
 };
 template <typename T>
-struct is_direct<Direct<T>> {
-    static const bool value = true;
+struct operand_kind<Direct<T>> {
+    static const int value = 1;
+};
+template <typename T, typename F>
+struct operand_kind<Transformed<T, F>> {
+    static const int value = 2;
 };
 
 // A functor operand's BK x ROWS tile in flight: each thread fetches its share into registers
@@ -93,79 +116,146 @@ struct TileCopy {
     static const int PER_THREAD = (UNITS + THREADS - 1) / THREADS;
     static const bool EVEN = UNITS % THREADS == 0;
 
-    static __device__ __forceinline__ void element(T* dst, const Direct<T>& op, index_t r, index_t k, index_t R,
+    typedef T Tile[BK][ROWS + PAD];
+
+    static __device__ __forceinline__ void element(T* dst, const T* p, index_t ld, index_t r, index_t k, index_t R,
                                                    index_t K) {
         const bool inside = r < R && k < K;
-        cp_async<sizeof(T)>(dst, inside ? op.p + (KROWS ? k * op.ld + r : r * op.ld + k) : op.p,
-                            inside ? (int)sizeof(T) : 0);
+        cp_async<sizeof(T)>(dst, inside ? p + (KROWS ? k * ld + r : r * ld + k) : p, inside ? (int)sizeof(T) : 0);
     }
 
-    static __device__ __forceinline__ void issue(T (&tile)[BK][ROWS + PAD], const Direct<T>& op, bool wide_ok,
-                                                 index_t r0, index_t k0, index_t R, index_t K, int tid) {
+    // Unit u of the tile: its first element's k and row in the tile.
+    static __device__ __forceinline__ int k_of(int u) { return WIDE ? u / (ROWS / VEC) : KROWS ? u / ROWS : u % BK; }
+    static __device__ __forceinline__ int row_of(int u) {
+        return WIDE ? (u % (ROWS / VEC)) * VEC : KROWS ? u % ROWS : u / BK;
+    }
+
+    static __device__ __forceinline__ void issue(Tile& tile, const T* p, index_t ld, bool wide_ok, index_t r0,
+                                                 index_t k0, index_t R, index_t K, int tid) {
 #pragma unroll
         for (int j = 0; j < PER_THREAD; ++j) {
             const int u = tid + j * THREADS;
             if (!EVEN && u >= UNITS) continue;
-            if (WIDE) {
-                const int kk = u / (ROWS / VEC), rr = (u % (ROWS / VEC)) * VEC;
-                const index_t r = r0 + rr, k = k0 + kk;
-                if (wide_ok && k < K && r + VEC <= R) {
-                    cp_async<16>(&tile[kk][rr], op.p + k * op.ld + r, 16);
-                } else {
-#pragma unroll
-                    for (int e = 0; e < VEC; ++e) element(&tile[kk][rr + e], op, r + e, k, R, K);
-                }
+            const int kk = k_of(u), rr = row_of(u);
+            const index_t r = r0 + rr, k = k0 + kk;
+            if (WIDE && wide_ok && k < K && r + VEC <= R) {
+                cp_async<16>(&tile[kk][rr], p + k * ld + r, 16);
             } else {
-                const int kk = KROWS ? u / ROWS : u % BK, rr = KROWS ? u % ROWS : u / BK;
-                element(&tile[kk][rr], op, r0 + rr, k0 + kk, R, K);
+#pragma unroll
+                for (int e = 0; e < UNIT; ++e) element(&tile[kk][rr + e], p, ld, r + e, k, R, K);
+            }
+        }
+    }
+
+    // tile = f(tile, aux, row, k) over the elements this thread copied (inside R x K), once its
+    // copies have landed: no other thread touches them, so no barrier is needed before.
+    template <typename F>
+    static __device__ __forceinline__ void transform(Tile& tile, const Tile& aux, F& f, index_t r0, index_t k0,
+                                                     index_t R, index_t K, int tid) {
+#pragma unroll
+        for (int j = 0; j < PER_THREAD; ++j) {
+            const int u = tid + j * THREADS;
+            if (!EVEN && u >= UNITS) continue;
+            const int kk = k_of(u), rr = row_of(u);
+            const index_t r = r0 + rr, k = k0 + kk;
+            if (k >= K) continue;
+            if (WIDE && r + VEC <= R) {  // the tile's rows are 16-byte aligned (WIDE): vector accesses
+                Pack<T> v = *reinterpret_cast<const Pack<T>*>(&tile[kk][rr]);
+                const Pack<T> w = *reinterpret_cast<const Pack<T>*>(&aux[kk][rr]);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) v.v[e] = f(v.v[e], w.v[e], r + e, k);
+                *reinterpret_cast<Pack<T>*>(&tile[kk][rr]) = v;
+            } else {
+#pragma unroll
+                for (int e = 0; e < UNIT; ++e)
+                    if (r + e < R) tile[kk][rr + e] = f(tile[kk][rr + e], aux[kk][rr + e], r + e, k);
             }
         }
     }
 };
 
-// One operand of the main loop, by kind: Direct (cp.async into the stage S - 1 tiles ahead) or
-// a functor (fetched into registers one tile ahead, stored after the multiply).
-template <typename T, int ROWS, int BK, int PAD, bool KROWS, int THREADS, typename Op, bool DIRECT = is_direct<Op>::value>
+// One operand of the main loop, by kind (operand_kind): a functor (fetched into registers one
+// tile ahead, stored after the multiply), Direct (cp.async into the stage S - 1 tiles ahead), or
+// Transformed (Direct, and f applied by each thread to its own copies one tile ahead).
+template <typename T, int ROWS, int BK, int PAD, bool KROWS, int THREADS, typename Op,
+          int KIND = operand_kind<Op>::value>
 struct Operand {
+    typedef T Tile[BK][ROWS + PAD];
+    static const bool TRANSFORMS = false;
     TileFetch<T, ROWS, BK, PAD, KROWS, THREADS> regs;
     Op load;
     __device__ __forceinline__ explicit Operand(Op op) : load(op) {}
-    __device__ __forceinline__ void issue(T (&)[BK][ROWS + PAD], index_t, index_t, index_t, index_t, int) {}
+    __device__ __forceinline__ void issue(Tile&, Tile&, index_t, index_t, index_t, index_t, int) {}
     __device__ __forceinline__ void fetch(index_t r0, index_t k0, index_t R, index_t K, int tid) {
         regs.fetch(load, r0, k0, R, K, tid);
     }
-    __device__ __forceinline__ void store(T (&tile)[BK][ROWS + PAD], int tid) const { regs.store(tile, tid); }
+    __device__ __forceinline__ void store(Tile& tile, int tid) const { regs.store(tile, tid); }
+    __device__ __forceinline__ void transform(Tile&, const Tile&, index_t, index_t, index_t, index_t, int) {}
 };
 
 template <typename T, int ROWS, int BK, int PAD, bool KROWS, int THREADS, typename Op>
-struct Operand<T, ROWS, BK, PAD, KROWS, THREADS, Op, true> {
+struct Operand<T, ROWS, BK, PAD, KROWS, THREADS, Op, 1> {
     typedef TileCopy<T, ROWS, BK, PAD, KROWS, THREADS> Copy;
+    typedef T Tile[BK][ROWS + PAD];
+    static const bool TRANSFORMS = false;
     Op op;
     bool wide_ok;  // the 16-byte copies' global side aligned: every row start a multiple of 16 bytes
-    __device__ __forceinline__ explicit Operand(Op o)
-        : op(o), wide_ok(aligned16(o.p) && o.ld % Copy::VEC == 0) {}
-    __device__ __forceinline__ void issue(T (&tile)[BK][ROWS + PAD], index_t r0, index_t k0, index_t R, index_t K,
-                                          int tid) {
-        Copy::issue(tile, op, wide_ok, r0, k0, R, K, tid);
+    __device__ __forceinline__ explicit Operand(Op o) : op(o), wide_ok(aligned16(o.p) && o.ld % Copy::VEC == 0) {}
+    __device__ __forceinline__ void issue(Tile& tile, Tile&, index_t r0, index_t k0, index_t R, index_t K, int tid) {
+        Copy::issue(tile, op.p, op.ld, wide_ok, r0, k0, R, K, tid);
     }
     __device__ __forceinline__ void fetch(index_t, index_t, index_t, index_t, int) {}
-    __device__ __forceinline__ void store(T (&)[BK][ROWS + PAD], int) const {}
+    __device__ __forceinline__ void store(Tile&, int) const {}
+    __device__ __forceinline__ void transform(Tile&, const Tile&, index_t, index_t, index_t, index_t, int) {}
 };
 
-// Whether a functor operand's tile in flight (registers) fits beside the core's accumulators: a
-// thread of 128 accumulators (the wide warp tiles) has no registers left for it (ptxas spills).
+template <typename T, int ROWS, int BK, int PAD, bool KROWS, int THREADS, typename Op>
+struct Operand<T, ROWS, BK, PAD, KROWS, THREADS, Op, 2> {
+    typedef TileCopy<T, ROWS, BK, PAD, KROWS, THREADS> Copy;
+    typedef T Tile[BK][ROWS + PAD];
+    static const bool TRANSFORMS = true;
+    Op op;
+    bool wide_ok;
+    __device__ __forceinline__ explicit Operand(Op o)
+        : op(o), wide_ok(aligned16(o.p) && aligned16(o.aux) && o.ld % Copy::VEC == 0) {}
+    __device__ __forceinline__ void issue(Tile& tile, Tile& aux, index_t r0, index_t k0, index_t R, index_t K,
+                                          int tid) {
+        Copy::issue(tile, op.p, op.ld, wide_ok, r0, k0, R, K, tid);
+        Copy::issue(aux, op.aux, op.ld, wide_ok, r0, k0, R, K, tid);
+    }
+    __device__ __forceinline__ void fetch(index_t, index_t, index_t, index_t, int) {}
+    __device__ __forceinline__ void store(Tile&, int) const {}
+    __device__ __forceinline__ void transform(Tile& tile, const Tile& aux, index_t r0, index_t k0, index_t R,
+                                              index_t K, int tid) {
+        Copy::transform(tile, aux, op.f, r0, k0, R, K, tid);
+    }
+};
+
+// Whether a prologue fits beside the core's accumulators: a thread of 128 accumulators (the wide
+// warp tiles) has no registers left for its tile in flight, in registers or transformed in shared
+// memory (ptxas spills either way).
 template <class Core>
 struct prologue_room {
     static const bool value = sizeof(typename Core::Acc) / sizeof(typename Core::Value) <= 64;
 };
 
-// The STAGES shared-memory tile pairs of one block, declared by each kernel (`__shared__
-// GemmTiles<Core> tiles;`) and handed to the tile functions.
-template <class Core>
+// The shared-memory tiles of one block, declared by each kernel (`__shared__ GemmTiles<Core>
+// tiles;`) and handed to the tile functions: STAGES stages of an A and a B tile (and with AUX, of
+// a Transformed B operand's second source), as many as the core asks for and SHARED_BUDGET
+// holds. FITS: at least two do.
+template <class Core, bool AUX_ = false>
 struct GemmTiles {
     typedef typename Core::Value T;
-    alignas(16) T A[Core::STAGES][Core::BK][Core::BM + Core::PAD];  // 16-byte aligned: Warp reads vectors
-    alignas(16) T B[Core::STAGES][Core::BK][Core::BN + Core::PAD];
+    static const bool AUX = AUX_;
+    static const int STAGE_BYTES =
+        Core::BK * ((Core::BM + Core::PAD) + (AUX ? 2 : 1) * (Core::BN + Core::PAD)) * (int)sizeof(T);
+    static const int FIT = SHARED_BUDGET / STAGE_BYTES;
+    static const int STAGES = Core::STAGES < FIT ? Core::STAGES : FIT;
+    static const bool FITS = STAGES >= 2;
+    static const int S = STAGES > 0 ? STAGES : 1;
+    alignas(16) T A[S][Core::BK][Core::BM + Core::PAD];  // 16-byte aligned: Warp reads vectors
+    alignas(16) T B[S][Core::BK][Core::BN + Core::PAD];
+    alignas(16) T Aux[AUX ? S : 1][Core::BK][AUX ? Core::BN + Core::PAD : 1];
 };
 
 // The main loop every core shares, over k in [k_begin, K) (a split-K slice takes part of K), a
@@ -176,34 +266,48 @@ struct GemmTiles {
 //     issue tile t + S - 1 into the stage tile t - 1 used (every thread is past it: the barrier)
 //     multiply tile t (hook first: on_tile(B) sees each B tile once, in shared memory)
 //
-// Direct operands go by cp.async S - 1 tiles ahead; a functor operand is fetched into registers
+// Direct operands go by cp.async S - 1 tiles ahead. A functor operand is fetched into registers
 // during tile t's multiply and stored into stage t + 1 after it (that stage was last read in
-// iteration t + 1 - S <= t - 1, before the barrier). Every element is loaded exactly once (a
-// prologue's side effect too). Elements outside M x N x K load as zero.
-template <class Core, bool A_KROWS, bool B_KROWS, typename Acc, typename OpA, typename OpB, typename OnTile>
-__device__ __forceinline__ void gemm_mainloop(Acc& acc, GemmTiles<Core>& tiles, OpA op_a, OpB op_b, OnTile on_tile,
+// iteration t + 1 - S <= t - 1, before the barrier). A Transformed B operand is copied like a
+// Direct one; after tile t's multiply each thread waits for its own copies of tile t + 1 and
+// applies the prologue to them in place, so the next barrier publishes tile t + 1 transformed.
+// Every element is loaded exactly once (a prologue's side effect too). Elements outside
+// M x N x K load as zero.
+template <class Core, bool A_KROWS, bool B_KROWS, class Tiles, typename Acc, typename OpA, typename OpB,
+          typename OnTile>
+__device__ __forceinline__ void gemm_mainloop(Acc& acc, Tiles& tiles, OpA op_a, OpB op_b, OnTile on_tile,
                                               index_t m0, index_t n0, index_t M, index_t N, index_t K,
                                               index_t k_begin = 0) {
     typedef typename Core::Value T;
-    const int S = Core::STAGES, BK = Core::BK, tid = threadIdx.x;
-    static_assert(S >= 2, "a stage in use and one filling");
+    const int S = Tiles::STAGES, BK = Core::BK, tid = threadIdx.x;
+    static_assert(S >= 2, "a stage in use and one filling (GemmTiles::FITS)");
     Operand<T, Core::BM, BK, Core::PAD, A_KROWS, Core::THREADS, OpA> a(op_a);
-    Operand<T, Core::BN, BK, Core::PAD, B_KROWS, Core::THREADS, OpB> b(op_b);
+    typedef Operand<T, Core::BN, BK, Core::PAD, B_KROWS, Core::THREADS, OpB> OperandB;
+    static_assert(!OperandB::TRANSFORMS || Tiles::AUX, "a Transformed operand needs GemmTiles<Core, true>");
+    OperandB b(op_b);
+    auto aux = [&](int s) -> T(&)[BK][Core::BN + Core::PAD] {
+        if constexpr (Tiles::AUX) return tiles.Aux[s];
+        else return tiles.B[s];  // unused: only a Transformed operand reads its aux tile
+    };
     const index_t n_tiles = K > k_begin ? (K - k_begin + BK - 1) / BK : 0;
     Core::zero(acc);
 #pragma unroll
     for (int s = 0; s < S - 1; ++s) {
         if (s < n_tiles) {
-            a.issue(tiles.A[s], m0, k_begin + s * BK, M, K, tid);
-            b.issue(tiles.B[s], n0, k_begin + s * BK, N, K, tid);
+            a.issue(tiles.A[s], tiles.A[s], m0, k_begin + s * BK, M, K, tid);
+            b.issue(tiles.B[s], aux(s), n0, k_begin + s * BK, N, K, tid);
         }
-        cp_async_commit();  // one group per tile, empty or not: the wait below counts groups
+        cp_async_commit();  // one group per tile, empty or not: the waits below count groups
     }
     if (n_tiles > 0) {
         a.fetch(m0, k_begin, M, K, tid);
         b.fetch(n0, k_begin, N, K, tid);
         a.store(tiles.A[0], tid);
         b.store(tiles.B[0], tid);
+        if (OperandB::TRANSFORMS) {
+            cp_async_wait<S - 2>();  // this thread's copies of tile 0
+            b.transform(tiles.B[0], aux(0), n0, k_begin, N, K, tid);
+        }
     }
     int stage = 0;
     for (index_t t = 0; t < n_tiles; ++t) {
@@ -212,8 +316,8 @@ __device__ __forceinline__ void gemm_mainloop(Acc& acc, GemmTiles<Core>& tiles, 
         const index_t ahead = t + S - 1;
         const int ahead_stage = stage == 0 ? S - 1 : stage - 1;
         if (ahead < n_tiles) {
-            a.issue(tiles.A[ahead_stage], m0, k_begin + ahead * BK, M, K, tid);
-            b.issue(tiles.B[ahead_stage], n0, k_begin + ahead * BK, N, K, tid);
+            a.issue(tiles.A[ahead_stage], tiles.A[ahead_stage], m0, k_begin + ahead * BK, M, K, tid);
+            b.issue(tiles.B[ahead_stage], aux(ahead_stage), n0, k_begin + ahead * BK, N, K, tid);
         }
         cp_async_commit();
         const bool more = t + 1 < n_tiles;
@@ -227,6 +331,10 @@ __device__ __forceinline__ void gemm_mainloop(Acc& acc, GemmTiles<Core>& tiles, 
         if (more) {
             a.store(tiles.A[next_stage], tid);
             b.store(tiles.B[next_stage], tid);
+            if (OperandB::TRANSFORMS) {
+                cp_async_wait<S - 2>();  // this thread's copies of tile t + 1 (tiles up to t + S - 1 issued)
+                b.transform(tiles.B[next_stage], aux(next_stage), n0, k_begin + (t + 1) * BK, N, K, tid);
+            }
         }
         stage = next_stage;
     }
@@ -297,18 +405,15 @@ struct Simt {
 // (GemmTiles is 16-byte aligned); the fetch's scalar stores are conflict-free with it (row
 // stride BM + 4 words: 8 k-rows x 4 m land on 32 banks).
 //
-// STAGES_: the most tile pairs in flight; as many as fit SHARED_BUDGET (static shared memory is
-// 48 KB a block; the rest is the kernels' own: block sums, flags). MIN_BLOCKS_: blocks per SM the
+// STAGES_: the most tile pairs in flight (GemmTiles takes as many as fit SHARED_BUDGET: static
+// shared memory is 48 KB a block; the rest is the kernels' own: block sums, flags). MIN_BLOCKS_: blocks per SM the
 // registers must allow in float (__launch_bounds__ of every GEMM kernel: at most
 // 65536 / (THREADS MIN_BLOCKS) registers a thread); double's accumulators take twice the registers: 1.
 template <typename T, int BM_, int BN_, int BK_, int WM, int WN, int WMITER, int WNITER, int TM, int TN,
           int STAGES_ = 2, int MIN_BLOCKS_ = 1>
 struct Warp {
     static const int BM = BM_, BN = BN_, BK = BK_, PAD = 16 / sizeof(T);
-    static const int STAGE_BYTES = BK * (BM + BN + 2 * PAD) * (int)sizeof(T);
-    static const int FIT = SHARED_BUDGET / STAGE_BYTES;
-    static const int STAGES = STAGES_ < FIT ? STAGES_ : FIT, MIN_BLOCKS = sizeof(T) == 4 ? MIN_BLOCKS_ : 1;
-    static_assert(STAGES >= 2, "two stages of the tile must fit in static shared memory");
+    static const int STAGES = STAGES_, MIN_BLOCKS = sizeof(T) == 4 ? MIN_BLOCKS_ : 1;
     static const int THREADS = (BM / WM) * (BN / WN) * 32;  // the launchers' block (ops/cuda.py threads_of)
     static const int WSUBM = WM / WMITER, WSUBN = WN / WNITER;  // one piece of a warp's sub-tile
     static const int LANES_N = WSUBN / TN, LANES_M = WSUBM / TM;

@@ -1,8 +1,10 @@
 // Weight-gradient GEMM over the batch, with delta, the bias gradient and the
 // SGD step fused in:
 //
-//   prologue:  delta = err * f'(o_next)   while the tile is loaded (if has_prologue;
-//              otherwise g already is delta); written once to delta_out
+//   prologue:  delta = err * f'(o_next)   as the tile is loaded (if has_prologue; otherwise
+//              g already is delta): in shared memory on each thread's own copies of err and
+//              o_next (gemm_tile.cuh Transformed), or through registers where their stages do
+//              not fit (double); written once to delta_out
 //   GEMM:      dW = o^T delta             o: K x M (K = batch), delta: K x N
 //   bias:      db = sum over the batch of delta   (fixed order: deterministic)
 //   epilogue:  the update rule (update.cuh) on W and b: write dW and db, or an SGD,
@@ -24,8 +26,9 @@
 #include "gemm_tile.cuh"
 #include "update.cuh"
 
-template <typename T, class Core, int FAMILY = SGD_RULES>
-__device__ __forceinline__ void weight_grad_tile(GemmTiles<Core>& tiles, index_t tile_m, index_t tile_n,
+// PROLOGUE: compiled with the delta prologue (the weight_grad kernel; backward.cu runs none).
+template <typename T, class Core, int FAMILY = SGD_RULES, bool PROLOGUE = false, class Tiles>
+__device__ __forceinline__ void weight_grad_tile(Tiles& tiles, index_t tile_m, index_t tile_n,
                                                  const WeightGradParams<T>& p, const UpdateRule<T>& rule,
                                                  const SplitK<T>& split = SplitK<T>{}, index_t slice = 0) {
     const T* __restrict__ o = p.o;
@@ -39,10 +42,10 @@ __device__ __forceinline__ void weight_grad_tile(GemmTiles<Core>& tiles, index_t
     const int tid = threadIdx.x;
     const index_t m0 = tile_m * Core::BM, n0 = tile_n * BN;
     const bool bias_block = tile_m == 0;
-    auto load_delta = [&](index_t n, index_t k) {
-        const index_t i = k * N + n;
-        const T d = g[i] * derivative(act, o_next[i]);
-        if (bias_block) delta_out[i] = d;
+    // the prologue, once per element a block loads: delta = err * f'(o_next), written by the bias blocks
+    auto delta_of = [&](T err, T out_next, index_t n, index_t k) {
+        const T d = err * derivative(act, out_next);
+        if (bias_block) delta_out[k * N + n] = d;
         return d;
     };
     T bias_acc = T(0);  // thread tid < BN sums column n0 + tid
@@ -54,15 +57,18 @@ __device__ __forceinline__ void weight_grad_tile(GemmTiles<Core>& tiles, index_t
     const index_t k_begin = is_split ? slice * split.slice_k : 0;
     const index_t k_end = is_split && k_begin + split.slice_k < K ? k_begin + split.slice_k : K;
     typename Core::Acc acc;
-    if (has_prologue) {  // delta computed as it loads: through registers
-        if constexpr (prologue_room<Core>::value)
-            gemm_mainloop<Core, true, true>(acc, tiles, Direct<T>{o, M}, load_delta, sum_bias, m0, n0, M, N, k_end,
-                                            k_begin);
-        else
-            return __trap();  // the launchers never send a prologue to this core (ops/cuda.py WIDE_CONFIGS)
-    } else {  // delta given: both operands by cp.async
+    if (!has_prologue) {  // delta given: both operands by cp.async
         gemm_mainloop<Core, true, true>(acc, tiles, Direct<T>{o, M}, Direct<T>{g, N}, sum_bias, m0, n0, M, N, k_end,
                                         k_begin);
+    } else if constexpr (PROLOGUE && Tiles::AUX) {  // err and o_next by cp.async, delta formed in shared memory
+        gemm_mainloop<Core, true, true>(acc, tiles, Direct<T>{o, M}, transformed(g, o_next, N, delta_of), sum_bias,
+                                        m0, n0, M, N, k_end, k_begin);
+    } else if constexpr (PROLOGUE && prologue_room<Core>::value) {  // no room for aux tiles: through registers
+        auto load_delta = [&](index_t n, index_t k) { return delta_of(g[k * N + n], o_next[k * N + n], n, k); };
+        gemm_mainloop<Core, true, true>(acc, tiles, Direct<T>{o, M}, load_delta, sum_bias, m0, n0, M, N, k_end,
+                                        k_begin);
+    } else {
+        return __trap();  // a prologue this kernel was not compiled for: the launchers never send one
     }
     const bool owns_bias = bias_block && tid < BN && n0 + tid < N;
     const Updater<T, FAMILY> update(rule);
@@ -94,9 +100,11 @@ __device__ __forceinline__ void weight_grad_tile(GemmTiles<Core>& tiles, index_t
 }
 
 // FAMILY: the update rules compiled into the epilogue (update.cuh); SGD_RULES by default.
+// The prologue's err and o_next tiles go through shared memory where their stages fit (float);
+// else (double) through registers. The wide tiles run no prologue (prologue_room).
 template <typename T, class Core, int FAMILY = SGD_RULES>
 __global__ void __launch_bounds__(Core::THREADS, Core::MIN_BLOCKS) weight_grad(WeightGradParams<T> p, UpdateRule<T> rule, SplitK<T> split) {
-    __shared__ GemmTiles<Core> tiles;
+    __shared__ GemmTiles<Core, GemmTiles<Core, true>::FITS && prologue_room<Core>::value> tiles;
     if (!launched_as_core<Core>()) return;
-    weight_grad_tile<T, Core, FAMILY>(tiles, blockIdx.y, blockIdx.x, p, rule, split, blockIdx.z);
+    weight_grad_tile<T, Core, FAMILY, true>(tiles, blockIdx.y, blockIdx.x, p, rule, split, blockIdx.z);
 }

@@ -261,6 +261,20 @@ class Recording(Tuner):
         return default
 
 
+def test_a_kernel_without_the_prologue_traps_on_one(emu, rng):
+    """backward.cu compiles its weight gradients without the delta prologue: sent one anyway
+    (the launchers never do), it traps instead of computing without it."""
+    o, g, o_next = (rng.random(s).astype(np.float32) for s in ((7, 9), (7, 5), (7, 5)))
+    kernel = emu.loader.function("backward.cu", gemm_name("backward", np.float32, "small"), names_in("backward.cu"))
+    u = make("WeightGradParams", np.float32, o=o, g=g, o_next=o_next, delta_out=nan((7, 5), np.float32),
+             W=nan((9, 5), np.float32), b=nan(5, np.float32), M=9, N=5, K=7, act=1, has_prologue=1, tiles=1,
+             tiles_n=1)
+    args = [make("PropagateParams", np.float32), make("OutputParams", np.float32), make("StepRecord", np.float32),
+            u, make("WeightGradParams", np.float32), make("UpdateRule", np.float32)]
+    with pytest.raises(RuntimeError, match="trapped"):
+        kernel((1, 1, 1), (256, 1, 1), args)
+
+
 def shifted(array, offset):
     """``array`` copied to a buffer ``offset`` elements past a 64-byte boundary: offset 0 takes the
     kernels' 16-byte vector body, any other offset their element-by-element path."""

@@ -10,7 +10,7 @@ import pytest
 import scipy.special
 
 from gpu_backprop.ops import NumpyOps
-from gpu_backprop.ops.cuda import CudaOps, configs_for
+from gpu_backprop.ops.cuda import WIDE_CONFIGS, CudaOps, configs_for
 
 from .emulator.builder import HERE, EmuLoader, planted_kernels
 from .test_emulated_kernels import Always, close, gemm_terms, inputs, nan
@@ -72,6 +72,19 @@ def run_layer(loader, config, dtype, rng, batch=37, n_in=70, n_out=19):
                                     np.empty(n_out))
     close(grad_w, exp_w, dtype, batch, gemm_terms(o.T, delta))
     close(grad_b, exp_b, dtype, batch, np.abs(delta).sum(0))
+    if config in WIDE_CONFIGS:
+        return
+    # the delta prologue: err and o_next copied, delta formed in shared memory (float32) or in registers
+    o_next, _ = inputs(rng, dtype, batch, n_out, 1, "tanh")
+    grad_w, grad_b, delta_out = nan((n_in, n_out), dtype), nan(n_out, dtype), nan((batch, n_out), dtype)
+    ops.weight_grad(o, delta, grad_w, grad_b, o_next=o_next, activation="tanh", delta_out=delta_out, config=config)
+    f64 = dict(o_next=o_next.astype(np.float64), activation="tanh", delta_out=np.empty((batch, n_out)))
+    exp_w, exp_b = twin.weight_grad(o.astype(np.float64), delta.astype(np.float64), np.empty((n_in, n_out)),
+                                    np.empty(n_out), **f64)
+    close(delta_out, f64["delta_out"], dtype)
+    formed = np.abs(f64["delta_out"])
+    close(grad_w, exp_w, dtype, batch + 4, gemm_terms(o.T, formed))
+    close(grad_b, exp_b, dtype, batch + 4, formed.sum(0))
 
 
 @pytest.mark.parametrize("config,dtype", [(c, d) for d in (np.float32, np.float64) for c in configs_for(d)])
@@ -107,6 +120,12 @@ PLANTED = {
                                     "const int ahead_stage = stage;"),
     "wide copies of misaligned rows": ("gemm_tile.cuh", "wide_ok(aligned16(o.p) && o.ld % Copy::VEC == 0)",
                                        "wide_ok(true)"),
+    "prologue before its copies land": ("gemm_tile.cuh",
+                                        "cp_async_wait<S - 2>();  // this thread's copies of tile t + 1",
+                                        "// (planted: no wait)"),
+    "prologue on the tile being multiplied": ("gemm_tile.cuh",
+                                              "b.transform(tiles.B[next_stage], aux(next_stage), n0, k_begin + (t + 1)",
+                                              "b.transform(tiles.B[stage], aux(stage), n0, k_begin + (t + 1)"),
 }
 
 
