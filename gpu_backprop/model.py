@@ -96,9 +96,12 @@ class MLP:
     dtype: float32 or float64.
     seed: Glorot initialisation seed; the same seed gives the same weights bit for bit.
     fused: on CUDA, use the fused kernels (True) or the unfused CuPy path.
-    precision: "fp32" (exact float32 products) or "tf32": on CUDA, float32 GEMMs on the
+    precision: "fp32" (exact float32 products), "tf32": on CUDA, float32 GEMMs on the
         tensor cores with TF32 inputs (10-bit mantissa) and float32 sums, relative error
-        near 3e-4; the CPU always computes in full float32.
+        near 3e-4 (the CPU computes in full float32), or "bf16": mixed precision, CPU only for
+        now (``gpu_backprop/ops/bf16.py``): float32 master weights, GEMMs on bf16 operands (the
+        weights' bf16 copy, refreshed after every update) with float32 sums, activations and
+        deltas stored rounded to bf16; needs dtype float32.
     """
 
     def __init__(self, sizes: Sequence[int], activation: str = "sigmoid", output: str | None = None,
@@ -167,6 +170,15 @@ class MLP:
                     raise ValueError(f"params[{name!r}]: contains NaN or Inf")
                 current[...] = self.device.asarray(value, self.dtype)
         self._state = None
+        self.params_written()
+
+    def params_written(self) -> None:
+        """The parameters were written in place other than by an update of the ops (set_params,
+        a restore after divergence, the best epoch's weights, a broadcast): precision="bf16"
+        makes the weights' bf16 copies again from them."""
+        written = getattr(self.ops, "params_written", None)
+        if written is not None:
+            written()
 
     # -- forward / backward ---------------------------------------------------
     def _batch_buffers(self, batch: int) -> _Buffers:
@@ -579,10 +591,13 @@ def _check_sizes(sizes: Sequence[int]) -> list[int]:
 
 
 def _check_precision(precision: str, dtype: np.dtype, device: Device) -> str:
-    if precision not in ("fp32", "tf32"):
-        raise ValueError(f"precision: expected 'fp32' or 'tf32', got {precision!r}")
-    if precision == "tf32" and dtype != np.float32:
-        raise ValueError(f"precision: 'tf32' needs dtype float32, got {dtype.name}")
+    if precision not in modelfile.PRECISIONS:
+        raise ValueError(f"precision: expected 'fp32', 'tf32' or 'bf16', got {precision!r}")
+    if precision in ("tf32", "bf16") and dtype != np.float32:
+        raise ValueError(f"precision: {precision!r} needs dtype float32, got {dtype.name}")
+    if precision == "bf16" and device.kind != "cpu":
+        raise ValueError(f"precision: 'bf16' runs on the CPU only for now (its GPU kernels are not built yet), "
+                         f"got device {device.name}: use device='cpu'")
     if precision == "tf32" and device.kind != "cuda":
         logging.getLogger("gpu_backprop").info("precision 'tf32' applies on CUDA only: the CPU computes in float32")
     return precision

@@ -21,7 +21,7 @@ FORMAT_VERSION = 1
 MAX_HEADER_CHARS = 1 << 20  # a header is a few hundred characters; anything near this is not ours
 TASKS = ("classification", "regression")
 DTYPES = ("float32", "float64")
-PRECISIONS = ("fp32", "tf32")
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 class ModelFileError(FileError):
@@ -54,8 +54,8 @@ def check_config(header: Any, where: str) -> dict[str, Any]:
             raise bad(f"config {key!r}: expected one of {', '.join(allowed)}, got {_short(header[key])}")
     if (header["output"] == "softmax") != (header["loss"] == "cross_entropy"):
         raise bad(f"config: loss {header['loss']!r} with output {header['output']!r} is not a valid pair")
-    if header.get("precision") == "tf32" and header["dtype"] != "float32":
-        raise bad("config: precision 'tf32' needs dtype float32")
+    if header.get("precision") in ("tf32", "bf16") and header["dtype"] != "float32":
+        raise bad(f"config: precision {header['precision']!r} needs dtype float32")
     if not _is_int(header["seed"]) or header["seed"] < 0:
         raise bad(f"config 'seed': expected a non-negative integer, got {_short(header['seed'])}")
     classes = header.get("classes")

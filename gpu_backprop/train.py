@@ -363,6 +363,7 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
                              f"{models}); every rank must build the same network")
         for array in (*model.weights, *model.biases, *model._state.arrays().values()):
             comm.broadcast(array)
+    model.params_written()  # whatever wrote them before (a broadcast, the caller): bf16 copies made again
     if stopping is not None and stopping.restore_best and best is None:
         best = [p.copy() for p in (*model.weights, *model.biases)]
     # The last parameters known finite, restored if an epoch diverges (in place: captured
@@ -389,6 +390,7 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
                 for p, good in zip(params, kept):
                     p[...] = good
                 model._state = None
+                model.params_written()
                 kept_from = f"the weights after epoch {epoch} are kept" if epoch else "the initial weights are kept"
                 error = FloatingPointError(f"training diverged in epoch {epoch + 1}: loss is {loss}; "
                                            f"try a smaller lr (now {lr_now}); {kept_from}")
@@ -433,6 +435,7 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
     if best is not None and history.best_epoch is not None and history.best_epoch != history.epochs:
         for p, b in zip((*model.weights, *model.biases), best):
             p[...] = b
+        model.params_written()
     model.last_steps = trainer.steps  # graph bookkeeping of this fit, for inspection
     return history
 

@@ -196,7 +196,7 @@ def test_divergence_is_reported(small):
 
 
 def test_precision_argument(tmp_path, caplog):
-    with pytest.raises(ValueError, match="precision: expected 'fp32' or 'tf32'"):
+    with pytest.raises(ValueError, match="precision: expected 'fp32', 'tf32' or 'bf16'"):
         MLP([4, 3, 2], precision="fp16")
     with pytest.raises(ValueError, match="precision: 'tf32' needs dtype float32"):
         MLP([4, 3, 2], dtype="float64", precision="tf32")

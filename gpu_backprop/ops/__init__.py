@@ -9,8 +9,13 @@ from .reference import ArrayOps, Gather, NumpyOps, Output, Propagate, Record, Ru
 
 def make_ops(device: Any, fused: bool = True, precision: str = "fp32") -> ArrayOps:
     """The operations for ``device``: NumPy twin, fused CUDA kernels (with tensor cores for
-    precision="tf32"), or unfused CuPy."""
+    precision="tf32"), or unfused CuPy; on the CPU with precision="bf16", the NumPy twin with
+    bf16 roundings (:class:`~gpu_backprop.ops.bf16.Bf16Ops`)."""
     if device.kind == "cpu":
+        if precision == "bf16":
+            from .bf16 import Bf16Ops
+
+            return Bf16Ops()
         return NumpyOps()
     import cupyx.scipy.special
 
