@@ -11,7 +11,7 @@
 //   B (8 x 8, col):   b[r] = B(t + 4 r, g)
 //   C (16 x 8):       c[r] = C(g + 8 (r / 2), 2 t + r % 2)
 struct Tf32 {
-    static const int BM = 64, BN = 64, BK = 16, PAD = 8, STAGES = 2, MIN_BLOCKS = 1;  // PAD 8: the fragment loads hit 32 banks
+    static const int BM = 64, BN = 64, BK = 16, PAD = 8, STAGES = 4, MIN_BLOCKS = 1;  // PAD 8: fragment loads on 32 banks
     static const int THREADS = 256, WARP_M = 32, WARP_N = 16;  // 8 warps: 2 along m, 4 along n
     static const int MI = WARP_M / 16, NI = WARP_N / 8;        // mma tiles per warp
     static_assert(THREADS == 32 * (BM / WARP_M) * (BN / WARP_N), "one warp per warp tile");
