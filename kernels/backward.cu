@@ -63,10 +63,10 @@ __global__ void __launch_bounds__(Core::THREADS, Core::MIN_BLOCKS) backward(Prop
         return;
     }
     t -= p.tiles;
-    if (t < u.tiles) {
-        weight_grad_tile<T, Core, FAMILY>(tiles, t / u.tiles_n, t % u.tiles_n, u, rule);
-        return;
-    }
-    t -= u.tiles;
-    weight_grad_tile<T, Core, FAMILY>(tiles, t / v.tiles_n, t % v.tiles_n, v, rule);
+    // one weight-gradient tile in the code for U and V (their parameters selected, not the code:
+    // the code twice doubled this kernel's compile time)
+    const bool in_u = t < u.tiles;
+    const WeightGradParams<T> part = in_u ? u : v;
+    if (!in_u) t -= u.tiles;
+    weight_grad_tile<T, Core, FAMILY>(tiles, t / part.tiles_n, t % part.tiles_n, part, rule);
 }
