@@ -99,14 +99,16 @@ __device__ __forceinline__ void cp_async(void* smem, const void* gmem, int src_b
 
 __device__ __forceinline__ void cp_async_commit() {
 #if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::);
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 
+// "memory": the compiler must not move this thread's shared-memory reads of the landed copies
+// above the wait (the prologue reads its own copies right after it, with no barrier between).
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
 #if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 #endif
