@@ -83,10 +83,11 @@ __device__ __forceinline__ void cp_async(void* smem, const void* gmem, int src_b
 #if __CUDA_ARCH__ >= 800
     const unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
     if (BYTES == 16)  // .cg: through L2 only (the tile is reused from shared memory, not L1)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes)
+                     : "memory");
     else
         asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(gmem), "n"(BYTES),
-                     "r"(src_bytes));
+                     "r"(src_bytes) : "memory");
 #else
     struct alignas(BYTES) Word {
         int w[BYTES / 4];

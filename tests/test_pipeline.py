@@ -12,7 +12,7 @@ import scipy.special
 from gpu_backprop.ops import NumpyOps
 from gpu_backprop.ops.cuda import WIDE_CONFIGS, CudaOps, configs_for
 
-from .emulator.builder import HERE, EmuLoader, planted_kernels
+from .emulator.builder import HERE, KERNELS, EmuLoader, planted_kernels
 from .test_emulated_kernels import Always, close, gemm_terms, inputs, nan
 
 twin = NumpyOps()
@@ -139,3 +139,25 @@ def test_planted_pipeline_faults_fail(tmp_path, rng, fault, config):
     with pytest.raises((AssertionError, RuntimeError)) as failure:
         run_layer(loader, config, np.float32, rng, n_in=70, n_out=19)
     assert "g++ failed" not in str(failure.value)  # the fault ran (and failed), not the build
+
+
+def test_a_functor_operand_stored_into_the_stage_being_read_fails(tmp_path, rng):
+    """float64 keeps the register (functor) prologue: its tile stored over the one being multiplied
+    must fail as the cp.async faults do (float32 runs no functor operand in run_layer)."""
+    loader = EmuLoader(planted_kernels(tmp_path / "kernels", "gemm_tile.cuh", "b.store(tiles.B[next_stage], tid);",
+                                      "b.store(tiles.B[stage], tid);"))
+    with pytest.raises(AssertionError):
+        run_layer(loader, "warp", np.float64, rng, n_in=70, n_out=19)
+
+
+def test_the_waits_tell_the_compiler_about_memory():
+    """The shim cannot show compiler reordering: a shared load hoisted above cp.async.wait_group
+    (the prologue reads its own copies right after its wait, with no barrier) would only fail on a
+    GPU. So the asm of the wait, the commit and the copy must keep their "memory" clobber."""
+    source = (KERNELS / "common.cuh").read_text()
+    for instruction in ("cp.async.wait_group", "cp.async.commit_group", "cp.async.cg.shared.global",
+                        "cp.async.ca.shared.global"):
+        start = source.index(instruction)
+        statement = source[source.rindex("asm volatile", 0, start):source.index(");", start)]
+        assert '"memory"' in statement, instruction
+
