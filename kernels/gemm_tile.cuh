@@ -20,7 +20,8 @@
 //       reads consecutive shared-memory words and writes C coalesced. Two stages.
 //   Warp<T, BM, BN, BK, WM, WN, WMITER, WNITER, TM, TN, STAGES, MIN_BLOCKS>  CUDA cores, warp
 //       tiles, fragments read as 16-byte vectors, up to STAGES stages (below).
-//   Tf32  tensor cores (sm_80+), float in, float accumulate, TF32 products (gemm_tf32.cuh).
+//   Tf32  tensor cores (sm_80+), float in, float accumulate, TF32 products (gemm_tf32.cuh): its
+//       operands rounded to TF32 once, in shared memory, as they land (ROUNDS; gemm_mainloop).
 #pragma once
 #include "common.cuh"
 
@@ -92,11 +93,22 @@ struct TileFetch {
         }
     }
 
-    __device__ __forceinline__ void store(T (&tile)[BK][ROWS + PAD], int tid) const {
+    template <typename F>
+    __device__ __forceinline__ void store(T (&tile)[BK][ROWS + PAD], int tid, F f) const {
 #pragma unroll
         for (int j = 0; j < PER_THREAD; ++j) {
             const int i = tid + j * THREADS;
-            if (EVEN || i < BK * ROWS) tile[k_of(i)][row_of(i)] = v[j];
+            if (EVEN || i < BK * ROWS) tile[k_of(i)][row_of(i)] = f(v[j]);
+        }
+    }
+
+    // tile = f(tile) on the slots this thread stored.
+    template <typename F>
+    static __device__ __forceinline__ void apply(T (&tile)[BK][ROWS + PAD], int tid, F f) {
+#pragma unroll
+        for (int j = 0; j < PER_THREAD; ++j) {
+            const int i = tid + j * THREADS;
+            if (EVEN || i < BK * ROWS) tile[k_of(i)][row_of(i)] = f(tile[k_of(i)][row_of(i)]);
         }
     }
 };
@@ -147,6 +159,25 @@ struct TileCopy {
         }
     }
 
+    // tile = f(tile) over every slot this thread copied (zero fills too), once its copies have landed.
+    template <typename F>
+    static __device__ __forceinline__ void apply(Tile& tile, F f, int tid) {
+#pragma unroll
+        for (int j = 0; j < PER_THREAD; ++j) {
+            const int u = tid + j * THREADS;
+            if (!EVEN && u >= UNITS) continue;
+            const int kk = k_of(u), rr = row_of(u);
+            if (WIDE) {  // a unit's VEC slots, 16-byte aligned, whichever copies filled them
+                Pack<T> v = *reinterpret_cast<const Pack<T>*>(&tile[kk][rr]);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) v.v[e] = f(v.v[e]);
+                *reinterpret_cast<Pack<T>*>(&tile[kk][rr]) = v;
+            } else {
+                tile[kk][rr] = f(tile[kk][rr]);
+            }
+        }
+    }
+
     // tile = f(tile, aux, row, k) over the elements this thread copied (inside R x K), once its
     // copies have landed: no other thread touches them, so no barrier is needed before.
     template <typename F>
@@ -174,30 +205,50 @@ struct TileCopy {
     }
 };
 
+// The value a core keeps of an operand element in shared memory: itself, or (Core::ROUNDS, the
+// tensor cores) Core::stored(x), its TF32 rounding, formed once per element a block loads.
+template <class Core>
+__device__ __forceinline__ typename Core::Value landed(typename Core::Value x) {
+    if constexpr (Core::ROUNDS) return Core::stored(x);
+    else return x;
+}
+
 // One operand of the main loop, by kind (operand_kind): a functor (fetched into registers one
 // tile ahead, stored after the multiply), Direct (cp.async into the stage S - 1 tiles ahead), or
-// Transformed (Direct, and f applied by each thread to its own copies one tile ahead).
-template <typename T, int ROWS, int BK, int PAD, bool KROWS, int THREADS, typename Op,
+// Transformed (Direct, and f applied by each thread to its own copies one tile ahead). With a
+// core that ROUNDS, each element is stored as landed<Core>(x): a functor's as it is stored,
+// a copied one by its thread once it has landed (transform: one tile ahead, as f). round set
+// false leaves the stage raw (round_own rounds the thread's slots later: gemm_mainloop's hook).
+template <typename T, int ROWS, int BK, int PAD, bool KROWS, int THREADS, typename Op, class Core,
           int KIND = operand_kind<Op>::value>
 struct Operand {
     typedef T Tile[BK][ROWS + PAD];
-    static const bool TRANSFORMS = false;
-    TileFetch<T, ROWS, BK, PAD, KROWS, THREADS> regs;
+    typedef TileFetch<T, ROWS, BK, PAD, KROWS, THREADS> Fetch;
+    static const bool TRANSFORMS = false, LANDS = false;
+    bool round = true;
+    Fetch regs;
     Op load;
     __device__ __forceinline__ explicit Operand(Op op) : load(op) {}
     __device__ __forceinline__ void issue(Tile&, Tile&, index_t, index_t, index_t, index_t, int) {}
     __device__ __forceinline__ void fetch(index_t r0, index_t k0, index_t R, index_t K, int tid) {
         regs.fetch(load, r0, k0, R, K, tid);
     }
-    __device__ __forceinline__ void store(Tile& tile, int tid) const { regs.store(tile, tid); }
+    __device__ __forceinline__ void store(Tile& tile, int tid) const {
+        if (Core::ROUNDS && round) regs.store(tile, tid, [](T v) { return landed<Core>(v); });
+        else regs.store(tile, tid, [](T v) { return v; });
+    }
     __device__ __forceinline__ void transform(Tile&, const Tile&, index_t, index_t, index_t, index_t, int) {}
+    __device__ __forceinline__ void round_own(Tile& tile, int tid) const {
+        Fetch::apply(tile, tid, [](T v) { return landed<Core>(v); });
+    }
 };
 
-template <typename T, int ROWS, int BK, int PAD, bool KROWS, int THREADS, typename Op>
-struct Operand<T, ROWS, BK, PAD, KROWS, THREADS, Op, 1> {
+template <typename T, int ROWS, int BK, int PAD, bool KROWS, int THREADS, typename Op, class Core>
+struct Operand<T, ROWS, BK, PAD, KROWS, THREADS, Op, Core, 1> {
     typedef TileCopy<T, ROWS, BK, PAD, KROWS, THREADS> Copy;
     typedef T Tile[BK][ROWS + PAD];
-    static const bool TRANSFORMS = false;
+    static const bool TRANSFORMS = false, LANDS = Core::ROUNDS;
+    bool round = true;
     Op op;
     bool wide_ok;  // the 16-byte copies' global side aligned: every row start a multiple of 16 bytes
     __device__ __forceinline__ explicit Operand(Op o) : op(o), wide_ok(aligned16(o.p) && o.ld % Copy::VEC == 0) {}
@@ -206,14 +257,20 @@ struct Operand<T, ROWS, BK, PAD, KROWS, THREADS, Op, 1> {
     }
     __device__ __forceinline__ void fetch(index_t, index_t, index_t, index_t, int) {}
     __device__ __forceinline__ void store(Tile&, int) const {}
-    __device__ __forceinline__ void transform(Tile&, const Tile&, index_t, index_t, index_t, index_t, int) {}
+    __device__ __forceinline__ void transform(Tile& tile, const Tile&, index_t, index_t, index_t, index_t, int tid) {
+        if (Core::ROUNDS && round) round_own(tile, tid);
+    }
+    __device__ __forceinline__ void round_own(Tile& tile, int tid) const {
+        Copy::apply(tile, [](T v) { return landed<Core>(v); }, tid);
+    }
 };
 
-template <typename T, int ROWS, int BK, int PAD, bool KROWS, int THREADS, typename Op>
-struct Operand<T, ROWS, BK, PAD, KROWS, THREADS, Op, 2> {
+template <typename T, int ROWS, int BK, int PAD, bool KROWS, int THREADS, typename Op, class Core>
+struct Operand<T, ROWS, BK, PAD, KROWS, THREADS, Op, Core, 2> {
     typedef TileCopy<T, ROWS, BK, PAD, KROWS, THREADS> Copy;
     typedef T Tile[BK][ROWS + PAD];
-    static const bool TRANSFORMS = true;
+    static const bool TRANSFORMS = true, LANDS = true;
+    bool round = true;
     Op op;
     bool wide_ok;
     __device__ __forceinline__ explicit Operand(Op o)
@@ -227,7 +284,15 @@ struct Operand<T, ROWS, BK, PAD, KROWS, THREADS, Op, 2> {
     __device__ __forceinline__ void store(Tile&, int) const {}
     __device__ __forceinline__ void transform(Tile& tile, const Tile& aux, index_t r0, index_t k0, index_t R,
                                               index_t K, int tid) {
-        Copy::transform(tile, aux, op.f, r0, k0, R, K, tid);
+        if (Core::ROUNDS && round) {  // f, then the rounding, in one pass (outside R x K: zeros, left)
+            auto f = [&](T v, T w, index_t r, index_t k) { return landed<Core>(op.f(v, w, r, k)); };
+            Copy::transform(tile, aux, f, r0, k0, R, K, tid);
+        } else {
+            Copy::transform(tile, aux, op.f, r0, k0, R, K, tid);
+        }
+    }
+    __device__ __forceinline__ void round_own(Tile& tile, int tid) const {
+        Copy::apply(tile, [](T v) { return landed<Core>(v); }, tid);
     }
 };
 
@@ -273,18 +338,29 @@ struct GemmTiles {
 // applies the prologue to them in place, so the next barrier publishes tile t + 1 transformed.
 // Every element is loaded exactly once (a prologue's side effect too). Elements outside
 // M x N x K load as zero.
+//
+// A core that ROUNDS (Tf32) has each element rounded in shared memory once, by the thread that
+// stored or copied it, where a Transformed operand applies f (one tile ahead: after each wait
+// for its own copies), so multiply reads the rounded bits with no conversion. raw_b_hook: the
+// hook needs B's stage raw (weight_grad's bias sums, in float): there, B is rounded after the
+// hook instead, between two more barriers (uniform: the argument is the same for the block).
 template <class Core, bool A_KROWS, bool B_KROWS, class Tiles, typename Acc, typename OpA, typename OpB,
           typename OnTile>
 __device__ __forceinline__ void gemm_mainloop(Acc& acc, Tiles& tiles, OpA op_a, OpB op_b, OnTile on_tile,
                                               index_t m0, index_t n0, index_t M, index_t N, index_t K,
-                                              index_t k_begin = 0) {
+                                              index_t k_begin = 0, bool raw_b_hook = false) {
     typedef typename Core::Value T;
     const int S = Tiles::STAGES, BK = Core::BK, tid = threadIdx.x;
     static_assert(S >= 2, "a stage in use and one filling (GemmTiles::FITS)");
-    Operand<T, Core::BM, BK, Core::PAD, A_KROWS, Core::THREADS, OpA> a(op_a);
-    typedef Operand<T, Core::BN, BK, Core::PAD, B_KROWS, Core::THREADS, OpB> OperandB;
+    typedef Operand<T, Core::BM, BK, Core::PAD, A_KROWS, Core::THREADS, OpA, Core> OperandA;
+    typedef Operand<T, Core::BN, BK, Core::PAD, B_KROWS, Core::THREADS, OpB, Core> OperandB;
+    static_assert(!OperandA::TRANSFORMS, "only a B operand may be Transformed");
     static_assert(!OperandB::TRANSFORMS || Tiles::AUX, "a Transformed operand needs GemmTiles<Core, true>");
+    const bool round_late = Core::ROUNDS && raw_b_hook;  // B rounded after the hook, not as it lands
+    OperandA a(op_a);
     OperandB b(op_b);
+    b.round = !round_late;
+    const bool LANDS = OperandA::LANDS || OperandB::LANDS;  // a thread works on its own copies once they land
     auto aux = [&](int s) -> T(&)[BK][Core::BN + Core::PAD] {
         if constexpr (Tiles::AUX) return tiles.Aux[s];
         else return tiles.B[s];  // unused: only a Transformed operand reads its aux tile
@@ -304,8 +380,9 @@ __device__ __forceinline__ void gemm_mainloop(Acc& acc, Tiles& tiles, OpA op_a, 
         b.fetch(n0, k_begin, N, K, tid);
         a.store(tiles.A[0], tid);
         b.store(tiles.B[0], tid);
-        if (OperandB::TRANSFORMS) {
+        if (LANDS) {
             cp_async_wait<S - 2>();  // this thread's copies of tile 0
+            a.transform(tiles.A[0], tiles.A[0], m0, k_begin, M, K, tid);
             b.transform(tiles.B[0], aux(0), n0, k_begin, N, K, tid);
         }
     }
@@ -326,13 +403,19 @@ __device__ __forceinline__ void gemm_mainloop(Acc& acc, Tiles& tiles, OpA op_a, 
             b.fetch(n0, k_begin + (t + 1) * BK, N, K, tid);
         }
         on_tile(tiles.B[stage]);
+        if (Core::ROUNDS && round_late) {
+            __syncthreads();  // sync: the hook has read tile t raw
+            b.round_own(tiles.B[stage], tid);
+            __syncthreads();  // sync: tile t rounded
+        }
         Core::multiply(acc, tiles.A[stage], tiles.B[stage]);
         const int next_stage = stage + 1 == S ? 0 : stage + 1;
         if (more) {
             a.store(tiles.A[next_stage], tid);
             b.store(tiles.B[next_stage], tid);
-            if (OperandB::TRANSFORMS) {
+            if (LANDS) {
                 cp_async_wait<S - 2>();  // this thread's copies of tile t + 1 (tiles up to t + S - 1 issued)
+                a.transform(tiles.A[next_stage], tiles.A[next_stage], m0, k_begin + (t + 1) * BK, M, K, tid);
                 b.transform(tiles.B[next_stage], aux(next_stage), n0, k_begin + (t + 1) * BK, N, K, tid);
             }
         }
@@ -344,6 +427,7 @@ __device__ __forceinline__ void gemm_mainloop(Acc& acc, Tiles& tiles, OpA op_a, 
 template <typename T, int BM_, int BN_, int BK_, int TM, int TN>
 struct Simt {
     static const int BM = BM_, BN = BN_, BK = BK_, PAD = 1, STAGES = 2, MIN_BLOCKS = 1;
+    static const bool ROUNDS = false;  // operands kept in shared memory as loaded (gemm_mainloop)
     static const int THREADS = (BM / TM) * (BN / TN);  // the launchers' block (ops/cuda.py threads_of)
     static const int ROW_STEP = BM / TM;  // rows of one thread are ROW_STEP apart
     static const int COL_STEP = BN / TN;
@@ -414,6 +498,7 @@ template <typename T, int BM_, int BN_, int BK_, int WM, int WN, int WMITER, int
 struct Warp {
     static const int BM = BM_, BN = BN_, BK = BK_, PAD = 16 / sizeof(T);
     static const int STAGES = STAGES_, MIN_BLOCKS = sizeof(T) == 4 ? MIN_BLOCKS_ : 1;
+    static const bool ROUNDS = false;
     static const int THREADS = (BM / WM) * (BN / WN) * 32;  // the launchers' block (ops/cuda.py threads_of)
     static const int WSUBM = WM / WMITER, WSUBN = WN / WNITER;  // one piece of a warp's sub-tile
     static const int LANES_N = WSUBN / TN, LANES_M = WSUBM / TM;

@@ -24,6 +24,24 @@ __device__ __forceinline__ unsigned tf32_round(float x) {
 #endif
 }
 
+// tf32_round's result as the float it is (stored in shared memory, read back by float_bits).
+__device__ __forceinline__ float tf32_rounded(float x) {
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+    return __uint_as_float(tf32_round(x));
+#else
+    return emu::float_of(emu::cvt_rna_tf32(x));
+#endif
+}
+
+// A float's bits, unchanged (a .tf32 operand register of a value rounded before).
+__device__ __forceinline__ unsigned float_bits(float x) {
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+    return __float_as_uint(x);
+#else
+    return emu::bits_of(x);
+#endif
+}
+
 // cvt.rn.bf16.f32 (__float2bfloat16_rn): x rounded to bfloat16 (to nearest, ties to even), its bits.
 __device__ __forceinline__ unsigned short bf16_round(float x) {
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)

@@ -49,6 +49,8 @@ __device__ __forceinline__ void weight_grad_tile(Tiles& tiles, index_t tile_m, i
         return d;
     };
     T bias_acc = T(0);  // thread tid < BN sums column n0 + tid
+    // (reads B's stage as loaded: a core that rounds its operands rounds this one after the hook,
+    // in the bias blocks: gemm_mainloop's raw_b_hook)
     auto sum_bias = [&](const T (&tile)[Core::BK][Core::BN + Core::PAD]) {
         if (bias_block && tid < BN)
             for (int kk = 0; kk < BK; ++kk) bias_acc += tile[kk][tid];
@@ -59,14 +61,14 @@ __device__ __forceinline__ void weight_grad_tile(Tiles& tiles, index_t tile_m, i
     typename Core::Acc acc;
     if (!has_prologue) {  // delta given: both operands by cp.async
         gemm_mainloop<Core, true, true>(acc, tiles, Direct<T>{o, M}, Direct<T>{g, N}, sum_bias, m0, n0, M, N, k_end,
-                                        k_begin);
+                                        k_begin, bias_block);
     } else if constexpr (PROLOGUE && Tiles::AUX) {  // err and o_next by cp.async, delta formed in shared memory
         gemm_mainloop<Core, true, true>(acc, tiles, Direct<T>{o, M}, transformed(g, o_next, N, delta_of), sum_bias,
-                                        m0, n0, M, N, k_end, k_begin);
+                                        m0, n0, M, N, k_end, k_begin, bias_block);
     } else if constexpr (PROLOGUE && prologue_room<Core>::value) {  // no room for aux tiles: through registers
         auto load_delta = [&](index_t n, index_t k) { return delta_of(g[k * N + n], o_next[k * N + n], n, k); };
         gemm_mainloop<Core, true, true>(acc, tiles, Direct<T>{o, M}, load_delta, sum_bias, m0, n0, M, N, k_end,
-                                        k_begin);
+                                        k_begin, bias_block);
     } else {
         return __trap();  // a prologue this kernel was not compiled for: the launchers never send one
     }

@@ -218,9 +218,11 @@ def test_the_capturable_mode_keeps_cublas_out_under_a_key_of_its_own(tmp_path):
     tf32.tune_min_fma = 0
     with tf32.capturable():
         assert tf32.gemm_path(*args) == "tf32"
-    assert tried == []  # our tensor cores are the one capturable TF32 path: nothing to time
+    # our tensor cores, whole or split-K, are the capturable TF32 paths: timed, cuBLAS's TF32 mode not
+    assert tried == ["tf32", *cuda.split_paths(4096, tf32=True)]
     assert json.loads((tmp_path / "a.json").read_text())["H100"] == {
-        "weight_grad|float32|64x64x4096": "cublas", "weight_grad|float32|64x64x4096|graph": "large"}
+        "weight_grad|float32|64x64x4096": "cublas", "weight_grad|float32|64x64x4096|graph": "large",
+        "weight_grad|tf32|64x64x4096|graph": "tf32"}
 
 
 def test_cublas_tf32_sets_the_math_mode_by_its_value_and_restores_it(monkeypatch):

@@ -6,8 +6,10 @@ PTX ISA's fragment layouts, against a NumPy model of the arithmetic (products ex
 products aligned and summed with truncation, as mma_shim.h sets out): bit for bit. The
 conversions against exact float64 rounding and hand-picked bit patterns (ties, NaN, Inf,
 subnormals, overflow). The Tf32 core through the launchers the GPU uses, against the float64
-twin with TF32's error bound, outputs poisoned with NaN; the same with a fragment index planted
-wrong must fail."""
+twin with TF32's error bound, outputs poisoned with NaN, split-K included; bit for bit against
+the mma model where the order of the sums is the core's (operands rounded once, as they land in
+shared memory); the same with a fragment index planted wrong, or the rounding left out, must
+fail. Its SASS: the main loop's HMMA, 128-bit shared loads, and no conversion in it."""
 import numpy as np
 import pytest
 import scipy.special
@@ -391,7 +393,7 @@ def gemm_terms(A, B):
     return np.abs(np.asarray(A, np.float64)) @ np.abs(np.asarray(B, np.float64))
 
 
-# (batch, n_in, n_out): 1, 7, 33, 65 and 129 against the 64 x 64 x 16 tile
+# (batch, n_in, n_out): 1, 7, 33, 65 and 129 against the 128 x 64 x 16 tile
 SHAPES = [(1, 7, 33), (33, 65, 1), (129, 33, 65), (65, 129, 7)]
 ACTS = ["sigmoid", "tanh", "relu", "identity"]
 
@@ -488,14 +490,17 @@ def test_tf32_kernel_traps_on_a_block_it_was_not_written_for(loader_tf32):
 
 # ---------------------------------------------------------------- planted faults
 
-A_FRAGMENT = "wm + 16 * i + g + 8 * (r % 2)]"
+A_FRAGMENT = "a[i][r] = float_bits(x[r / 2][2 * i + r % 2]);"
 PLANTED = {
-    # the A fragment's row for registers 1 and 2 swapped (rows g + 8 and g mixed up)
-    "a_row": ("gemm_tf32.cuh", A_FRAGMENT, "wm + 16 * i + g + 8 * (r / 2)]"),
+    # the A fragment's registers 1 and 2 swapped (row g + 8 at k t taken for row g at k t + 4)
+    "a_row": ("gemm_tf32.cuh", A_FRAGMENT, "a[i][r] = float_bits(x[r % 2][2 * i + r / 2]);"),
     # the B fragment's k for register 1 off by 4 (k rows t + 4 read twice)
-    "b_k": ("gemm_tf32.cuh", "Bs[k0 + t + 4 * r]", "Bs[k0 + t + 4 * (r & 0)]"),
-    # operands passed to the mma as raw floats, truncated by it instead of rounded (cvt dropped)
-    "no_cvt": ("gemm_tf32.cuh", "a[i][r] = tf32_round(", "a[i][r] = emu::bits_of("),
+    "b_k": ("gemm_tf32.cuh", "b[j][r] = float_bits(y[r][j]);", "b[j][r] = float_bits(y[0][j]);"),
+    # operands stored in shared memory raw, truncated by the mma instead of rounded (cvt dropped)
+    "no_cvt": ("gemm_tf32.cuh", "float stored(float x) { return tf32_rounded(x); }",
+               "float stored(float x) { return x; }"),
+    # the weight gradient's bias blocks (B rounded after the bias sums read it) leave B raw
+    "no_late_round": ("gemm_tile.cuh", "            b.round_own(tiles.B[stage], tid);\n", ""),
 }
 
 
@@ -536,3 +541,150 @@ def test_dropped_rounding_fails_the_bit_for_bit_comparison(planted, rng):
     expected = mma_model(round_to(o, 10, True), round_to(W, 10, True), np.zeros((33, 65), np.float32), 4)
     assert not np.isnan(out).any()
     assert not np.array_equal(out, expected)
+
+
+# ---------------------------------------------------------------- the weight gradient bit for bit, split-K
+
+def weight_grad_case(rng, batch, n_in, n_out, prologue):
+    o, g = random_operands(rng, (batch, n_in), 4), random_operands(rng, (batch, n_out), 4)
+    kwargs = {}
+    if prologue:
+        o_next = np.tanh(rng.standard_normal((batch, n_out))).astype(np.float32)
+        kwargs = dict(o_next=o_next, activation="tanh", delta_out=np.full(g.shape, np.nan, np.float32))
+    return o, g, kwargs
+
+
+@pytest.mark.parametrize("prologue", [False, True])
+def test_tf32_weight_grad_is_the_mma_model_bit_for_bit(tf32, rng, prologue):
+    """dW = o^T delta, k (the batch) in order 8 at a time, operands rounded by cvt.rna.tf32 first:
+    on the bias blocks' tile row (B rounded after the bias sums read it raw) and the others (B
+    rounded as it lands), delta given or formed by the prologue (then rounded once, in shared memory)."""
+    batch, n_in, n_out = 37, 133, 65  # three tile rows (the first sums the bias), two tile columns
+    o, g, kwargs = weight_grad_case(rng, batch, n_in, n_out, prologue)
+    grad_w, grad_b = np.full((n_in, n_out), np.nan, np.float32), np.full(n_out, np.nan, np.float32)
+    tf32.weight_grad(o, g, grad_w, grad_b, config="tf32", **kwargs)
+    delta = kwargs["delta_out"] if prologue else g
+    assert not np.isnan(delta).any()
+    expected = mma_model(round_to(o.T, 10, True), round_to(delta, 10, True), np.zeros((n_in, n_out), np.float32), 4)
+    np.testing.assert_array_equal(grad_w, expected)
+    # the bias: summed from the raw tile, in float, batch rows in order
+    exact = np.zeros(n_out, np.float32)
+    for row in delta:
+        exact += row
+    np.testing.assert_array_equal(grad_b, exact)
+
+
+def test_the_late_rounding_left_out_fails_the_bit_for_bit_comparison(planted, rng):
+    o, g, _ = weight_grad_case(rng, 37, 133, 65, False)
+    grad_w, grad_b = np.full((133, 65), np.nan, np.float32), np.full(65, np.nan, np.float32)
+    planted("no_late_round").weight_grad(o, g, grad_w, grad_b, config="tf32")
+    expected = mma_model(round_to(o.T, 10, True), round_to(g, 10, True), np.zeros((133, 65), np.float32), 4)
+    assert not np.isnan(grad_w).any()
+    np.testing.assert_array_equal(grad_w[128:], expected[128:])  # the other tile rows round as B lands
+    assert not np.array_equal(grad_w[:128], expected[:128])      # the bias blocks' row: B left raw
+
+
+@pytest.mark.parametrize("path,prologue", [("tf32/s4", False), ("tf32/s2", True)])
+def test_tf32_split_k_weight_grad(tf32, rng, path, prologue):
+    """A batch of 4097 in 2 or 4 slices (the last one short, a k tile of one row): partial tiles
+    summed in slice order, against the float64 twin with TF32's bound; the bias in float."""
+    from gpu_backprop.ops.cuda import split_paths
+
+    batch, n_in, n_out = 4097, 129, 7
+    assert path in split_paths(batch, tf32=True)
+    o = scipy.special.expit(rng.standard_normal((batch, n_in))).astype(np.float32)
+    _, g, kwargs = weight_grad_case(rng, batch, 1, n_out, prologue)
+    grad_w, grad_b = np.full((n_in, n_out), np.nan, np.float32), np.full(n_out, np.nan, np.float32)
+    tf32.weight_grad(o, g, grad_w, grad_b, config=path, **kwargs)
+    assert tf32.gemm_paths()[f"weight_grad{'+prologue' if prologue else ''}|float32|{n_in}x{n_out}x{batch}"] == path
+    f64 = dict(kwargs, o_next=kwargs["o_next"].astype(np.float64), delta_out=np.empty(g.shape)) if prologue else {}
+    exp_w, exp_b = twin.weight_grad(o.astype(np.float64), g.astype(np.float64), np.empty(grad_w.shape),
+                                    np.empty(n_out), **f64)
+    delta = np.abs(f64["delta_out"] if prologue else g.astype(np.float64))
+    tf32_close(grad_w, exp_w, batch + 4, gemm_terms(o.T, delta) * (1 + 8 * 2.0 ** -24))
+    limit = 2 * 2.0 ** -24 * (batch + 6) * delta.sum(axis=0) + 4 * np.finfo(np.float32).tiny
+    assert np.all(np.abs(grad_b - exp_b) <= limit)
+
+
+# ---------------------------------------------------------------- the Tf32 core's machine code
+
+@pytest.fixture(scope="module")
+def tf32_sass(tmp_path_factory):
+    """{kernel: [(opcode, operands)]} of every Tf32 GEMM kernel (SGD rule family), sm_90, from nvcc."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from gpu_backprop.ops.cuda import GEMM_FILES, kernel_source, names_in
+
+    from .test_compile import _require, demangle
+    from .test_sass import tool
+
+    nvcc, cuobjdump, nvdisasm = shutil.which("nvcc"), tool("cuobjdump"), tool("nvdisasm")
+    _require(nvcc is not None and cuobjdump is not None and nvdisasm is not None, "nvcc, cuobjdump and nvdisasm")
+    tmp = tmp_path_factory.mktemp("tf32_sass")
+    code = {}
+    for file in dict.fromkeys(GEMM_FILES.values()):
+        names = [n for n in names_in(file) if "Tf32" in n and not n.endswith(", 1>")]
+        source = kernel_source(file) + "\nstatic void* const instances[] = {\n" + \
+            ",\n".join(f"    (void*)&{name}" for name in names) + "\n};\n"
+        (tmp / file).write_text(source)
+        proc = subprocess.run([nvcc, "-std=c++17", "-cubin", "-arch=sm_90", "-o", str(tmp / f"{file}.cubin"),
+                               str(tmp / file)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        env = {"PATH": f"{Path(nvdisasm).parent}:/usr/bin:/bin", "NVDISASM_PATH": nvdisasm}
+        dump = subprocess.run([cuobjdump, "-sass", str(tmp / f"{file}.cubin")], capture_output=True, text=True,
+                              env=env)
+        assert dump.returncode == 0, dump.stderr
+        for section in re.split(r"\n\s*Function : ", dump.stdout)[1:]:
+            symbol, body = section.split("\n", 1)
+            code[demangle(symbol.strip())] = [(op, rest) for pred, op, rest in re.findall(
+                r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:(@!?U?P\w+)\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", body, re.M)
+                if pred != "@!PT"]
+    return code
+
+
+def multiply_spans(code):
+    """The stretches of a kernel from a barrier to the last HMMA before the next one: the core's
+    multiply of a k tile (the main loop's one barrier, or with the late rounding its last)."""
+    spans, current = [], []
+    for op, rest in code + [("BAR.SYNC", "")]:
+        if op.startswith("BAR.SYNC"):
+            last = max((i for i, (o, _) in enumerate(current) if o.startswith("HMMA")), default=-1)
+            if last >= 0:
+                spans.append(current[:last + 1])
+            current = []
+        else:
+            current.append((op, rest))
+    return spans
+
+
+# the design, per k tile (BK = 16) of a warp: 2 k steps of 4 x 4 mma, 6 ld.shared.v4 each
+HMMA_PER_TILE, LDS128_PER_TILE = 32, 12
+
+
+def test_tf32_main_loop_is_hmma_from_wide_shared_loads_without_conversions(tf32_sass):
+    """Every Tf32 GEMM kernel: each k tile's multiply is 32 HMMA.1688.F32.TF32 from 12 LDS.128
+    (16 + 8 fragment registers per k step: 2.7 mma per 128-bit load; the old core issued 12 scalar
+    LDS and 12 conversions per 4 mma) with no scalar shared load and no conversion in it: no F2F,
+    no tf32 rounding (ptxas's cvt.rna.tf32: FSETP |x| < INF, IADD, LOP3 & 0xffffe000). The
+    rounding is once per element as the tile lands: (BM + BN) BK / THREADS = 24 a thread a tile."""
+    assert len(tf32_sass) == 5, sorted(tf32_sass)  # forward, forward_gather, propagate, weight_grad, backward
+    for name, code in tf32_sass.items():
+        local = [op for op, _ in code if op.startswith(("LDL", "STL"))]
+        assert not local, (name, local[:5])
+        spans = multiply_spans(code)
+        assert spans, name
+        for span in spans:
+            ops = [op for op, _ in span]
+            hmma = sum(op == "HMMA.1688.F32.TF32" for op in ops)
+            wide = sum(op.startswith("LDS.128") for op in ops)
+            narrow = [op for op in ops if op.startswith("LDS") and not op.startswith("LDS.128")]
+            # (F2F.F64.F32: the loss in double of backward's output-delta functor, fetched meanwhile)
+            rounding = [(op, rest) for op, rest in span if (op.startswith(("F2F", "FRND")) and op != "F2F.F64.F32")
+                        or (op.startswith("LOP3") and "0xffffe000" in rest)]
+            assert (hmma, wide) == (HMMA_PER_TILE, LDS128_PER_TILE), (name, hmma, wide)
+            assert not narrow and not rounding, (name, narrow[:4], rounding[:4])
+    counts = {name: sum(op.startswith("HMMA") for op, _ in code) // HMMA_PER_TILE for name, code in tf32_sass.items()}
+    print("multiply copies per kernel:", counts)

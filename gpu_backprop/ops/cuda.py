@@ -42,8 +42,9 @@ CONFIGS = {"tiny": (32, 32, 32, 256, "Simt<{T}, 32, 32, 32, 2, 2>"),
 # The wide tiles: 128 accumulators a thread, so float32 only (in float64 they would take the whole
 # register file) and no delta prologue in the weight gradient (its tile in flight would spill).
 WIDE_CONFIGS = ("warp128x256",)
-TF32_TILE = (64, 64)  # gemm_tile.cuh Tf32: tensor cores, float32 only, precision="tf32"
-TF32_THREADS = 256    # Tf32::THREADS: 8 warps of 32 x 16
+TF32_TILE = (128, 64)  # gemm_tf32.cuh Tf32: tensor cores, float32 only, precision="tf32"
+TF32_BK = 16           # Tf32::BK (a split-K slice is a multiple of it)
+TF32_THREADS = 128     # Tf32::THREADS: 4 warps of 64 x 32
 # fp32/fp64 GEMM paths: our fused kernels with either tile, or cuBLAS with our elementwise kernels
 PATHS = (*CONFIGS, "cublas")
 # precision="tf32" paths (float32): our tensor-core kernels, or cuBLAS in its TF32 math mode
@@ -52,6 +53,8 @@ TF32_PATHS = ("tf32", "cublas_tf32")
 # PATHS where every slice keeps at least MIN_SLICE batch rows; no new kernel to compile.
 SPLIT_CONFIGS, SPLITS, MIN_SLICE = ("small", "large", "warp"), (2, 4, 8), 64
 SPLIT_PATHS = tuple(f"{c}/s{s}" for c in SPLIT_CONFIGS for s in SPLITS)
+# the same for the tensor-core weight gradient (precision="tf32"): "tf32/s4"
+TF32_SPLIT_PATHS = tuple(f"tf32/s{s}" for s in SPLITS)
 # GEMMs of fewer multiply-adds than this run on the default tile, untuned: they take a few
 # microseconds whichever path (launch-bound, and hidden by graphs), and tuning them would
 # compile every tile (NVRTC, seconds each) before a small net's first epoch.
@@ -100,9 +103,10 @@ def split_of(path: str) -> tuple[str, int]:
     return config, int(splits) if splits else 1
 
 
-def split_paths(K: int) -> tuple[str, ...]:
-    """The split-K candidates for a weight gradient over a batch of K rows."""
-    return tuple(p for p in SPLIT_PATHS if K >= split_of(p)[1] * MIN_SLICE)
+def split_paths(K: int, tf32: bool = False) -> tuple[str, ...]:
+    """The split-K candidates for a weight gradient over a batch of K rows (``tf32``: on the
+    tensor-core tile)."""
+    return tuple(p for p in (TF32_SPLIT_PATHS if tf32 else SPLIT_PATHS) if K >= split_of(p)[1] * MIN_SLICE)
 
 
 def tile_of(config: str) -> tuple[int, int]:
@@ -423,10 +427,10 @@ class CudaOps(ArrayOps):
         weight_grad, prologue = kind.startswith("weight_grad"), kind.endswith("+prologue")
         splits = split_paths(K) if weight_grad else ()
         if config is not None:
-            if config not in (*PATHS, *TF32_PATHS) and not (weight_grad and config in SPLIT_PATHS):
+            if config not in (*PATHS, *TF32_PATHS) and not (weight_grad and config in SPLIT_PATHS + TF32_SPLIT_PATHS):
                 raise ValueError(f"config: expected one of {', '.join(PATHS + TF32_PATHS)}"
                                  f"{' or a split like large/s4' if weight_grad else ''}, got {config!r}")
-            if (config in TF32_PATHS or config in WIDE_CONFIGS) and np.dtype(dtype) != np.float32:
+            if (split_of(config)[0] in TF32_PATHS or config in WIDE_CONFIGS) and np.dtype(dtype) != np.float32:
                 raise TypeError(f"config: {config} needs float32 arrays, got {np.dtype(dtype).name}")
             if prologue and config in WIDE_CONFIGS:
                 raise ValueError(f"config: {config} runs no delta prologue (o_next given); "
@@ -435,7 +439,9 @@ class CudaOps(ArrayOps):
         graph = "|graph" if self._graph_safe else ""
         small = M * N * K < self.tune_min_fma  # one candidate: the default, nothing timed
         if self.precision == "tf32" and np.dtype(dtype) == np.float32:
-            paths = ("tf32",) if small else tuple(p for p in TF32_PATHS if not (graph and p.startswith("cublas")))
+            tf32_splits = split_paths(K, tf32=True) if weight_grad else ()
+            paths = ("tf32",) if small else tuple(p for p in TF32_PATHS + tf32_splits
+                                                  if not (graph and p.startswith("cublas")))
             return self.tuner.choose(f"{kind}|tf32|{M}x{N}x{K}{graph}", paths, trial, default="tf32")
         key = f"{kind}|{np.dtype(dtype).name}|{M}x{N}x{K}{graph}"
         default = self.gemm_config(M, N)
@@ -695,10 +701,11 @@ class CudaOps(ArrayOps):
         config, splits = split_of(path)
         if splits <= 1 or K == 0:
             return make("SplitK", dtype), 1
-        bk = CONFIGS[config][2]
+        bk = TF32_BK if config == "tf32" else CONFIGS[config][2]
         slice_k = -(-(-(-K // splits)) // bk) * bk
         slices = -(-K // slice_k)
-        tiles = -(-M // CONFIGS[config][0]) * -(-N // CONFIGS[config][1])
+        bm, bn = tile_of(config)
+        tiles = -(-M // bm) * -(-N // bn)
         tickets = self._scratch(f"tickets/{config}", (tiles,), np.uint32, zeroed=True)
         return make("SplitK", dtype, partials=self._scratch("split_w", (slices, M, N), dtype),
                     bias_partials=self._scratch("split_b", (slices, N), dtype), tickets=tickets, slice_k=slice_k,
