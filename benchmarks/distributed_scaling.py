@@ -1,7 +1,8 @@
 """Data-parallel scaling on this machine (issue 15's target): samples per second of MLP.fit on
 784-1024-1024-10 at a global batch of 512, 1 rank against N ranks under mpiexec, one BLAS thread
-per rank, synthetic data (8192 rows), median epoch of 3 after a warm-up epoch; one run of this
-script, as JSON. `python -m benchmarks.distributed_scaling [N]` (unset OPENBLAS_CORETYPE and
+per rank, synthetic data (8192 rows), median epoch of 3 after a warm-up epoch; N ranks with the
+MPI all-reduce and with the shared-memory communicator (distributed.SharedMemory); one run of
+this script, as JSON. `python -m benchmarks.distributed_scaling [N]` (unset OPENBLAS_CORETYPE and
 OPENBLAS_L2_SIZE for the command, as for every benchmark)."""
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import json, sys, time
 import numpy as np
 from gpu_backprop import MLP
 from gpu_backprop.distributed import from_environment
-comm = from_environment("auto", "cpu")
+comm = from_environment(sys.argv[1], "cpu")
 rng = np.random.default_rng(0)
 X = rng.random((8192, 784), dtype=np.float32)
 y = rng.integers(0, 10, 8192)
@@ -30,19 +31,24 @@ if comm.rank == 0:
 """
 
 
-def run(ranks: int) -> dict:
+def run(ranks: int, kind: str = "none") -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     mpiexec = str(Path(sys.executable).with_name("mpiexec"))
-    cmd = [sys.executable, "-c", RANK] if ranks == 1 else [mpiexec, "-n", str(ranks), sys.executable, "-c", RANK]
+    rank = [sys.executable, "-c", RANK, kind]
+    cmd = rank if ranks == 1 else [mpiexec, "-n", str(ranks), *rank]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return {**json.loads(out.strip().splitlines()[-1]), "communicator": kind}
 
 
 def main() -> None:
+    """1 rank, then N ranks with the MPI all-reduce and with the shared-memory communicator."""
     ranks = int(sys.argv[1]) if len(sys.argv) > 1 else 2
-    one, many = run(1), run(ranks)
-    print(json.dumps({"machine": f"{os.cpu_count()} cores", "one_rank": one, f"{ranks}_ranks": many,
-                      "speedup": many["samples_per_second"] / one["samples_per_second"]}, indent=1))
+    one = run(1)
+    report = {"machine": f"{os.cpu_count()} cores", "one_rank": one}
+    for kind in ("mpi", "shm"):
+        many = report[f"{ranks}_ranks_{kind}"] = run(ranks, kind)
+        report[f"speedup_{kind}"] = many["samples_per_second"] / one["samples_per_second"]
+    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -118,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint", metavar="CKPT.npz",
                        help="write a checkpoint after every epoch (a model file with the optimizer and RNG state)")
     train.add_argument("--resume", metavar="CKPT.npz", help="continue the run a --checkpoint file holds")
-    train.add_argument("--distributed", default="auto", choices=["auto", "none", "mpi", "nccl"],
-                       help="under mpiexec -n N: data-parallel over the N ranks (auto: NCCL on CUDA, MPI on the "
-                            "CPU; needs gpu_backprop[mpi]); --batch-size is the global batch")
+    train.add_argument("--distributed", default="auto", choices=["auto", "none", "mpi", "shm", "nccl"],
+                       help="under mpiexec -n N: data-parallel over the N ranks (auto: NCCL on CUDA; on the CPU shm, "
+                            "the parameters in shared memory, when the ranks share a machine, else MPI all-reduce; "
+                            "needs gpu_backprop[mpi]); --batch-size is the global batch")
     train.add_argument("--epochs", type=_positive(int), default=None, help="(default 30; xor: 500)")
     train.add_argument("--batch-size", type=_positive(int), default=32)
     train.add_argument("--seed", type=_seed, default=0, help="in [0, 2**32) (default 0)")

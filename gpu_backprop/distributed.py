@@ -10,10 +10,13 @@ update with the global batch's 1/B. So every rank holds the same parameters afte
 Communicators (ChainerMN's split): :class:`MPI` over mpi4py with NumPy buffers (the CPU; a CuPy
 buffer goes through the host), :class:`NCCL` over CuPy's NCCL for CuPy buffers (its id broadcast
 over MPI, one GPU per rank by local rank), and :class:`Local`, one process, for tests and the
-single-process path. :func:`from_environment` picks one for a process started by ``mpiexec``.
+single-process path. On one machine, the CPU: :class:`SharedMemory`, whose ranks keep one copy of
+the parameters in shared memory and each sum and update a share of the elements, in place of the
+all-reduce and N updates. :func:`from_environment` picks one for a process started by ``mpiexec``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Any, Sequence
@@ -202,16 +205,145 @@ class NCCL(MPI):
         return f"NCCL(rank {self.rank} of {self.size})"
 
 
+class SharedMemory(MPI):
+    """The ranks of one machine, the CPU (ChainerMN's intra-node communicators, DeepSpeed's shm
+    all-reduce): during a fit the parameters, the optimizer's state and every rank's gradient
+    live in one MPI-3 shared-memory window that every rank maps. Each step, every rank's
+    backward writes its gradient into its own part of the window; after a barrier, rank r sums
+    the ranks' gradients (in rank order) over its 1/N of the elements and updates those
+    elements of the one copy of the parameters; after a second barrier every rank trains on.
+    No gradient is copied or sent, the update is done once in all (each rank's share) rather
+    than once per rank, and the ranks' parameters are the same memory.
+
+    Sums and updates are those of :class:`MPI` element by element (two ranks: the same bits;
+    more: the sum's order may differ from MPI's). Ranks on more than one machine, a model on
+    CUDA or in bf16: the all-reduce of :class:`MPI` (what :meth:`shares` says)."""
+
+    name = "shm"
+
+    def __init__(self, comm: Any = None):
+        super().__init__(comm)
+        node = self.comm.Split_type(self.mpi.COMM_TYPE_SHARED)
+        together = node.Get_size() == self.size
+        if not together:
+            node.Free()
+            raise DistributedError(f"shm: the {self.size} ranks are on more than one machine (use --distributed mpi)")
+        self.node = node
+        self._win: Any = None
+        self._win_bytes = 0
+        self._shared: Any = None  # the model whose arrays are in the window now
+
+    @staticmethod
+    def on_one_machine(comm: Any) -> bool:
+        """Whether every rank of ``comm`` (mpi4py) shares this rank's memory (collective)."""
+        from mpi4py import MPI as mpi
+
+        node = comm.Split_type(mpi.COMM_TYPE_SHARED)
+        together = node.Get_size() == comm.Get_size()
+        node.Free()
+        return together
+
+    def shares(self, model: Any) -> bool:
+        """Whether ``model``'s fit can keep its arrays in shared memory: NumPy arrays, float32 or
+        float64 (not precision="bf16", whose weights have copies the update refreshes)."""
+        return model.xp is np and getattr(model.ops, "precision", None) != "bf16"
+
+    def _window(self, itemsize: int, elements: int) -> np.ndarray:
+        """The window's memory, at least ``elements`` of ``itemsize`` bytes (kept between fits;
+        allocated again, collectively, when a larger one is needed)."""
+        nbytes = itemsize * elements
+        if self._win is None or self._win_bytes < nbytes:
+            if self._win is not None:
+                self._win.Unlock_all()
+                self._win.Free()
+            mpi = self.mpi
+            self._win = mpi.Win.Allocate_shared(nbytes if self.node.Get_rank() == 0 else 0, 1, comm=self.node)
+            self._win.Lock_all(mpi.MODE_NOCHECK)  # passive target for the whole life: Sync orders the stores
+            self._win_bytes = nbytes
+        memory, _ = self._win.Shared_query(0)
+        return np.frombuffer(memory, dtype=np.uint8, count=self._win_bytes)
+
+    def fence(self) -> None:
+        """Every rank's stores to the window before this point are seen by every rank after it."""
+        self._win.Sync()
+        self.node.Barrier()
+        self._win.Sync()
+
+    @contextlib.contextmanager
+    def share(self, model: Any):
+        """For the ``with`` block (a fit's epochs): ``model``'s parameters and optimizer state (as
+        every rank holds them, identical) moved into the window, its gradient buffers made this
+        rank's part of it; at the end, private copies of what the window then holds (for the
+        model to keep after the fit, on every rank). Collective."""
+        n, dtype, state = model.n_parameters, model.dtype, model._state
+        stride = -(-n // 16) * 16  # 64-byte aligned sections in float32
+        lists = [name for name in ("vel", "sq") if state is not None and getattr(state, f"{name}_w")]
+        sections = 1 + len(lists) + self.size
+        flat = self._window(dtype.itemsize, sections * stride).view(dtype)
+        view = lambda k: flat[k * stride:k * stride + n]
+        lo, hi = shares(n, self.size)[self.rank]
+        params = model.gradient_views(view(0))
+        moved = [(params, model.weights, model.biases)]
+        for k, name in enumerate(lists, start=1):
+            moved.append((model.gradient_views(view(k)), getattr(state, f"{name}_w"), getattr(state, f"{name}_b")))
+        for views, weights, biases in moved:  # this rank's share of every array
+            private = np.concatenate([a.reshape(-1) for pair in zip(weights, biases) for a in pair])
+            views.flat[lo:hi] = private[lo:hi]
+        self.fence()
+        for views, weights, biases in moved:
+            weights[:], biases[:] = views.w, views.b
+        self._grads = [view(1 + len(lists) + r) for r in range(self.size)]
+        model._gradients = model.gradient_views(self._grads[self.rank])
+        self._span, self._shared = (lo, hi), model
+        model.plans_dropped()
+        try:
+            yield
+        finally:
+            # Every store to the window before here is this rank's own or came before the last
+            # step's fence (a restore writes every element, the same values on every rank).
+            for _, weights, biases in moved:
+                weights[:] = [a.copy() for a in weights]
+                biases[:] = [a.copy() for a in biases]
+            model._gradients, self._shared = None, None
+            model.plans_dropped()
+
+    def update(self, model: Any, optimizer: Any, lr: float, batch: int) -> None:
+        """A step's sum and update (see the class), after every rank's backward wrote its
+        gradient into the window."""
+        if self._shared is not model:
+            raise DistributedError("shm: update outside share(model)")
+        self.fence()  # every gradient written; no rank reads the parameters any more this step
+        model.apply_gradients(optimizer, lr, batch, span=self._span, sources=self._grads)
+        self.fence()  # every share updated before any rank's next forward
+
+    def close(self) -> None:
+        """The window and the machine's communicator freed (collective)."""
+        if self._win is not None:
+            self._win.Unlock_all()
+            self._win.Free()
+            self._win = None
+        if self.node is not None:
+            self.node.Free()
+            self.node = None
+
+    def __repr__(self) -> str:
+        return f"SharedMemory(rank {self.rank} of {self.size})"
+
+
 def from_environment(kind: str = "auto", device_kind: str = "cpu") -> Any:
-    """The communicator for this process: ``kind`` "none" -> :class:`Local`; "mpi", "nccl"; "auto":
-    :class:`Local` unless mpiexec started more than one rank, then NCCL on CUDA and MPI on the CPU."""
-    if kind not in ("auto", "none", "mpi", "nccl"):
-        raise ValueError(f"distributed: expected auto, none, mpi or nccl, got {kind!r}")
+    """The communicator for this process: ``kind`` "none" -> :class:`Local`; "mpi", "shm", "nccl";
+    "auto": :class:`Local` unless mpiexec started more than one rank, then NCCL on CUDA, and on
+    the CPU :class:`SharedMemory` when every rank is on this machine, else MPI."""
+    if kind not in ("auto", "none", "mpi", "shm", "nccl"):
+        raise ValueError(f"distributed: expected auto, none, mpi, shm or nccl, got {kind!r}")
     if kind == "none" or (kind == "auto" and launched_size() <= 1):
         return Local()
     if kind == "auto":
-        kind = "nccl" if device_kind == "cuda" else "mpi"
-    return NCCL() if kind == "nccl" else MPI()
+        if device_kind == "cuda":
+            return NCCL()
+        mpi = MPI()
+        return SharedMemory(mpi.comm) if SharedMemory.on_one_machine(mpi.comm) else mpi
+    return {"nccl": NCCL, "shm": SharedMemory, "mpi": MPI}[kind]()
 
 
 def check_communicator(comm: Any) -> Any:

@@ -259,14 +259,29 @@ class MLP:
         """The model's gradient buffers (made once)."""
         grads = getattr(self, "_gradients", None)
         if grads is None:
-            sizes = [a * b + b for a, b in zip(self.sizes[:-1], self.sizes[1:])]
-            flat = self.xp.zeros(sum(sizes), dtype=self.dtype)
-            starts = np.cumsum([0, *sizes])
-            layer = [flat[s:e] for s, e in zip(starts[:-1], starts[1:])]
-            w = [part[:a * b].reshape(a, b) for part, a, b in zip(layer, self.sizes[:-1], self.sizes[1:])]
-            b = [part[a * n:] for part, a, n in zip(layer, self.sizes[:-1], self.sizes[1:])]
-            grads = self._gradients = Gradients(flat, layer, w, b)
+            grads = self._gradients = self.gradient_views(self.xp.zeros(self.n_parameters, dtype=self.dtype))
         return grads
+
+    @property
+    def n_parameters(self) -> int:
+        """Weights and biases, every layer's: the length of the flat layout of :meth:`gradients`."""
+        return sum(a * b + b for a, b in zip(self.sizes[:-1], self.sizes[1:]))
+
+    def gradient_views(self, flat: Any) -> Gradients:
+        """``flat`` (n_parameters elements) seen as every layer's [dW_j.ravel(), db_j]."""
+        sizes = [a * b + b for a, b in zip(self.sizes[:-1], self.sizes[1:])]
+        starts = np.cumsum([0, *sizes])
+        layer = [flat[s:e] for s, e in zip(starts[:-1], starts[1:])]
+        w = [part[:a * b].reshape(a, b) for part, a, b in zip(layer, self.sizes[:-1], self.sizes[1:])]
+        b = [part[a * n:] for part, a, n in zip(layer, self.sizes[:-1], self.sizes[1:])]
+        return Gradients(flat, layer, w, b)
+
+    def plans_dropped(self) -> None:
+        """The parameters, state or gradient buffers are other arrays now (a shared-memory fit
+        began or ended): the backward launches' arguments are built again."""
+        for buf in self._buffers.values():
+            buf.plan, buf.plan_key = [], ()
+        self._applied_rule = None
 
     def gradient_step(self, X: Any, Y: Any, reduce: Any, loss_out: Any = None, record: Record | None = None,
                       gather: Gather | None = None) -> list:
@@ -291,9 +306,13 @@ class MLP:
             requests += [reduce(grads.layer[j]) for j in updated]
         return requests
 
-    def apply_gradients(self, optimizer: Optimizer, lr: float, batch: int) -> None:
+    def apply_gradients(self, optimizer: Optimizer, lr: float, batch: int, span: tuple[int, int] | None = None,
+                        sources: Sequence[Any] | None = None) -> None:
         """Every parameter updated by ``optimizer`` from :meth:`gradients` (summed over ``batch``
-        rows, all ranks' together)."""
+        rows, all ranks' together). With ``sources`` (flat arrays in the layout of
+        :meth:`gradients`: every rank's gradient, in shared memory), from their sum instead, and
+        only the elements [lo, hi) of that layout given by ``span`` (the share of the update
+        this rank does: :class:`~gpu_backprop.distributed.SharedMemory`)."""
         state = self.optimizer_state(optimizer.states)
         if optimizer.name != "sgd":
             self.ops.count_step(state.t)
@@ -302,11 +321,28 @@ class MLP:
         if cached is None or cached[0] != key:  # one Rule object per setting: the launches replay by its id
             cached = self._applied_rule = (key, optimizer.rule(batch, lr, state.t), state)
         rule = cached[1]
-        grads = self.gradients()
+        if sources is None:
+            grads = self.gradients()
+            for j in range(len(self.weights)):
+                for p, g, m, v, weight in self._parameters(j, state, grads.w[j], grads.b[j]):
+                    self.ops.apply_rule(rule, p, g, m, v, weight)
+            return
+        lo, hi = (0, sources[0].size) if span is None else span
+        start = 0
         for j in range(len(self.weights)):
-            for p, g, m, v, weight in ((self.weights[j], grads.w[j], state.vel_w, state.sq_w, True),
-                                       (self.biases[j], grads.b[j], state.vel_b, state.sq_b, False)):
-                self.ops.apply_rule(rule, p, g, m[j] if m else None, v[j] if v else None, weight)
+            for p, _, m, v, weight in self._parameters(j, state):
+                a, b = max(lo - start, 0), min(hi - start, p.size)
+                if a < b:
+                    part = [x if x is None else x.reshape(-1)[a:b] for x in (p, m, v)]
+                    self.ops.apply_rule_summed(rule, part[0], [s[start + a:start + b] for s in sources], part[1],
+                                               part[2], weight)
+                start += p.size
+
+    def _parameters(self, j: int, state: OptimizerState, grad_w: Any = None, grad_b: Any = None) -> list:
+        """(parameter, gradient, first state, second state, is a weight) of layer j: W_j, then b_j."""
+        m, v = (state.vel_w, state.vel_b), (state.sq_w, state.sq_b)
+        return [(self.weights[j], grad_w, m[0][j] if m[0] else None, v[0][j] if v[0] else None, True),
+                (self.biases[j], grad_b, m[1][j] if m[1] else None, v[1][j] if v[1] else None, False)]
 
     def optimizer_state(self, states: int = 0) -> OptimizerState:
         """The update rule's state, created (zeros) with at least ``states`` arrays per parameter

@@ -172,6 +172,7 @@ class Trainer:
         self.losses = xp.zeros(len(self.slices), dtype=model.dtype)
         self.correct = xp.zeros(len(self.slices), dtype=np.int64)
         self.comm, self.sharded = comm, bool(sharded) and comm is not None
+        self.shared = False
         self.rows_per_epoch = self.n
         if comm is not None:
             self._distribute(model, batch_size)
@@ -206,6 +207,8 @@ class Trainer:
         from .distributed import shares
 
         xp, comm = model.xp, self.comm
+        # the parameters in shared memory while fit's epochs run (fit enters comm.share)
+        self.shared = hasattr(comm, "share") and comm.shares(model)
         # every rank draws the epochs' orders from rank 0's generator, whatever seed it was given
         self.rng.bit_generator.state = comm.allgather(self.rng.bit_generator.state)[0]
         if not self.sharded:
@@ -250,6 +253,10 @@ class Trainer:
             gather = Gather(self.X, self.Y, self.local_order, self.counter, stride, yb)
 
             def step() -> None:
+                if self.shared:  # gradients into shared memory; each rank sums and updates its share
+                    model.gradient_step(xb, yb, _unreduced, loss_out=buffers.loss, record=record, gather=gather)
+                    comm.update(model, self.optimizer, self.lr, batch)
+                    return
                 requests = model.gradient_step(xb, yb, comm.iallreduce, loss_out=buffers.loss, record=record,
                                                gather=gather)
                 for request in requests:
@@ -268,6 +275,9 @@ class Trainer:
         self.losses[s] = 0
         self.correct[s] = 0
         self.counter[...] += 1
+        if self.shared:
+            self.comm.update(model, self.optimizer, self.lr, batch)
+            return
         for layer in reversed(grads.layer):
             self.comm.iallreduce(layer).wait()
         model.apply_gradients(self.optimizer, self.lr, batch)
@@ -375,7 +385,7 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
     bar = tqdm(range(done, epochs), disable=not (progress and lead), unit="epoch", leave=True, dynamic_ncols=True,
                initial=done, total=epochs)
     # the training stream waits for the copies above and is waited for by what follows fit
-    with model.device.stream():
+    with model.device.stream(), (comm.share(model) if trainer.shared else contextlib.nullcontext()):
         for epoch in bar:
             if stopped:
                 break
@@ -438,6 +448,14 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
         model.params_written()
     model.last_steps = trainer.steps  # graph bookkeeping of this fit, for inspection
     return history
+
+
+def _unreduced(buffer: Any) -> Any:
+    """A data-parallel step's per-layer reduce when the sums happen after the backward
+    (:class:`~gpu_backprop.distributed.SharedMemory`): nothing to do now."""
+    from .distributed import Request
+
+    return Request()
 
 
 def _on_every_rank(comm: Any, work: Callable[[], Any]) -> Any:

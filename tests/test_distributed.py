@@ -91,6 +91,32 @@ def test_ranks_agree_bit_for_bit_and_with_one_process(tmp_path, ranks, optimizer
     np.testing.assert_allclose(first["val_loss"], history.val_loss, rtol=1e-10)
 
 
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_shared_memory_gives_the_all_reduce_bits(tmp_path, ranks, optimizer):
+    """distributed.SharedMemory (one copy of the parameters and state in shared memory, each rank
+    summing and updating its share of the elements) == the MPI all-reduce and N updates, bit for
+    bit: parameters, optimizer state and losses of two fits in a row (the second continuing the
+    first's state in the same window), every rank, with the last rank slowed before its backward
+    and its update (tests/mpi/shared.py); and a bf16 model, left to the all-reduce, the same.
+    Planted faults each fail it: either fence of SharedMemory.update left out (a rank sums a
+    gradient not yet written, or trains on a share not yet updated); the share's end one element
+    short; the sum over this rank's gradient only; the optimizer state left out of the window
+    (each rank's copy of the others' shares stale, so the second fit starts from rank 0's)."""
+    proc = run_ranks(ranks, HERE / "mpi" / "shared.py", tmp_path, optimizer)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for case in ["", "-bf16"] if optimizer == "sgd" else [""]:
+        reference = dict(np.load(tmp_path / f"mpi{case}-rank0.npz"))
+        assert reference["loss"].size == 5 - 3 * bool(case) and set(reference) > {"W0", "b1", "vel_w0" if
+                                                                                  optimizer == "sgd" else "sq_w1"}
+        for r in range(ranks):
+            for name in ("mpi", "shm"):
+                run = dict(np.load(tmp_path / f"{name}{case}-rank{r}.npz"))
+                assert set(run) == set(reference)
+                for key, value in reference.items():
+                    np.testing.assert_array_equal(run[key], value, err_msg=f"{name}{case} rank {r}: {key}")
+
+
 def test_a_rank_that_fails_ends_every_rank():
     """Rank 1 raises in its second epoch; rank 0 is then waiting in a sum: the command line ends
     both (MPI_Abort), says which rank failed and why, within the timeout (never a hang)."""
@@ -151,7 +177,8 @@ def test_the_command_line_under_mpiexec_prints_once(tmp_path):
     import json
 
     result = json.loads(lines[0])
-    assert result["ranks"] == 2 and result["distributed"] == "mpi" and result["test_accuracy"] > 0.8
+    # auto on the CPU, every rank on this machine: the shared-memory communicator
+    assert result["ranks"] == 2 and result["distributed"] == "shm" and result["test_accuracy"] > 0.8
     assert (tmp_path / "m.npz").exists() and (tmp_path / "c.npz").exists()
 
 

@@ -111,6 +111,9 @@ class Update(NamedTuple):
         return Rule("momentum" if self.momentum else "sgd", self.step, self.momentum)
 
 
+RULE_CHUNK = 65536  # elements of one chunk of ArrayOps.apply_rule_summed on the host (256 KB in float32)
+
+
 def apply_rule(xp: Any, rule: Rule, p: Any, grad: Any, m: Any = None, v: Any = None, weight: bool = True) -> None:
     """The twin of kernels/update.cuh: p (and its state m, v) updated in place from the summed
     gradient ``grad``, which it may overwrite. Each coefficient is rounded to p's dtype first,
@@ -526,6 +529,36 @@ class ArrayOps:
         the update of a data-parallel step, after the all-reduce (:func:`apply_rule`)."""
         check_rule(rule, m, m, v, v)
         apply_rule(self.xp, rule, p, grad, m, v, weight)
+
+    def apply_rule_summed(self, rule: Rule, p: Any, sources: Sequence[Any], m: Any = None, v: Any = None,
+                          weight: bool = True) -> None:
+        """p (and m, v, arrays of p's shape) updated by ``rule`` from the sum of ``sources``, taken
+        in rank order (every rank's gradient of these elements, in memory the ranks share), which
+        are only read: on the host RULE_CHUNK elements at a time, so the sum is a temporary that
+        stays in L2 rather than an array of its own (the same arithmetic element by element)."""
+        check_rule(rule, m, m, v, v)
+        if not sources:
+            raise ValueError("sources: expected at least one gradient")
+        if self.xp is not np or not all(a is None or a.flags.c_contiguous for a in (p, m, v)):
+            grad = sources[0].copy()
+            for more in sources[1:]:
+                grad += more
+            apply_rule(self.xp, rule, p, grad, m, v, weight)
+            return
+        flat = [a if a is None else a.reshape(-1) for a in (p, m, v)]
+        sources = [s.reshape(-1) for s in sources]
+        total = self._scratch("rule_sum", (min(RULE_CHUNK, p.size),), p.dtype)
+        for lo in range(0, p.size, RULE_CHUNK):
+            hi = min(lo + RULE_CHUNK, p.size)
+            grad = total[:hi - lo]
+            if len(sources) == 1:
+                grad[...] = sources[0][lo:hi]
+            else:
+                np.add(sources[0][lo:hi], sources[1][lo:hi], out=grad)
+            for more in sources[2:]:
+                grad += more[lo:hi]
+            apply_rule(np, rule, flat[0][lo:hi], grad, *(a if a is None else a[lo:hi] for a in flat[1:]),
+                       weight=weight)
 
     # -- the fit loop's bookkeeping (kernels/batch.cu) ----------------------
     def count_step(self, t: Any) -> None:
