@@ -2,12 +2,13 @@
 784-1024-1024-10 at a global batch of 512, 1 rank against N ranks under mpiexec, one BLAS thread
 per rank, synthetic data (8192 rows), median epoch of 3 after a warm-up epoch; N ranks with the
 MPI all-reduce and with the shared-memory communicator (distributed.SharedMemory); one run of
-this script, as JSON. `python -m benchmarks.distributed_scaling [N]` (unset OPENBLAS_CORETYPE and
+this script, as JSON. `python -m benchmarks.distributed_scaling [N [ROUNDS]]` (unset OPENBLAS_CORETYPE and
 OPENBLAS_L2_SIZE for the command, as for every benchmark)."""
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -41,13 +42,21 @@ def run(ranks: int, kind: str = "none") -> dict:
 
 
 def main() -> None:
-    """1 rank, then N ranks with the MPI all-reduce and with the shared-memory communicator."""
+    """Rounds of 1 rank, N ranks with the MPI all-reduce and N ranks with the shared-memory
+    communicator, one after another (the machine's speed drifts between minutes: each round's
+    ratios come from runs seconds apart); the median of the rounds' ratios."""
     ranks = int(sys.argv[1]) if len(sys.argv) > 1 else 2
-    one = run(1)
-    report = {"machine": f"{os.cpu_count()} cores", "one_rank": one}
+    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    report: dict = {"machine": f"{os.cpu_count()} cores", "ranks": ranks, "rounds": []}
+    for _ in range(rounds):
+        one = run(1)
+        this = {"one_rank": one}
+        for kind in ("mpi", "shm"):
+            many = this[f"{ranks}_ranks_{kind}"] = run(ranks, kind)
+            this[f"speedup_{kind}"] = many["samples_per_second"] / one["samples_per_second"]
+        report["rounds"].append(this)
     for kind in ("mpi", "shm"):
-        many = report[f"{ranks}_ranks_{kind}"] = run(ranks, kind)
-        report[f"speedup_{kind}"] = many["samples_per_second"] / one["samples_per_second"]
+        report[f"speedup_{kind}_median"] = statistics.median(r[f"speedup_{kind}"] for r in report["rounds"])
     print(json.dumps(report, indent=1))
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from gpu_backprop import MLP
 from gpu_backprop.distributed import DistributedError, Local, from_environment, shares
+from gpu_backprop.ops import NumpyOps, Rule, apply_rule
 
 HERE = Path(__file__).parent
 
@@ -89,6 +90,47 @@ def test_ranks_agree_bit_for_bit_and_with_one_process(tmp_path, ranks, optimizer
         np.testing.assert_allclose(first[key], value, rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(first["loss"], history.loss, rtol=1e-10)
     np.testing.assert_allclose(first["val_loss"], history.val_loss, rtol=1e-10)
+
+
+SUMMED_RULES = {
+    "sgd+l2": Rule("sgd", 0.05, 0.0, 0.3),
+    "momentum": Rule("momentum", 0.05, 0.9),
+    "nesterov+l2": Rule("nesterov", 0.05, 0.9, 0.3),
+    "adamw+l2": Rule("adam", 0.01, 0.0, 0.3, 0.25, 0.8, 0.99, 1e-6, 0.002, np.array([3])),
+}
+
+
+@pytest.mark.parametrize("name", list(SUMMED_RULES))
+@pytest.mark.parametrize("n_sources", [1, 2, 3])
+@pytest.mark.parametrize("size", [1, 7, 25])
+def test_the_rule_of_a_sum_chunk_by_chunk_is_the_rule_of_the_summed_array(monkeypatch, name, n_sources, size):
+    """SharedMemory's update (ops.apply_rule_summed: the sources summed in rank order a chunk at a
+    time, the rule applied to the chunk) == the rule applied to the whole summed gradient, bit for
+    bit, across chunk ends (7 elements a chunk here), weights and biases, and a view with strides
+    (whole-array path); the sources are not written. Planted faults caught: a chunk's end one short
+    (elements skipped), the first source left out of the sum."""
+    from gpu_backprop.ops import reference
+
+    monkeypatch.setattr(reference, "RULE_CHUNK", 7)
+    rule, ops, rng = SUMMED_RULES[name], NumpyOps(), np.random.default_rng(size * 10 + n_sources)
+    for weight in (True, False):
+        for strided in (False, True):
+            arrays = [rng.standard_normal(2 * size if strided else size) for _ in range(3 + n_sources)]
+            arrays[2] = np.abs(arrays[2]) + 0.5  # Adam's v
+            if strided:
+                arrays = [a[::2] for a in arrays]
+            p, m, v, sources = arrays[0], arrays[1], arrays[2], arrays[3:]
+            kept = [a.copy() for a in sources]
+            expected = [a.copy() for a in (p, m, v)]
+            grad = sources[0].copy()
+            for more in sources[1:]:
+                grad += more
+            apply_rule(np, rule, *expected[:1], grad, *expected[1:], weight=weight)
+            ops.apply_rule_summed(rule, p, sources, m, v, weight)
+            for got, want in zip((p, m, v), expected):
+                np.testing.assert_array_equal(got, want)
+            for got, want in zip(sources, kept):
+                np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
