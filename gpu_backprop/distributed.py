@@ -217,7 +217,11 @@ class SharedMemory(MPI):
 
     Sums and updates are those of :class:`MPI` element by element (two ranks: the same bits;
     more: the sum's order may differ from MPI's). Ranks on more than one machine, a model on
-    CUDA or in bf16: the all-reduce of :class:`MPI` (what :meth:`shares` says)."""
+    CUDA or in bf16: the all-reduce of :class:`MPI` (what :meth:`shares` says).
+
+    It holds a communicator of the machine's ranks and, after a fit, the window: make one and
+    reuse it for every fit, and :meth:`close` it (or use it as a context manager) when done
+    (collective); MPI allows about a thousand communicators at a time."""
 
     name = "shm"
 
@@ -258,6 +262,9 @@ class SharedMemory(MPI):
                 self._win.Free()
             mpi = self.mpi
             self._win = mpi.Win.Allocate_shared(nbytes if self.node.Get_rank() == 0 else 0, 1, comm=self.node)
+            if self._win.Get_attr(mpi.WIN_MODEL) != mpi.WIN_UNIFIED:  # the fence below assumes one copy
+                raise DistributedError("shm: this MPI's shared windows are not of the unified memory model "
+                                       "(use --distributed mpi)")
             self._win.Lock_all(mpi.MODE_NOCHECK)  # passive target for the whole life: Sync orders the stores
             self._win_bytes = nbytes
         memory, _ = self._win.Shared_query(0)
@@ -325,6 +332,12 @@ class SharedMemory(MPI):
         if self.node is not None:
             self.node.Free()
             self.node = None
+
+    def __enter__(self) -> "SharedMemory":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"SharedMemory(rank {self.rank} of {self.size})"

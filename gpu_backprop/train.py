@@ -367,10 +367,10 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
         best_score = -math.inf if state["best_score"] is None else state["best_score"]
         history = History(**state["history"])
     if comm is not None:  # every rank starts from rank 0's parameters and optimizer state
-        models = comm.allgather((model.sizes, model.dtype.name, optimizer.states))
+        models = comm.allgather((model.sizes, model.dtype.name, optimizer.states, model.precision, trainer.shared))
         if len(set(map(str, models))) > 1:
-            raise ValueError(f"distributed: the ranks' models differ (sizes, dtype, optimizer states by rank: "
-                             f"{models}); every rank must build the same network")
+            raise ValueError(f"distributed: the ranks' models differ (sizes, dtype, optimizer states, precision, "
+                             f"shared memory by rank: {models}); every rank must build the same network")
         for array in (*model.weights, *model.biases, *model._state.arrays().values()):
             comm.broadcast(array)
     model.params_written()  # whatever wrote them before (a broadcast, the caller): bf16 copies made again
@@ -396,7 +396,10 @@ def fit(model: Any, X: Any, y: Any, epochs: int = 10, batch_size: int = 32, lr: 
             samples_seen += trainer.rows_per_epoch  # every rank's rows: the same on every rank
             history.seconds.append(time.perf_counter() - start)
             params, xp = (*model.weights, *model.biases), model.xp
-            if not (math.isfinite(loss) and bool(xp.stack([xp.isfinite(p).all() for p in params]).all())):
+            finite = math.isfinite(loss) and bool(xp.stack([xp.isfinite(p).all() for p in params]).all())
+            if comm is not None:  # every rank has read the parameters (shared: one copy) before any restores
+                finite = all(comm.allgather(finite))
+            if not finite:
                 for p, good in zip(params, kept):
                     p[...] = good
                 model._state = None
