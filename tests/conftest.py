@@ -51,3 +51,17 @@ def gpu():
 
     device = get_device("cuda")
     return device.xp, make_ops(device, fused=True)
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m deselected what will not run
+def pytest_collection_modifyitems(config, items):
+    """The tests that read the kernel compiles last, and those compiles queued on their worker now,
+    to run beside the rest of the suite (tests/cubins.py)."""
+    from . import cubins
+
+    jobs = {item: cubins.jobs_of(item) for item in items}
+    late = [item for item in items if jobs[item] or item.nodeid.split("::")[0].endswith("test_compile.py")]
+    if late and not config.option.collectonly:
+        moved = set(late)
+        items[:] = [item for item in items if item not in moved] + late
+        cubins.start([job for item in late for job in jobs[item]])

@@ -1,5 +1,6 @@
 """Every kernel source compiles for sm_80 and sm_90, with nvcc and with NVRTC (what
-cupy.RawModule uses), with no register spills. The ptxas report is printed (-s)."""
+cupy.RawModule uses), with no register spills. The ptxas report is printed (-s). The compiles
+run on tests/cubins.py's worker, beside the rest of the suite."""
 import os
 import re
 import shutil
@@ -9,7 +10,7 @@ import pytest
 
 from gpu_backprop.ops.cuda import KERNEL_FILES, kernel_source, names_in
 
-from . import nvrtc
+from . import cubins, nvrtc
 
 ARCHS = ["sm_80", "sm_90"]
 REPORT: list = []  # (compiler, arch, kernel, registers, smem, spill bytes) printed at the end of the run
@@ -45,19 +46,12 @@ def demangle(symbol: str) -> str:
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("file", KERNEL_FILES)
-def test_nvcc_compiles(tmp_path, file, arch):
-    nvcc = shutil.which("nvcc")
-    _require(nvcc is not None, "nvcc")
-    names = names_in(file)
-    # The exact text NVRTC gets, plus references that instantiate every name expression.
-    source = kernel_source(file) + "\nstatic void* const instances[] = {\n" + \
-        ",\n".join(f"    (void*)&{name}" for name in names) + "\n};\n"
-    (tmp_path / file).write_text(source)
-    proc = subprocess.run([nvcc, "-std=c++17", "-cubin", f"-arch={arch}", "-Xptxas", "-v",
-                           "-o", str(tmp_path / "out.cubin"), str(tmp_path / file)], capture_output=True, text=True)
-    print(proc.stderr)
-    assert proc.returncode == 0, proc.stderr
-    check_report(proc.stderr, names, "nvcc", arch)
+def test_nvcc_compiles(file, arch):
+    _require(shutil.which("nvcc") is not None, "nvcc")
+    result = cubins.nvcc_cubin(file, arch)  # the exact text NVRTC gets, every name expression instantiated
+    print(result.report)
+    assert result.returncode == 0, result.report
+    check_report(result.report, names_in(file), "nvcc", arch)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -65,7 +59,7 @@ def test_nvcc_compiles(tmp_path, file, arch):
 def test_nvrtc_compiles_name_expressions(file, arch):
     _require(nvrtc.find_library() is not None, "libnvrtc (pip install nvidia-cuda-nvrtc)")
     names = names_in(file)
-    lowered, log = nvrtc.compile_cubin(kernel_source(file), names, arch)
+    lowered, log = cubins.nvrtc_cubin(file, arch)
     print(log)
     assert set(lowered) == set(names) and all(v.startswith("_Z") for v in lowered.values())
     check_report(log, names, "nvrtc", arch)

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpu_backprop.ops.cuda import CONFIGS, GEMM_FILES, configs_for, gemm_name, kernel_source
+from gpu_backprop.ops.cuda import CONFIGS, GEMM_FILES, configs_for, gemm_name
 
+from . import cubins
 from .test_compile import _require, demangle
 
 REPORT: list = []  # (kernel, FMAs, 128-bit shared loads, other shared loads, FMA share) for the summary
@@ -40,34 +41,48 @@ def tool(name: str) -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def sass(tmp_path_factory):
-    """{kernel name: [opcodes]} of every GEMM kernel instantiation, sm_90."""
-    nvcc, cuobjdump, nvdisasm = shutil.which("nvcc"), tool("cuobjdump"), tool("nvdisasm")
-    _require(nvcc is not None, "nvcc")
+def disassemble(cubin: Path, keep) -> dict:
+    """{demangled kernel: [(predicate, opcode, operands)]} of the kernels of ``cubin`` whose name
+    ``keep`` accepts, without the instructions under @!PT (never executed: ptxas pads cp.async
+    with them)."""
+    cuobjdump, nvdisasm = tool("cuobjdump"), tool("nvdisasm")
     _require(cuobjdump is not None and nvdisasm is not None, "cuobjdump and nvdisasm (pip install nvidia-cuda-cuobjdump "
                                                             "nvidia-cuda-nvdisasm)")
-    tmp = tmp_path_factory.mktemp("sass")
-    code: dict = {}
-    for file in dict.fromkeys(GEMM_FILES.values()):
-        names = [gemm_name(k, dt, c) for k, f in GEMM_FILES.items() if f == file
-                 for dt in (np.float32, np.float64) for c in configs_for(dt)]
-        source = kernel_source(file) + "\nstatic void* const instances[] = {\n" + \
-            ",\n".join(f"    (void*)&{name}" for name in names) + "\n};\n"
-        (tmp / file).write_text(source)
-        cubin = tmp / f"{file}.cubin"
-        proc = subprocess.run([nvcc, "-std=c++17", "-cubin", "-arch=sm_90", "-o", str(cubin), str(tmp / file)],
-                              capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        env = {"PATH": f"{Path(nvdisasm).parent}:/usr/bin:/bin", "NVDISASM_PATH": nvdisasm}
-        dump = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, env=env)
-        assert dump.returncode == 0, dump.stderr
-        for section in re.split(r"\n\s*Function : ", dump.stdout)[1:]:
-            symbol, body = section.split("\n", 1)
-            # opcodes, without those under @!PT (never executed: ptxas pads cp.async with them)
-            code[demangle(symbol.strip())] = [op for pred, op in re.findall(
-                r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:(@!?U?P\w+)\s+)?([A-Z][A-Z0-9_.]*)", body, re.M) if pred != "@!PT"]
+    env = {"PATH": f"{Path(nvdisasm).parent}:/usr/bin:/bin", "NVDISASM_PATH": nvdisasm}
+    dump = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, env=env)
+    assert dump.returncode == 0, dump.stderr
+    code = {}
+    for section in re.split(r"\n\s*Function : ", dump.stdout)[1:]:
+        symbol, body = section.split("\n", 1)
+        name = demangle(symbol.strip())
+        if keep(name):
+            code[name] = [(pred, op, rest) for pred, op, rest in re.findall(
+                r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:(@!?U?P\w+)\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", body, re.M)
+                if pred != "@!PT"]
     return code
+
+
+def gemm_sass(names) -> dict:
+    """:func:`disassemble` of the sm_90 cubins of tests/cubins.py (every name expression of each GEMM
+    file), the kernels ``names`` lists only."""
+    _require(shutil.which("nvcc") is not None, "nvcc")
+    wanted = {name.replace(" ", "") for name in names}
+    # demangled names spell out a defaulted rule family (weight_grad<float, Simt<...>, 0>)
+    spelled = lambda name: re.sub(r",0>$", ">", name.replace(" ", ""))
+    code = {}
+    for file in dict.fromkeys(GEMM_FILES.values()):
+        result = cubins.nvcc_cubin(file, "sm_90")
+        assert result.returncode == 0, result.report[-3000:]
+        code.update(disassemble(result.cubin, lambda name: spelled(name) in wanted))
+    return code
+
+
+@pytest.fixture(scope="module")
+def sass():
+    """{kernel name: [opcodes]} of every GEMM kernel instantiation (the tuner's configs), sm_90."""
+    names = [gemm_name(k, dt, c) for k, f in GEMM_FILES.items() for dt in (np.float32, np.float64)
+             for c in configs_for(dt)]
+    return {name: [op for _, op, _ in code] for name, code in gemm_sass(names).items()}
 
 
 def counts(opcodes: list) -> tuple[int, int, int]:

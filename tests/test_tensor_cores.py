@@ -609,40 +609,16 @@ def test_tf32_split_k_weight_grad(tf32, rng, path, prologue):
 # ---------------------------------------------------------------- the Tf32 core's machine code
 
 @pytest.fixture(scope="module")
-def tf32_sass(tmp_path_factory):
-    """{kernel: [(opcode, operands)]} of every Tf32 GEMM kernel (SGD rule family), sm_90, from nvcc."""
-    import re
-    import shutil
-    import subprocess
-    from pathlib import Path
+def tf32_sass():
+    """{kernel: [(opcode, operands)]} of every Tf32 GEMM kernel (SGD rule family), sm_90, from nvcc
+    (tests/cubins.py's cubins)."""
+    from gpu_backprop.ops.cuda import GEMM_FILES, names_in
 
-    from gpu_backprop.ops.cuda import GEMM_FILES, kernel_source, names_in
+    from .test_sass import gemm_sass
 
-    from .test_compile import _require, demangle
-    from .test_sass import tool
-
-    nvcc, cuobjdump, nvdisasm = shutil.which("nvcc"), tool("cuobjdump"), tool("nvdisasm")
-    _require(nvcc is not None and cuobjdump is not None and nvdisasm is not None, "nvcc, cuobjdump and nvdisasm")
-    tmp = tmp_path_factory.mktemp("tf32_sass")
-    code = {}
-    for file in dict.fromkeys(GEMM_FILES.values()):
-        names = [n for n in names_in(file) if "Tf32" in n and not n.endswith(", 1>")]
-        source = kernel_source(file) + "\nstatic void* const instances[] = {\n" + \
-            ",\n".join(f"    (void*)&{name}" for name in names) + "\n};\n"
-        (tmp / file).write_text(source)
-        proc = subprocess.run([nvcc, "-std=c++17", "-cubin", "-arch=sm_90", "-o", str(tmp / f"{file}.cubin"),
-                               str(tmp / file)], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        env = {"PATH": f"{Path(nvdisasm).parent}:/usr/bin:/bin", "NVDISASM_PATH": nvdisasm}
-        dump = subprocess.run([cuobjdump, "-sass", str(tmp / f"{file}.cubin")], capture_output=True, text=True,
-                              env=env)
-        assert dump.returncode == 0, dump.stderr
-        for section in re.split(r"\n\s*Function : ", dump.stdout)[1:]:
-            symbol, body = section.split("\n", 1)
-            code[demangle(symbol.strip())] = [(op, rest) for pred, op, rest in re.findall(
-                r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:(@!?U?P\w+)\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", body, re.M)
-                if pred != "@!PT"]
-    return code
+    names = [n for file in dict.fromkeys(GEMM_FILES.values()) for n in names_in(file)
+             if "Tf32" in n and not n.endswith(", 1>")]
+    return {name: [(op, rest) for _, op, rest in code] for name, code in gemm_sass(names).items()}
 
 
 def multiply_spans(code):
