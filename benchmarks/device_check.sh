@@ -7,10 +7,14 @@
 #      the launch contract, NaN propagation, stream ordering);
 #   3. compute-sanitizer memcheck and racecheck over a small run of every kernel;
 #   4. digits trained on the GPU and on the CPU: accuracies must match;
-#   5. every GEMM path forced in turn against cuBLAS (benchmarks/gemm_sweep.py -> gemm_sweep.json);
+#   5. every GEMM path forced in turn against cuBLAS (benchmarks/gemm_sweep.py -> gemm_sweep.json), with
+#      cuBLAS TF32 and BF16 (CuPy, PyTorch) and our TF32 core's ratio to cuBLAS TF32 in the summary;
 #   6. the GPU benchmark suite -> bench_step.json, bench_kernels.json, bench_compile.json,
 #      bench.png (chart; the table is printed); the training step first, torch.compile (minutes of
-#      compilation) last, each part with its own time limit so one overrun loses only itself.
+#      compilation) last, each part with its own time limit so one overrun loses only itself. The
+#      tensor-core peers (issue 13) come along: the GEMM core against cublas-tf32, torch-tf32 and
+#      torch-bf16 in bench_kernels, PyTorch's bf16 autocast steps (eager, autograd) in bench_step,
+#      torch-compile-bf16 beside torch-compile in bench_compile.
 # Before and after on one machine: with an older revision unpacked in .base/
 # (benchmarks/prepare_baseline.sh REV, carried), its training-step and digits benchmarks run
 # first, before this tree is installed, with a tuner cache of their own -> bench_baseline.json,
@@ -95,9 +99,9 @@ bench() {  # bench NAME LIMIT FILE -k EXPR
 }
 run gemm-sweep 120 $python -m benchmarks.gemm_sweep "$out/gemm_sweep.json"
 grep -E "^(core|wgrad|forward)" "$log" | tee -a "$summary" > /dev/null
-bench step 100 test_train_step.py "not torch-compile"
+bench step 130 test_train_step.py "not torch-compile"  # also excludes torch-compile-bf16: -k matches substrings
 bench kernels 120 test_kernels.py "not large or weight_grad"
-bench compile 80 test_train_step.py "torch-compile"
+bench compile 150 test_train_step.py "torch-compile"  # and torch-compile-bf16 (80 s before it; fp32 alone: 33 s)
 results=$(ls "$out"/bench_step.json "$out"/bench_kernels.json "$out"/bench_compile.json 2> /dev/null)
 if [ -n "$results" ]; then
     png=(--png "$out/bench.png")

@@ -1,5 +1,7 @@
 """Every GEMM path of ours, forced one at a time, against cuBLAS on the shapes where the
-tuner decides (issue 12): the core alone at 4096^3 (grad_w = o^T delta), the weight gradient
+tuner decides (issue 12): the core alone at 4096^3 (grad_w = o^T delta), with the tensor-core
+peers of issue 13 (cuBLAS TF32 through CuPy and PyTorch, cuBLAS BF16 through PyTorch) and our
+TF32 core's ratio to the fastest cuBLAS TF32 (target >= 0.80), the weight gradient
 with the delta prologue and the SGD epilogue at B=4096, 1024x1024 (every tile and every
 split-K slice count), the same with delta given, AdamW fused into the epilogue against separate
 passes (cuBLAS + our rule kernel, PyTorch eager), and the forward GEMM with bias and sigmoid at the same size.
@@ -7,15 +9,20 @@ passes (cuBLAS + our rule kernel, PyTorch eager), and the forward GEMM with bias
 Each path: one checked call against a float64 reference computed on the card (relative
 Frobenius error printed), then 3 rounds of 10 calls timed with CUDA events; the median of
 all 30 and the spread of the three round medians (a difference smaller than that is noise).
+A peer that cannot run here (no PyTorch, a CuPy without the TF32 compute type) prints why and is
+left out; one that fails prints its error, the others still run, and the exit status is 1.
     python -m benchmarks.gemm_sweep [OUT.json]     (GPU only)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
+
+from .peers import PeerUnavailable
 
 
 def timed(xp: Any, fn: Callable[[], Any], rounds: int = 3, calls: int = 10) -> tuple[float, float]:
@@ -41,7 +48,50 @@ def rel_err(xp: Any, got: Any, ref: Any) -> float:
     return float(xp.linalg.norm(got - ref) / xp.linalg.norm(ref))
 
 
-def main(out_path: str | None = None) -> None:
+# the least relative error a GEMM core 4096^3 of o (uniform) and delta (normal) shows in TF32 or
+# bf16: a tenth of what rounding the operands gives (TF32 2.8e-4, bf16 2.3e-3; float32 itself ~1e-6)
+ROUNDING_FLOOR = {"tf32": 3e-5, "bf16": 2e-4}
+
+
+def tensor_core_peers(xp: Any, o: Any, delta: Any, grad_w: Any) -> dict[str, tuple[str, Any, Callable[[], Any]]]:
+    """{path: (precision, mode, fn)}: cuBLAS on the tensor cores computing o^T delta, as others call it,
+    ``fn`` to be run and timed inside the context manager ``mode``. cublas-tf32: cupy.matmul with
+    cuBLAS's TF32 compute type (cublasGemmEx with CUBLAS_COMPUTE_32F_FAST_TF32: peers.cupy_tf32);
+    torch-tf32: torch.mm with torch.backends.cuda.matmul.allow_tf32; torch-bf16: torch.mm on bf16
+    copies of the operands (made once, untimed), float32 sums and result (peers.torch_bf16_mm).
+    The PyTorch peers only where PyTorch imports."""
+    from .peers import cupy_tf32, torch_bf16_mm
+
+    peers = {"cublas-tf32": ("tf32", cupy_tf32(xp), lambda: xp.matmul(o.T, delta, out=grad_w))}
+    try:
+        import torch
+    except ImportError as exc:
+        print(f"core 4096^3            torch-tf32, torch-bf16: skipped ({exc})", flush=True)
+        return peers
+    if not torch.cuda.is_available():
+        print("core 4096^3            torch-tf32, torch-bf16: skipped (PyTorch has no CUDA device)", flush=True)
+        return peers
+
+    @contextlib.contextmanager
+    def allow_tf32() -> Iterator[None]:
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
+
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False  # bf16 products summed in float32
+    to, td = torch.as_tensor(o, device="cuda"), torch.as_tensor(delta, device="cuda")
+    tw = torch.as_tensor(grad_w, device="cuda")  # grad_w's memory: torch.mm writes into it
+    bo, bd = to.to(torch.bfloat16), td.to(torch.bfloat16)
+    mm, _ = torch_bf16_mm(torch)
+    peers["torch-tf32"] = ("tf32", allow_tf32(), lambda: torch.mm(to.T, td, out=tw))
+    peers["torch-bf16"] = ("bf16", contextlib.nullcontext(), lambda: mm(bo.T, bd))
+    return peers
+
+
+def main(out_path: str | None = None) -> int:
     import cupy as xp
 
     from gpu_backprop import get_device
@@ -55,11 +105,12 @@ def main(out_path: str | None = None) -> None:
            for p in ("fp32", "tf32")}
     rng = np.random.default_rng(0)
     rows: list[dict] = []
+    failed: list[str] = []
 
-    def record(case: str, path: str, flops: float, err: float, fn: Callable[[], Any]) -> None:
+    def record(case: str, path: str, flops: float, err: float, fn: Callable[[], Any], precision: str = "fp32") -> None:
         median, spread = timed(xp, fn)
         rows.append({"case": case, "path": path, "seconds": median, "spread": spread,
-                     "tflops": flops / median / 1e12, "rel_err": err})
+                     "tflops": flops / median / 1e12, "rel_err": err, "precision": precision})
         print(f"{case:<38} {path:<12} {median * 1e6:9.1f} us  +-{spread * 1e6:6.1f}  "
               f"{flops / median / 1e12:6.1f} TFLOP/s  err {err:.1e}", flush=True)
 
@@ -83,6 +134,41 @@ def main(out_path: str | None = None) -> None:
         record("core 4096^3", split, flops, rel_err(xp, grad_w, ref), run)
     cublas = lambda: xp.matmul(o.T, delta, out=grad_w)  # noqa: E731
     record("core 4096^3", "cupy.matmul", flops, rel_err(xp, cublas() , ref), cublas)
+
+    # 1b. cuBLAS on the tensor cores (issue 13): TF32 (float32 in and out), BF16 (bf16 in, float32 sums)
+    try:
+        peers = tensor_core_peers(xp, o, delta, grad_w)
+    except Exception as exc:  # noqa: BLE001  (PyTorch's setup failed: the rest of the sweep still runs)
+        print(f"core 4096^3            tensor-core peers: FAILED {type(exc).__name__}: {exc}", flush=True)
+        failed.append("tensor-core peers")
+        peers = {}
+    for path, (precision, mode, fn) in peers.items():
+        try:
+            with mode:
+                grad_w.fill(np.nan)
+                got = fn()
+                got = got if isinstance(got, xp.ndarray) else xp.asarray(got.float())  # a torch tensor
+                err = rel_err(xp, got, ref)
+                record("core 4096^3", path, flops, err, fn, precision)
+            if err < ROUNDING_FLOOR[precision]:  # as exact as float32: the switch to the tensor cores did not take
+                print(f"core 4096^3            {path}: FAILED err {err:.1e} is below {precision}'s rounding "
+                      f"(>= {ROUNDING_FLOOR[precision]:.0e}): not on the {precision} tensor cores", flush=True)
+                failed.append(path)
+        except PeerUnavailable as exc:
+            print(f"core 4096^3            {path}: skipped ({exc})", flush=True)
+        except Exception as exc:  # noqa: BLE001  (a peer's failure loses its own row only)
+            print(f"core 4096^3            {path}: FAILED {type(exc).__name__}: {exc}", flush=True)
+            failed.append(path)
+    core = {r["path"]: r for r in rows if r["case"] == "core 4096^3"}
+    # every route to cuBLAS TF32 that ran (ours' cublas_tf32: the handle's TF32 math mode), with TF32's error
+    cublas_tf32 = [core[p] for p in ("cublas_tf32", "cublas-tf32", "torch-tf32")
+                   if p in core and core[p]["rel_err"] >= ROUNDING_FLOOR["tf32"]]
+    ratios = {}
+    if "tf32" in core and cublas_tf32:
+        best = max(cublas_tf32, key=lambda r: r["tflops"])
+        ratios["tf32_vs_cublas_tf32"] = core["tf32"]["tflops"] / best["tflops"]
+        print(f"core 4096^3            tf32 / fastest cuBLAS TF32 ({best['path']}, {best['tflops']:.1f} TFLOP/s): "
+              f"{ratios['tf32_vs_cublas_tf32']:.2f} (target >= 0.80)", flush=True)
 
     # 2. the weight gradient with the delta prologue and the SGD epilogue, B=4096, 1024x1024
     batch, n_in, n_out, step = 4096, 1024, 1024, 0.01
@@ -163,8 +249,9 @@ def main(out_path: str | None = None) -> None:
     print(f"card: {card}")
     if out_path:
         with open(out_path, "w") as f:
-            json.dump({"card": card, "rows": rows}, f, indent=1)
+            json.dump({"card": card, "rows": rows, "ratios": ratios, "failed": failed}, f, indent=1)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else None)
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else None))

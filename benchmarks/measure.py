@@ -22,8 +22,9 @@ def to_host(value: Any) -> np.ndarray:
 def run_benchmark(benchmark: Any, *, backend: Backend, ceilings: Ceilings | None, peer: str, group: str, size: str,
                   fn: Callable[[Any], Any], sets: list, sync: Callable[[], None], reference: dict,
                   outputs: Callable[[Any], dict] | None = None, work: tuple[int, int] = (0, 0),
-                  budget: float = 0.5, tol: float = 1e-4, use_events: bool = True) -> None:
-    """``fn(set)`` runs one call; ``outputs(result)`` gives host arrays to check (default: the result dict)."""
+                  budget: float = 0.5, tol: float = 1e-4, use_events: bool = True, precision: str = "fp32") -> None:
+    """``fn(set)`` runs one call; ``outputs(result)`` gives host arrays to check (default: the result dict);
+    ``precision``: of the peer's products (fp32, tf32, bf16), recorded with its figures."""
     benchmark.group = f"{group} {size}"
     # under --benchmark-disable pedantic() runs the call once, untimed (and the fixture counts as used)
     result = benchmark.pedantic(fn, args=(sets[0],)) if benchmark.disabled else fn(sets[0])
@@ -50,7 +51,7 @@ def run_benchmark(benchmark: Any, *, backend: Backend, ceilings: Ceilings | None
     device_time = backend.event_median(lambda i: fn(sets[i]), n_sets) if use_events else None
     seconds = device_time if device_time is not None else float(benchmark.stats.stats.median)
     bytes_moved, flops = work
-    info = {"peer": peer, "op": group, "size": size, "device": backend.name, "dtype": "float32",
+    info = {"peer": peer, "op": group, "size": size, "device": backend.name, "dtype": "float32", "precision": precision,
             "time_s": seconds, "timer": "cuda events (median)" if device_time is not None else "host clock (median)",
             "input_sets": n_sets, "bytes": bytes_moved, "flops": flops,
             "copy_ceiling_gbs": ceilings.copy_gbs, "gemm_ceiling_gflops": ceilings.gemm_gflops}

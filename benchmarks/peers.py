@@ -8,11 +8,21 @@ NumPy twins), ``ours-fused`` its CUDA kernels (the default tile, one launch per 
 ``ours-splitk`` the weight-gradient kernels with the batch split in slices (split-K), the
 tile and slice count tuned on the card among our kernels only, and ``ours-warp`` the cp.async
 pipelined warp-tiled cores (128x128, 128x256, and their split-K slices), tuned among those.
+
+Tensor-core peers (issue 13), each compared only with implementations in its own precision:
+``ours-tf32`` (our TF32 core, precision="tf32"), ``cublas-tf32`` (CuPy's matmul with cuBLAS's
+TF32 compute type), ``torch-tf32`` (torch.mm with TF32 allowed) and ``torch-bf16`` (torch.mm
+on bfloat16 operands, float32 sums and result) for the GEMM core; for the training step
+``torch-autocast-bf16`` (the torch-eager step under torch.autocast(bfloat16)),
+``torch-autograd-bf16`` (torch-autograd's nn.Sequential step, forward and loss under autocast)
+and ``torch-compile-bf16`` (torch.compile of the torch-autocast-bf16 step), float32 master
+weights throughout. They run on a CUDA GPU only.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -33,8 +43,29 @@ CPU_PEERS = ("numpy", "ours-numpy")
 GPU_PEERS = ("cupy-unfused", "ours-fused", "ours-splitk", "ours-warp")
 SPLIT_OPS = ("weight_grad", "weight_grad_sgd", "gemm_core")  # the GEMMs over the batch: where split-K applies
 TORCH_PEERS = ("torch-eager", "torch-compile")
-PEERS = CPU_PEERS + GPU_PEERS + TORCH_PEERS
-STEP_PEERS = CPU_PEERS + ("cupy-unfused", "ours-fused", "ours-graph", "ours-tf32", "torch-autograd") + TORCH_PEERS
+# tensor-core peers (issue 13's targets): the GEMM core at 4096^3 and the bf16 training step
+TENSOR_GEMM_PEERS = ("ours-tf32", "cublas-tf32", "torch-tf32", "torch-bf16")
+TENSOR_GEMM_OPS = ("gemm_core",)
+BF16_STEP_PEERS = ("torch-autocast-bf16", "torch-autograd-bf16", "torch-compile-bf16")
+PEERS = CPU_PEERS + GPU_PEERS + TORCH_PEERS + TENSOR_GEMM_PEERS
+STEP_PEERS = CPU_PEERS + ("cupy-unfused", "ours-fused", "ours-graph", "ours-tf32", "torch-autograd") + TORCH_PEERS \
+    + BF16_STEP_PEERS
+# the precision of a peer's products (recorded with each figure; "fp32" when not listed)
+PRECISION = {"ours-tf32": "tf32", "cublas-tf32": "tf32", "torch-tf32": "tf32", "torch-bf16": "bf16",
+             **{peer: "bf16" for peer in BF16_STEP_PEERS}}
+# relative Frobenius error allowed in a kernel's outputs against the float64 reference, by the
+# precision of its products (only the GEMM core runs in TF32 and BF16). TF32 keeps 10 of float32's
+# 23 fraction bits: a 1024^3 product of rounded operands is off by 2.9e-4 (rounded to nearest),
+# 7.7e-4 (the low 13 bits dropped, as from raw float32 bits); bf16 keeps 7: 2.3e-3 with a float32
+# result, 2.9e-3 with a bf16 one (NumPy emulation of the roundings). ~6x margin each.
+KERNEL_TOL = {"fp32": 1e-4, "tf32": 5e-3, "bf16": 2e-2}
+# a bf16 training step is checked on its update (parameters after - before), not on the parameters:
+# one SGD step moves W0 of 784-1024-1024-10 by 6.5e-5 of itself at B=256, so an error of 1e-2 in
+# that update changes W0 by 6.5e-7 relative, and even a 10% wrong update would pass the float32
+# peers' parameter tolerance (1e-4). bf16's roundings put the updates 1e-3..6e-3 off at small and
+# typical-B256 (NumPy emulations of autocast's: GEMM operands and products in bf16, and our bf16
+# twin, precision="bf16" on the CPU); 3e-2 leaves 5x, and a wrong scale, sign or term (>= 1e-1) fails.
+BF16_STEP_TOL = 3e-2
 LR = 0.05
 
 
@@ -181,16 +212,65 @@ OPS = {
 
 
 # -- PyTorch ------------------------------------------------------------------------
-def torch_or_skip(backend: Any) -> Any:
+def torch_or_skip(backend: Any, tf32: bool = False) -> Any:
+    """PyTorch, set for this peer: float32 products in float32 (``tf32``: on TF32 tensor cores),
+    bf16 products summed in float32 (no reduced-precision split-K reductions)."""
     torch = pytest.importorskip("torch", reason="PyTorch not installed")
     if backend.kind == "cuda":
         if not torch.cuda.is_available():
             pytest.skip("PyTorch has no CUDA device")
-        # fp32 means fp32: no TF32 on either side
-        torch.backends.cuda.matmul.allow_tf32 = False
+        # fp32 means fp32: no TF32 on either side, unless this is a TF32 peer
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = False
-        torch.set_float32_matmul_precision("highest")
+        # bf16 means bf16 operands, float32 sums, as our bf16 GEMMs (issue 13) sum them
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     return torch
+
+
+def torch_autocast(torch: Any, on: bool) -> Any:
+    """torch.autocast to bfloat16 on CUDA (float32 tensors stay float32: the master weights), or nothing."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+def torch_bf16_mm(torch: Any) -> tuple[Callable[[Any, Any], Any], str]:
+    """(mm, result dtype): bf16 operands, float32 sums and result, through
+    ``torch.mm(a, b, out_dtype=torch.float32)``; PyTorch without ``out_dtype``: plain torch.mm,
+    whose result is bf16 (float32 sums all the same)."""
+    a = torch.ones((16, 16), dtype=torch.bfloat16, device="cuda")
+    try:
+        torch.mm(a, a, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        return torch.mm, "bfloat16"
+    return (lambda x, y: torch.mm(x, y, out_dtype=torch.float32)), "float32"
+
+
+class PeerUnavailable(RuntimeError):
+    """A peer that cannot run with the libraries of this machine (the reason in the message)."""
+
+
+@contextlib.contextmanager
+def cupy_tf32(xp: Any) -> Iterator[None]:
+    """CuPy's float32 GEMMs on TF32 tensor cores (cublasGemmEx with CUBLAS_COMPUTE_32F_FAST_TF32)
+    while inside, then as before. CUPY_TF32=1 is CuPy's documented switch, but CuPy reads it once,
+    at the first float32 GEMM of the process (cupy/_core/_routines_linalg.pyx get_compute_type),
+    so a running process sets the compute type it caches, with the same module's set_compute_type."""
+    import importlib
+
+    try:
+        linalg = importlib.import_module(f"{xp.__name__}._core._routines_linalg")
+    except ImportError as exc:
+        raise PeerUnavailable(f"this CuPy cannot set its GEMM compute type to TF32: {exc}") from exc
+    missing = [name for name in ("get_compute_type", "set_compute_type", "COMPUTE_TYPE_TF32")
+               if not hasattr(linalg, name)]
+    if missing:
+        raise PeerUnavailable(f"this CuPy cannot set its GEMM compute type to TF32: no {', '.join(missing)}")
+    before = linalg.get_compute_type(np.float32)
+    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32)
+    try:
+        yield
+    finally:
+        linalg.set_compute_type(np.float32, before)
 
 
 def torch_device(backend: Any) -> str:
@@ -205,10 +285,12 @@ def peer_reason(peer: str, backend: Any, size: str) -> str | None:
     """Why ``peer`` does not run in this session (None when it does)."""
     if peer in CPU_PEERS and backend.kind != "cpu":
         return f"{peer} is a CPU peer: run with --bench-device cpu"
-    if peer in (*GPU_PEERS, "ours-graph", "ours-tf32") and backend.kind != "cuda":
+    if peer in (*GPU_PEERS, "ours-graph", "ours-tf32", "cublas-tf32") and backend.kind != "cuda":
         return f"{peer} needs a CUDA GPU (none usable here)"
+    if peer in ("torch-tf32", "torch-bf16", *BF16_STEP_PEERS) and backend.kind != "cuda":
+        return f"{peer} is a tensor-core peer ({PRECISION[peer]}): CUDA only (none usable here)"
     if peer == "torch-compile" and backend.kind != "cuda":
         return "torch.compile peer runs on CUDA only (CPU inductor compile time would dominate the suite)"
-    if peer == "torch-compile" and size not in COMPILE_SIZES:
+    if peer in ("torch-compile", "torch-compile-bf16") and size not in COMPILE_SIZES:
         return f"torch.compile peer limited to {sorted(COMPILE_SIZES)} (minutes of compilation per shape)"
     return None

@@ -14,14 +14,21 @@ import json
 import sys
 from pathlib import Path
 
-ORDER = ["ours-graph", "ours-fused", "ours-splitk", "ours-tf32", "ours-numpy", "cupy-unfused", "numpy", "torch-eager",
-         "torch-autograd", "torch-compile"]
+ORDER = ["ours-graph", "ours-fused", "ours-splitk", "ours-warp", "ours-tf32", "ours-numpy", "cupy-unfused", "numpy",
+         "torch-eager", "torch-autograd", "torch-compile", "cublas-tf32", "torch-tf32", "torch-bf16",
+         "torch-autocast-bf16", "torch-autograd-bf16", "torch-compile-bf16"]
 # The benchmark targets of the issues, one headline row each (op, size): ours at its best (any of our
 # float32 paths) against the best other implementation of the same run.
 TARGETS = [("delta_hidden", "2^26"), ("delta_output", "2^26"), ("weight_grad_sgd", "typical-B4096"),
            ("gemm_core", "4096^3"), ("propagate", "typical-B4096"), ("train_step", "small"),
            ("train_step", "typical-B256"), ("train_step", "typical-B4096"), ("digits_epoch", "64-64-10 B=32")]
 OURS = ("ours-graph", "ours-fused", "ours-splitk", "ours-numpy")  # ours-tf32 computes in another precision
+# The tensor-core targets (issue 13), one row each where the run holds both sides: ours at its best in
+# that precision against the fastest of the named peers, and the ratio the target asks for.
+TENSOR_TARGETS = [("gemm_core", "4096^3", "tf32", ("cublas-tf32", "torch-tf32"), 0.80),
+                  ("gemm_core", "4096^3", "bf16", ("torch-bf16",), 0.80),
+                  ("train_step", "typical-B4096", "bf16", ("torch-autocast-bf16", "torch-autograd-bf16"), 1.30),
+                  ("train_step", "typical-B4096", "bf16", ("torch-compile-bf16",), 1.00)]
 
 
 def load(*paths: "str | Path") -> dict:
@@ -49,6 +56,8 @@ def rows(data: dict) -> list[dict]:
                     "timer": info.get("timer", ""), "gbs": info.get("gbs"), "gflops": info.get("gflops"),
                     "pct_copy": info.get("pct_copy_ceiling"), "pct_gemm": info.get("pct_gemm_ceiling"),
                     "speedup": info.get("speedup_vs") or {}, "device": info.get("device", ""),
+                    # runs before precision was recorded: all float32 but ours-tf32
+                    "precision": info.get("precision") or ("tf32" if info["peer"] == "ours-tf32" else "fp32"),
                     "copy_ceiling": info.get("copy_ceiling_gbs"), "gemm_ceiling": info.get("gemm_ceiling_gflops")})
     rank = {p: i for i, p in enumerate(ORDER)}
     out.sort(key=lambda r: (r["op"], _size_key(r["size"]), rank.get(r["peer"], 99)))
@@ -102,21 +111,32 @@ def markdown(data: dict) -> str:
 
 
 def headline(data: dict) -> str:
-    """One row per benchmark target: our fastest float32 path, the fastest other implementation,
-    their ratio (> 1: ours faster), ours against the run's measured ceiling, and the card."""
+    """One row per benchmark target: our fastest float32 path, the fastest other float32
+    implementation, their ratio (> 1: ours faster), ours against the run's measured ceiling, and
+    the card; then the tensor-core targets the run can tell (TENSOR_TARGETS)."""
     table = rows(data)
     lines = ["| operation | size | ours | best other | ours vs it | ours, of the ceiling | card |",
              "|---|---|---|---|---|---|---|"]
     for op, size in TARGETS:
         here = [r for r in table if r["op"] == op and r["size"] == size]
         ours = min((r for r in here if r["peer"] in OURS), key=lambda r: r["time_s"], default=None)
-        other = min((r for r in here if not r["peer"].startswith("ours")), key=lambda r: r["time_s"], default=None)
+        other = min((r for r in here if not r["peer"].startswith("ours") and r["precision"] == "fp32"),
+                    key=lambda r: r["time_s"], default=None)
         if ours is None:
             continue
         versus = f"{other['peer']} {_time(other['time_s'])}" if other else "-"
         ratio = f"**{other['time_s'] / ours['time_s']:.2f}x**" if other else "-"
         lines.append(f"| {op} | {size} | {ours['peer']} {_time(ours['time_s'])} | {versus} | {ratio} | "
                      f"{_rate(ours)[1] or '-'} | {ours['device']} |")
+    for op, size, precision, peers, target in TENSOR_TARGETS:
+        here = [r for r in table if r["op"] == op and r["size"] == size and r["precision"] == precision]
+        ours = min((r for r in here if r["peer"].startswith("ours")), key=lambda r: r["time_s"], default=None)
+        other = min((r for r in here if r["peer"] in peers), key=lambda r: r["time_s"], default=None)
+        if ours is None or other is None:
+            continue
+        lines.append(f"| {op} ({precision}) | {size} | {ours['peer']} {_time(ours['time_s'])} | {other['peer']} "
+                     f"{_time(other['time_s'])} | **{other['time_s'] / ours['time_s']:.2f}x** (target "
+                     f"{target:.2f}x) | {_rate(ours)[1] or '-'} | {ours['device']} |")
     return "\n".join(lines) + "\n"
 
 

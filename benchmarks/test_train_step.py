@@ -1,5 +1,6 @@
 """The whole training step (forward, backward, SGD update) of the seed's network:
-sigmoid hidden and output layers, MSE loss, float32, one mini-batch."""
+sigmoid hidden and output layers, MSE loss, float32, one mini-batch; and PyTorch's bf16
+mixed precision of the same step (autocast, float32 master weights: issue 13's targets)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +11,8 @@ from gpu_backprop import MLP
 from .conftest import CPU_SKIPPED_SIZES
 from .harness import rotation
 from .measure import run_benchmark, to_host
-from .peers import LR, SIZES, STEP_PEERS, peer_reason, torch_device, torch_or_skip, torch_sync
+from .peers import (BF16_STEP_PEERS, BF16_STEP_TOL, LR, PRECISION, SIZES, STEP_PEERS, peer_reason, torch_autocast,
+                    torch_device, torch_or_skip, torch_sync)
 
 
 def plain_step(params: dict, X, Y, sigmoid, lr: float = LR) -> dict:
@@ -48,8 +50,10 @@ def step_flops(widths: list, batch: int) -> int:
     return 6 * batch * params - 2 * batch * widths[0] * widths[1]
 
 
-def torch_autograd(torch, tensor, weights, biases, lr):
-    """PyTorch as its users write it: nn.Sequential, autograd, optim.SGD, from our weights.
+def torch_autograd(torch, tensor, weights, biases, lr, bf16=False):
+    """PyTorch as its users write it: nn.Sequential, autograd, optim.SGD, from our weights
+    (``bf16``: the forward and the loss under torch.autocast(bfloat16), backward and step outside
+    it, as torch.autocast's documentation has it; the parameters stay float32).
     Returns (step(x, y), params(_) -> host arrays named like ours)."""
     layers = []
     for W, b in zip(weights, biases):
@@ -64,7 +68,8 @@ def torch_autograd(torch, tensor, weights, biases, lr):
 
     def step(x, y):
         optimizer.zero_grad(set_to_none=True)
-        loss = 0.5 * ((net(x) - y) ** 2).sum() / x.shape[0]  # batch mean of 1/2 sum (y - y_hat)^2
+        with torch_autocast(torch, bf16):
+            loss = 0.5 * ((net(x) - y) ** 2).sum() / x.shape[0]  # batch mean of 1/2 sum (y - y_hat)^2
         loss.backward()
         optimizer.step()
         return net
@@ -80,10 +85,34 @@ def numpy_sigmoid(z):
     return 1.0 / (1.0 + np.exp(-z))
 
 
+def autocast_bf16(torch, step):
+    """``step`` with torch.autocast(bfloat16) inside: every GEMM on bf16 operands (float32 sums),
+    the rest in float32, the master weights float32 (torch.compile traces the autocast region)."""
+    def bf16_step(params, X, Y, sigmoid, lr=LR):
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # as written out: what torch.compile traces
+            return step(params, X, Y, sigmoid, lr)
+
+    return bf16_step
+
+
+def update_check(weights: list, biases: list, reference: dict, outputs):
+    """(reference, outputs) of the step's update, parameters after less before, in place of the
+    parameters (peers.BF16_STEP_TOL says why): the reference from the float64 start, the peer's
+    from the float32 start it was given."""
+    start = {f"W{k}": w for k, w in enumerate(weights)} | {f"b{k}": b for k, b in enumerate(biases)}
+    given = {k: v.astype(np.float32).astype(np.float64) for k, v in start.items()}
+
+    def updates(result):
+        return {k: np.asarray(to_host(v), dtype=np.float64) - given[k] for k, v in outputs(result).items()}
+
+    return {k: v - start[k] for k, v in reference.items()}, updates
+
+
 @pytest.mark.parametrize("peer", STEP_PEERS)
 @pytest.mark.parametrize("size", list(SIZES))
 def test_train_step(benchmark, backend, ceilings, budget, size, peer):
     reason = peer_reason(peer if peer != "torch-autograd" else "torch-eager", backend, size)
+    precision = PRECISION.get(peer, "fp32")
     if reason:
         pytest.skip(reason)
     if backend.kind == "cpu" and size in CPU_SKIPPED_SIZES:
@@ -103,16 +132,16 @@ def test_train_step(benchmark, backend, ceilings, budget, size, peer):
         tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(device)  # noqa: E731
         sets = [(tensor(x), tensor(y)) for x, y in batches]
         sync = torch_sync(torch, backend)
-        if peer == "torch-autograd":
-            torch_step, outputs = torch_autograd(torch, tensor, weights, biases, LR)
+        if peer in ("torch-autograd", "torch-autograd-bf16"):
+            torch_step, outputs = torch_autograd(torch, tensor, weights, biases, LR, bf16=precision == "bf16")
 
             def fn(s):
                 return torch_step(*s)
-        else:
+        else:  # torch-eager, torch-compile; torch-autocast-bf16, torch-compile-bf16: the same under autocast
             state = {"W": [tensor(w) for w in weights], "b": [tensor(b) for b in biases]}
-            step = plain_step
-            if peer == "torch-compile":
-                step = torch.compile(plain_step)
+            step = autocast_bf16(torch, plain_step) if precision == "bf16" else plain_step
+            if peer in ("torch-compile", "torch-compile-bf16"):
+                step = torch.compile(step)
 
             def fn(s):
                 with torch.no_grad():
@@ -159,9 +188,14 @@ def test_train_step(benchmark, backend, ceilings, budget, size, peer):
         def outputs(_):
             return model.get_params()
 
+    tol = 5e-3 if peer == "ours-tf32" else 1e-4
+    if peer in BF16_STEP_PEERS:  # the update itself is checked, within bf16's rounding
+        reference, outputs = update_check(weights, biases, reference, outputs)
+        tol = BF16_STEP_TOL
     run_benchmark(benchmark, backend=backend, ceilings=ceilings, peer=peer, group="train_step", size=size,
                   fn=fn, sets=sets, sync=sync, reference=reference, outputs=outputs, work=(0, flops),
-                  budget=budget, tol=5e-3 if peer == "ours-tf32" else 1e-4, use_events=False)  # whole steps: host clock, launch costs included
+                  budget=budget, tol=tol, precision=precision,
+                  use_events=False)  # whole steps: host clock, launch costs included
 
 
 DIGITS_PEERS = ("ours-numpy", "cupy-unfused", "ours-fused", "ours-graph", "torch-autograd", "torch-eager")
