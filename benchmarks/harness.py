@@ -130,9 +130,10 @@ def rel_error(actual: Any, expected: np.ndarray) -> float:
     return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-300))
 
 
-def check(peer: str, outputs: dict, reference: dict, tol: float) -> None:
-    """Each peer must compute the same function before it is timed."""
+def check(peer: str, outputs: dict, reference: dict, tol: "float | dict") -> None:
+    """Each peer must compute the same function before it is timed (``tol``: one tolerance, or one
+    per key)."""
     for key, expected in reference.items():
-        err = rel_error(outputs[key], expected)
-        if not err < tol:
-            raise AssertionError(f"{peer}: {key} differs from the float64 reference by {err:.2e} (tol {tol:.0e})")
+        err, limit = rel_error(outputs[key], expected), tol[key] if isinstance(tol, dict) else tol
+        if not err < limit:
+            raise AssertionError(f"{peer}: {key} differs from the float64 reference by {err:.2e} (tol {limit:.0e})")

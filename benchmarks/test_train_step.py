@@ -11,7 +11,7 @@ from gpu_backprop import MLP
 from .conftest import CPU_SKIPPED_SIZES
 from .harness import rotation
 from .measure import run_benchmark, to_host
-from .peers import (BF16_STEP_PEERS, BF16_STEP_TOL, LR, PRECISION, SIZES, STEP_PEERS, peer_reason, torch_autocast,
+from .peers import (BF16_STEP_PEERS, BF16_STEP_TOL, LR, STEP_UPDATE_TOL, PRECISION, SIZES, STEP_PEERS, peer_reason, torch_autocast,
                     torch_device, torch_or_skip, torch_sync)
 
 
@@ -188,10 +188,16 @@ def test_train_step(benchmark, backend, ceilings, budget, size, peer):
         def outputs(_):
             return model.get_params()
 
-    tol = 5e-3 if peer == "ours-tf32" else 1e-4
     if peer in BF16_STEP_PEERS:  # the update itself is checked, within bf16's rounding
         reference, outputs = update_check(weights, biases, reference, outputs)
         tol = BF16_STEP_TOL
+    else:  # the parameters, and the update itself (which the parameters' tolerance cannot see)
+        params_tol = 5e-3 if peer == "ours-tf32" else 1e-4
+        update_reference, updates = update_check(weights, biases, reference, outputs)
+        tol = {k: params_tol for k in reference} | {f"d{k}": STEP_UPDATE_TOL for k in update_reference}
+        reference = reference | {f"d{k}": v for k, v in update_reference.items()}
+        outputs = (lambda result, params=outputs: params(result)
+                   | {f"d{k}": v for k, v in updates(result).items()})
     run_benchmark(benchmark, backend=backend, ceilings=ceilings, peer=peer, group="train_step", size=size,
                   fn=fn, sets=sets, sync=sync, reference=reference, outputs=outputs, work=(0, flops),
                   budget=budget, tol=tol, precision=precision,

@@ -133,3 +133,33 @@ def test_bf16_step_check_admits_bf16_rounding_and_catches_a_wrong_update():
     check("W0 update 10% off", wrong, reference, 1e-4)  # the parameters barely move: a parameter check misses it
     with pytest.raises(AssertionError, match="W0 differs from the float64 reference"):
         check("W0 update 10% off", updates(wrong), ref_updates, BF16_STEP_TOL)
+
+
+def test_float32_step_check_sees_the_update_too():
+    """The float32 and TF32 step peers are checked on their parameters and on their update
+    (peers.STEP_UPDATE_TOL): our float32 CPU step passes both; a first-layer update 10% too large,
+    which the parameters' 1e-4 passes, fails the update's."""
+    import numpy as np
+    import pytest
+
+    from benchmarks.harness import check
+    from benchmarks.peers import LR, SIZES, STEP_UPDATE_TOL
+    from benchmarks.test_train_step import initial, numpy_sigmoid, plain_step, update_check
+    from gpu_backprop import MLP
+
+    size = "typical-B256"
+    weights, biases, X, Y = initial(size, np.random.default_rng(0))
+    ref = plain_step({"W": [w.copy() for w in weights], "b": [b.copy() for b in biases]}, X, Y, numpy_sigmoid)
+    reference = {f"W{k}": w for k, w in enumerate(ref["W"])} | {f"b{k}": b for k, b in enumerate(ref["b"])}
+    model = MLP(SIZES[size][0], device="cpu", dtype="float32", seed=0)
+    model.set_params({f"W{k}": w for k, w in enumerate(weights)} | {f"b{k}": b for k, b in enumerate(biases)})
+    model.train_step(X.astype(np.float32), Y.astype(np.float32), LR)
+    ref_updates, updates = update_check(weights, biases, reference, lambda params: params)
+    check("float32", model.get_params(), reference, 1e-4)
+    check("float32", updates(model.get_params()), ref_updates, STEP_UPDATE_TOL)
+
+    wrong = {k: v.astype(np.float32) for k, v in reference.items()}
+    wrong["W0"] = (weights[0] + 1.1 * (reference["W0"] - weights[0])).astype(np.float32)
+    check("W0 update 10% off", wrong, reference, 1e-4)
+    with pytest.raises(AssertionError, match="W0 differs from the float64 reference"):
+        check("W0 update 10% off", updates(wrong), ref_updates, STEP_UPDATE_TOL)
