@@ -1,24 +1,32 @@
 // CUDA-on-CPU shim: compile kernels/*.cu with g++ (C++20) and run them on threads.
 //
-// Every CUDA thread of a block is a std::thread; __syncthreads() is a
-// std::barrier over the block; warp shuffles go through a per-warp exchange
-// buffer between two arrivals at a per-warp barrier (so all 32 lanes must take
-// part, as on the GPU). One launch runs its blocks one after another on the same
+// Every CUDA thread of a block is a fiber (x86-64: a stack of its own, switched by a few
+// instructions, all of a block's fibers on one OS thread; under ThreadSanitizer or elsewhere
+// a std::thread, so TSan sees the block's threads); __syncthreads() is a barrier over the
+// block, at which a fiber gives way to the next until all have arrived; warp shuffles go
+// through a per-warp exchange buffer between two arrivals at a per-warp barrier (so all 32
+// lanes must take part, as on the GPU). A fiber runs until it waits: between two barriers
+// the threads of a block run one after another, the order in which a missing barrier is
+// surest to show (a thread reads what the next has not written yet). One launch runs its blocks one after another on the same
 // threads, so __shared__ storage (a function-local static here) is per block, as
 // in CUDA; the blocks it runs, and their order, come from a Schedule. Several
 // copies of the same library (each with its own statics: its own "SM") can run one
 // grid at once, taking blocks from a shared queue in a shuffled order, so an
 // inter-block race or an order assumption shows (tests/emulator/builder.py).
-// threadIdx/blockIdx/blockDim/gridDim are thread_local.
+// threadIdx/blockIdx/blockDim/gridDim are thread_local (a fiber's, saved and restored as it switches).
 #pragma once
 #include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <tuple>
 #include <type_traits>
@@ -45,17 +53,45 @@ struct dim3 {
     unsigned int x = 1, y = 1, z = 1;
 };
 
+#if defined(__x86_64__) && !defined(__SANITIZE_THREAD__) && !defined(EMU_OS_THREADS)
+#define EMU_FIBERS 1
+#include <sys/mman.h>
+#endif
+
 namespace emu {
 inline constexpr std::size_t dynamic_shared_max = 48 * 1024;
 
+#if EMU_FIBERS
+inline void yield();
+
+// The fibers of one block share an OS thread: a plain counter and phase, and a wait that
+// gives way until the last arrival moves the phase on.
+struct Barrier {
+    explicit Barrier(std::ptrdiff_t n) : expected(n) {}
+    void arrive_and_wait() {
+        const unsigned int mine = phase;
+        if (++arrived == expected) {
+            arrived = 0;
+            ++phase;
+            return;
+        }
+        while (phase == mine) yield();
+    }
+    std::ptrdiff_t expected, arrived = 0;
+    unsigned int phase = 0;
+};
+#else
+using Barrier = std::barrier<>;
+#endif
+
 struct Warp {
-    std::barrier<> barrier;
+    Barrier barrier;
     alignas(8) unsigned char slot[32][8];
     alignas(16) unsigned char exchange[32][64];  // per-lane fragments of warp-wide instructions (mma_shim.h)
     explicit Warp(std::ptrdiff_t lanes) : barrier(lanes) {}
 };
 
-inline thread_local std::barrier<>* block_barrier = nullptr;
+inline thread_local Barrier* block_barrier = nullptr;
 inline thread_local Warp* warp = nullptr;
 inline thread_local int lane = 0;
 }  // namespace emu
@@ -145,6 +181,167 @@ inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
     return std::atomic_ref<unsigned int>(*address).fetch_add(value);
 }
 
+#if EMU_FIBERS
+namespace emu {
+// Fibers: each CUDA thread of a block a stack of its own (guarded below by an unmapped page, so an
+// overflow faults), entered and left by switch_context, which saves the callee-saved registers
+// and the SSE/x87 control words on the stack it leaves and restores them from the one it enters.
+struct Fiber {
+    void* sp = nullptr;
+    unsigned char* stack = nullptr;
+    unsigned int index = 0;
+    bool done = false;
+    // the thread_local state of the CUDA thread this fiber is, while another fiber runs
+    dim3 thread, block, block_dim, grid_dim;
+    Barrier* block_barrier = nullptr;
+    Warp* warp = nullptr;
+    int lane = 0;
+    AsyncCopies copies;
+};
+
+struct Scheduler {
+    std::vector<Fiber> fibers;
+    std::size_t current = 0;
+    void* main_sp = nullptr;
+    const std::function<void(unsigned int)>* body = nullptr;
+};
+inline thread_local Scheduler* scheduler = nullptr;
+
+inline constexpr std::size_t fiber_stack = 256 * 1024, guard_page = 4096;
+
+// switch_context(&save, load): the current stack pointer saved to *save, then the stack at
+// load entered (where an earlier switch_context left it, or as a new fiber's frame: see start).
+__attribute__((naked, noinline)) static void switch_context(void** /*save*/, void* /*load*/) {
+    asm volatile(
+        "pushq %rbp\n\tpushq %rbx\n\tpushq %r12\n\tpushq %r13\n\tpushq %r14\n\tpushq %r15\n\t"
+        "subq $16, %rsp\n\tstmxcsr 8(%rsp)\n\tfnstcw (%rsp)\n\t"
+        "movq %rsp, (%rdi)\n\tmovq %rsi, %rsp\n\t"
+        "ldmxcsr 8(%rsp)\n\tfldcw (%rsp)\n\taddq $16, %rsp\n\t"
+        "popq %r15\n\tpopq %r14\n\tpopq %r13\n\tpopq %r12\n\tpopq %rbx\n\tpopq %rbp\n\tret");
+}
+
+[[noreturn]] inline void fiber_main(Fiber* fiber);
+
+// A new fiber's first switch "returns" here with its Fiber* in rbx.
+__attribute__((naked, noinline)) static void fiber_trampoline() {
+    asm volatile("movq %rbx, %rdi\n\tandq $-16, %rsp\n\tcall *%rbp\n\tud2");
+}
+
+inline void save(Fiber& f) {
+    f.thread = threadIdx; f.block = blockIdx; f.block_dim = blockDim; f.grid_dim = gridDim;
+    f.block_barrier = block_barrier; f.warp = warp; f.lane = lane;
+    std::swap(f.copies, async_copies);
+}
+inline void load(Fiber& f) {
+    threadIdx = f.thread; blockIdx = f.block; blockDim = f.block_dim; gridDim = f.grid_dim;
+    block_barrier = f.block_barrier; warp = f.warp; lane = f.lane;
+    std::swap(f.copies, async_copies);
+}
+
+// The next fiber after the current one that has not finished (the current one if none).
+inline std::size_t next_fiber(const Scheduler& s) {
+    std::size_t next = s.current;
+    do next = (next + 1) % s.fibers.size();
+    while (s.fibers[next].done && next != s.current);
+    return next;
+}
+
+// The current fiber waits: the next one runs (a fiber alone at a barrier would wait for ever:
+// a kernel whose threads do not all arrive; on a GPU a hang, here a trap).
+__attribute__((noinline)) inline void yield() {
+    Scheduler& s = *scheduler;
+    const std::size_t next = next_fiber(s);
+    if (next == s.current) {
+        trapped.store(true);
+        std::fprintf(stderr, "emu: a barrier that no other thread of the block can reach\n");
+        std::abort();
+    }
+    Fiber& me = s.fibers[s.current];
+    save(me);
+    s.current = next;
+    load(s.fibers[next]);
+    switch_context(&me.sp, s.fibers[next].sp);
+}
+
+[[noreturn]] inline void fiber_main(Fiber* fiber) {
+    (*scheduler->body)(fiber->index);
+    Scheduler& s = *scheduler;
+    Fiber& me = s.fibers[s.current];
+    me.done = true;
+    save(me);
+    const std::size_t next = next_fiber(s);
+    if (next == s.current) {  // the last: back to run_fibers
+        switch_context(&me.sp, s.main_sp);
+    } else {
+        s.current = next;
+        load(s.fibers[next]);
+        switch_context(&me.sp, s.fibers[next].sp);
+    }
+    __builtin_unreachable();
+}
+
+// Stacks kept between launches (each a guard page, then fiber_stack bytes), for every copy of
+// the library on every thread.
+inline std::mutex stacks_lock;
+inline std::vector<unsigned char*> free_stacks;
+inline unsigned char* take_stack() {
+    {
+        std::lock_guard<std::mutex> hold(stacks_lock);
+        if (!free_stacks.empty()) {
+            unsigned char* stack = free_stacks.back();
+            free_stacks.pop_back();
+            return stack;
+        }
+    }
+    void* base = mmap(nullptr, guard_page + fiber_stack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) std::abort();
+    mprotect(base, guard_page, PROT_NONE);
+    return static_cast<unsigned char*>(base) + guard_page;
+}
+inline void give_stack(unsigned char* stack) {
+    std::lock_guard<std::mutex> hold(stacks_lock);
+    free_stacks.push_back(stack);
+}
+
+// body(t) for t in [0, n), each on a fiber of its own, here; returns when all have returned.
+inline void run_fibers(unsigned int n, const std::function<void(unsigned int)>& body) {
+    Scheduler s;
+    s.body = &body;
+    s.fibers.resize(n);
+    unsigned int mxcsr;
+    unsigned short fpucw;
+    asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(mxcsr), "=m"(fpucw));
+    for (unsigned int i = 0; i < n; ++i) {
+        Fiber& f = s.fibers[i];
+        f.index = i;
+        f.stack = take_stack();
+        // The frame switch_context pops: control words, r15, r14, r13, r12, rbx (the Fiber*),
+        // rbp (fiber_main), then the return address (the trampoline).
+        auto* top = reinterpret_cast<std::uint64_t*>(f.stack + fiber_stack) - 16;
+        std::uint64_t* frame = top;
+        std::memset(frame, 0, 16);
+        std::memcpy(frame, &fpucw, sizeof fpucw);
+        std::memcpy(reinterpret_cast<unsigned char*>(frame) + 8, &mxcsr, sizeof mxcsr);
+        frame[2] = frame[3] = frame[4] = frame[5] = 0;                       // r15 r14 r13 r12
+        frame[6] = reinterpret_cast<std::uint64_t>(&f);                       // rbx
+        frame[7] = reinterpret_cast<std::uint64_t>(&fiber_main);              // rbp
+        frame[8] = reinterpret_cast<std::uint64_t>(&fiber_trampoline);       // return address
+        f.sp = frame;
+    }
+    Scheduler* outer = scheduler;
+    scheduler = &s;
+    AsyncCopies outside;
+    std::swap(outside, async_copies);
+    s.current = 0;
+    load(s.fibers[0]);
+    switch_context(&s.main_sp, s.fibers[0].sp);
+    std::swap(outside, async_copies);
+    scheduler = outer;
+    for (Fiber& f : s.fibers) give_stack(f.stack);
+}
+}  // namespace emu
+#endif
+
 namespace emu {
 // The blocks one launch runs: order[next++] while next < n (linear indices, x fastest).
 // `next` is shared by every copy of the library running the same grid.
@@ -159,15 +356,12 @@ template <typename... Params, typename... Args>
 void run_blocks(void (*kernel)(Params...), dim3 grid, dim3 block, Schedule schedule, Args... args) {
     const unsigned int threads = block.x * block.y * block.z;
     const unsigned int n_warps = (threads + 31) / 32;
-    std::barrier<> barrier(threads);
+    Barrier barrier(threads);
     std::vector<std::unique_ptr<Warp>> warps;
     for (unsigned int w = 0; w < n_warps; ++w)
         warps.emplace_back(new Warp(w + 1 < n_warps ? 32 : threads - 32 * w));
     unsigned int claimed = 0;  // the block taken by thread 0, read by all after a barrier
-    std::vector<std::thread> pool;
-    pool.reserve(threads);
-    for (unsigned int t = 0; t < threads; ++t) {
-        pool.emplace_back([&, t] {
+    const std::function<void(unsigned int)> thread_body = [&](unsigned int t) {
             threadIdx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
             blockDim = block;
             gridDim = grid;
@@ -185,9 +379,15 @@ void run_blocks(void (*kernel)(Params...), dim3 grid, dim3 block, Schedule sched
                 land_all();
                 barrier.arrive_and_wait();  // the whole block is done before the next starts
             }
-        });
-    }
+    };
+#if EMU_FIBERS
+    run_fibers(threads, thread_body);
+#else
+    std::vector<std::thread> pool;
+    pool.reserve(threads);
+    for (unsigned int t = 0; t < threads; ++t) pool.emplace_back(thread_body, t);
     for (auto& th : pool) th.join();
+#endif
 }
 
 // Run kernel<<<grid, block>>>(args...) here, blocks in index order.
