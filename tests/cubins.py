@@ -1,5 +1,6 @@
 """Every kernel source compiled once per test session, by nvcc and by NVRTC for sm_80 and sm_90,
-on one worker thread: the compiles the collected tests read are queued when collection ends.
+on two worker threads (nvcc's, NVRTC's): the compiles the collected tests read are queued when
+collection ends.
 
 pytest runs one test at a time, so on CI's two cores the second sits idle while the compiles
 (most of the suite's CPU time) would run one after another in the tests that need them; here they
@@ -39,7 +40,7 @@ class Nvrtc(NamedTuple):
     log: str
 
 
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pools: dict = {}  # a worker for nvcc's compiles, one for NVRTC's (one NVRTC compile at a time)
 _jobs: dict = {}
 _folder: Path | None = None
 
@@ -83,20 +84,23 @@ def jobs_of(item) -> list[tuple[str, str, str]]:
 
 
 def start(jobs) -> None:
-    """Queue ``jobs`` ((compiler, file, arch)) on the worker, the longest first (nvcc sm_90 of the
+    """Queue ``jobs`` ((compiler, file, arch)) on their workers, the longest first (nvcc sm_90 of the
     GEMM files, which the SASS checks read, before the rest)."""
-    global _pool, _folder
-    if _pool is None:
+    global _folder
+    if not _pools:
         _folder = Path(tempfile.mkdtemp(prefix="gpu_backprop-cubins-"))
         atexit.register(shutil.rmtree, _folder, True)
-        _pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile")
-        atexit.register(_pool.shutdown, wait=False, cancel_futures=True)
+        # beside the other tests they share the cores with them; once those are done (the
+        # compiles take longer), both cores compile
+        for compiler in ("nvcc", "nvrtc"):
+            pool = _pools[compiler] = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=compiler)
+            atexit.register(pool.shutdown, wait=False, cancel_futures=True)
     files = [f for f in BY_COST if f in KERNEL_FILES] + [f for f in KERNEL_FILES if f not in BY_COST]
     order = [("nvcc", f, "sm_90") for f in files] + \
         [(c, f, a) for f in files for c, a in (("nvrtc", "sm_90"), ("nvrtc", "sm_80"), ("nvcc", "sm_80"))]
     for job in sorted(set(jobs) - set(_jobs), key=order.index):
         compiler, file, arch = job
-        _jobs[job] = _pool.submit(_nvcc if compiler == "nvcc" else _nvrtc, file, arch)
+        _jobs[job] = _pools[compiler].submit(_nvcc if compiler == "nvcc" else _nvrtc, file, arch)
 
 
 def nvcc_cubin(file: str, arch: str) -> Nvcc | None:
