@@ -149,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _communicator_used(comm: Any, model: Any) -> str | None:
+    """What summed the gradients: the communicator's name, "mpi" where shared memory does not
+    hold this model (CUDA, bf16: SharedMemory falls back to MPI's all-reduce), None in one process."""
+    if comm.size <= 1:
+        return None
+    if comm.name == "shm" and not comm.shares(model):
+        return "mpi"
+    return comm.name
+
+
 def _dataset(args: argparse.Namespace) -> data_mod.Dataset:
     if _sharded(args):
         comm = getattr(args, "comm", None)
@@ -322,7 +332,7 @@ def _report(args: argparse.Namespace, comm: Any, ds: data_mod.Dataset, model: ML
         "test_loss": test["loss"], "test_accuracy": test["accuracy"],
         "seconds": seconds, "seconds_per_epoch": float(np.median(history.seconds)),
         "gemm_paths": model.ops.gemm_paths(),  # CUDA: the tile, split or cuBLAS each layer's GEMMs ran on
-        "ranks": comm.size, "distributed": comm.name if comm.size > 1 else None,
+        "ranks": comm.size, "distributed": _communicator_used(comm, model),
     }
     if args.save:
         message = _save(model, ds, args, inputs, "the trained model")

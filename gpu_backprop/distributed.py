@@ -288,7 +288,9 @@ class SharedMemory(MPI):
         sections = 1 + len(lists) + self.size
         flat = self._window(dtype.itemsize, sections * stride).view(dtype)
         view = lambda k: flat[k * stride:k * stride + n]
-        lo, hi = shares(n, self.size)[self.rank]
+        # this rank's elements: a 1/N share, its ends on 64-byte lines (no line written by two ranks)
+        ends = [0, *(min(n, -(-lo // 16) * 16) for lo, _ in shares(n, self.size)[1:]), n]
+        lo, hi = ends[self.rank], ends[self.rank + 1]
         params = model.gradient_views(view(0))
         moved = [(params, model.weights, model.biases)]
         for k, name in enumerate(lists, start=1):

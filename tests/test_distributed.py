@@ -243,6 +243,19 @@ def test_the_command_line_under_mpiexec_prints_once(tmp_path):
     assert (tmp_path / "m.npz").exists() and (tmp_path / "c.npz").exists()
 
 
+def test_the_json_names_the_all_reduce_where_shared_memory_falls_back(tmp_path):
+    """--distributed shm with precision bf16 (weights with copies the update refreshes): the sums go
+    through MPI's all-reduce, and the JSON says so."""
+    import json
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-m", "gpu_backprop.cli", "train", "--device", "cpu",
+                           "--epochs", "1", "--precision", "bf16", "--distributed", "shm", "--json"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["distributed"] == "mpi"
+
+
 def test_without_mpi4py_the_error_says_how_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py fails
     with pytest.raises(DistributedError, match=r"pip install \"gpu_backprop\[mpi\]\""):
