@@ -237,20 +237,10 @@ class SharedMemory(MPI):
         self._win_bytes = 0
         self._shared: Any = None  # the model whose arrays are in the window now
 
-    @staticmethod
-    def on_one_machine(comm: Any) -> bool:
-        """Whether every rank of ``comm`` (mpi4py) shares this rank's memory (collective)."""
-        from mpi4py import MPI as mpi
-
-        node = comm.Split_type(mpi.COMM_TYPE_SHARED)
-        together = node.Get_size() == comm.Get_size()
-        node.Free()
-        return together
-
     def shares(self, model: Any) -> bool:
         """Whether ``model``'s fit can keep its arrays in shared memory: NumPy arrays, float32 or
         float64 (not precision="bf16", whose weights have copies the update refreshes)."""
-        return model.xp is np and getattr(model.ops, "precision", None) != "bf16"
+        return model.xp is np and model.precision != "bf16"
 
     def _window(self, itemsize: int, elements: int) -> np.ndarray:
         """The window's memory, at least ``elements`` of ``itemsize`` bytes (kept between fits;
@@ -357,7 +347,10 @@ def from_environment(kind: str = "auto", device_kind: str = "cpu") -> Any:
         if device_kind == "cuda":
             return NCCL()
         mpi = MPI()
-        return SharedMemory(mpi.comm) if SharedMemory.on_one_machine(mpi.comm) else mpi
+        try:
+            return SharedMemory(mpi.comm)
+        except DistributedError:  # the ranks span machines (every rank finds so: one split)
+            return mpi
     return {"nccl": NCCL, "shm": SharedMemory, "mpi": MPI}[kind]()
 
 
