@@ -22,6 +22,8 @@
 //       tiles, fragments read as 16-byte vectors, up to STAGES stages (below).
 //   Tf32  tensor cores (sm_80+), float in, float accumulate, TF32 products (gemm_tf32.cuh): its
 //       operands rounded to TF32 once, in shared memory, as they land (ROUNDS; gemm_mainloop).
+//   Bf16  tensor cores (sm_80+), bf16 in (bf16_t tiles, fragments by ldmatrix), float
+//       accumulate (gemm_bf16.cuh); its epilogue sees floats.
 #pragma once
 #include "common.cuh"
 
@@ -130,10 +132,13 @@ struct TileCopy {
 
     typedef T Tile[BK][ROWS + PAD];
 
+    // (cp.async copies 4 bytes at least: a 16-bit element is loaded and stored by the thread. It
+    // writes a stage no thread reads until the next barrier, as a copy would land.)
     static __device__ __forceinline__ void element(T* dst, const T* p, index_t ld, index_t r, index_t k, index_t R,
                                                    index_t K) {
         const bool inside = r < R && k < K;
-        cp_async<sizeof(T)>(dst, inside ? p + (KROWS ? k * ld + r : r * ld + k) : p, inside ? (int)sizeof(T) : 0);
+        if constexpr (sizeof(T) < 4) *dst = inside ? p[KROWS ? k * ld + r : r * ld + k] : T(0);
+        else cp_async<sizeof(T)>(dst, inside ? p + (KROWS ? k * ld + r : r * ld + k) : p, inside ? (int)sizeof(T) : 0);
     }
 
     // Unit u of the tile: its first element's k and row in the tile.
@@ -580,6 +585,7 @@ struct Warp {
 };
 
 #include "gemm_tf32.cuh"
+#include "gemm_bf16.cuh"
 
 struct NoTileHook {
     template <typename Tile>

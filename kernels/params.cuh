@@ -41,6 +41,15 @@ struct PropagateParams {
     index_t tiles_n, tiles;  // backward.cu: tiles in a row of the output, in all (0: absent)
 };
 
+// out = a_t^T b on bf16 operands (matmul.cu)   a_t: K x M, b: K x N (bf16 bits), out: M x N in T
+template <typename T>
+struct MatmulParams {
+    const unsigned short* a_t;
+    const unsigned short* b;
+    T* out;
+    index_t M, N, K;
+};
+
 // W, b <- update(o^T delta, column sums of delta)   o: K x M, g: K x N
 // with has_prologue: delta = g * f'(o_next), written once to delta_out; else delta = g
 // vel_w, vel_b: the update's first state (momentum's velocity, Adam's first moment);

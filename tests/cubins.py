@@ -80,6 +80,10 @@ def jobs_of(item) -> list[tuple[str, str, str]]:
         from gpu_backprop.ops.cuda import GEMM_FILES
 
         return [("nvcc", f, "sm_90") for f in dict.fromkeys(GEMM_FILES.values())]
+    if "bf16_sass" in getattr(item, "fixturenames", ()):
+        from gpu_backprop.ops.cuda import MATMUL_FILE
+
+        return [("nvcc", MATMUL_FILE, "sm_90")]
     return []
 
 

@@ -68,6 +68,8 @@ GEMM_FILES = {"forward": "forward.cu", "forward_gather": "forward.cu", "propagat
 ELEMENTWISE_FILES = {"delta.cu": ("output_delta", "hidden_delta"),
                      "bias.cu": ("bias_activation", "bias_update", "weight_update"),
                      "batch.cu": ("gather_batch", "finish_batch", "shuffle_keys")}
+# The bf16 GEMM core alone (gemm_bf16.cuh Bf16: 128 x 128 tiles, 4 warps): CudaOps.matmul_bf16
+MATMUL_FILE, MATMUL_KERNEL, BF16_TILE, BF16_THREADS = "matmul.cu", "matmul_tn<Bf16>", (128, 128), 128
 UNTYPED = ("shuffle_keys",)  # kernels that are not templated on the float type
 RULE_KERNELS = ("weight_grad", "backward")  # GEMM kernels with an update epilogue: one instance per rule family
 CUBLAS_TF32_TENSOR_OP_MATH = 3  # cublasMath_t in cublas_api.h; CuPy 14's cublas module does not export it
@@ -123,6 +125,8 @@ def threads_of(config: str) -> int:
 
 def names_in(file: str) -> list[str]:
     """Every instantiation of a file's kernels (NVRTC name expressions)."""
+    if file == MATMUL_FILE:
+        return [MATMUL_KERNEL]
     if file in ELEMENTWISE_FILES:
         kernels = ELEMENTWISE_FILES[file]
         return ([f"{k}<{t}>" for k in kernels if k not in UNTYPED for t in CTYPES.values()]
@@ -133,7 +137,7 @@ def names_in(file: str) -> list[str]:
             + [gemm_name(k, np.float32, "tf32", family)]]
 
 
-KERNEL_FILES = ("delta.cu", "bias.cu", "batch.cu", *dict.fromkeys(GEMM_FILES.values()))
+KERNEL_FILES = ("delta.cu", "bias.cu", "batch.cu", *dict.fromkeys(GEMM_FILES.values()), MATMUL_FILE)
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.M)
 
 
@@ -504,6 +508,20 @@ class CudaOps(ArrayOps):
             run(path)
         if activation == "softmax":  # a row-wise reduction: CuPy's kernels, after the GEMM
             self._issue(lambda: act.activate(self.xp, self.special, "softmax", out, out))
+        return out
+
+    # -- the bf16 core -------------------------------------------------------
+    @replayed
+    def matmul_bf16(self, a_t: Any, b: Any, out: Any) -> Any:
+        """out = a_t^T b on the bf16 tensor cores (matmul.cu): a_t (K x M) and b (K x N) bf16
+        bits as uint16, out float32 (M x N), float sums (ArrayOps.matmul_bf16)."""
+        K, M, N = self._check_matmul_bf16(a_t, b, out)
+        self._check("a_t", a_t, (K, M), np.uint16)
+        self._check("b", b, (K, N), np.uint16)
+        self._check("out", out, (M, N), np.float32)
+        params = make("MatmulParams", np.float32, a_t=a_t, b=b, out=out, M=M, N=N, K=K)
+        bm, bn = BF16_TILE
+        self._launch(MATMUL_FILE, MATMUL_KERNEL, (-(-N // bn), -(-M // bm), 1), (BF16_THREADS, 1, 1), [params])
         return out
 
     # -- deltas ---------------------------------------------------------------

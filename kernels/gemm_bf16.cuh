@@ -1,0 +1,101 @@
+// The bf16 tensor-core core of gemm_tile.cuh (its interface: zero, multiply, for_each_output;
+// THREADS, BM, BN, BK, PAD, STAGES, MIN_BLOCKS; ROUNDS). Included by gemm_tile.cuh.
+#pragma once
+#include "common.cuh"
+#include "mma.cuh"
+
+// A bfloat16 as stored in memory: its 16 bits (NumPy and CuPy have no bfloat16 dtype; the
+// arrays are uint16). Values are made by bf16_round (mma.cuh), read by bf16_to_float.
+typedef unsigned short bf16_t;
+
+// Tensor cores on bf16 operands, float accumulation: acc += A B with A, B held in shared
+// memory as bf16 (half the bytes of Tf32's float tiles), fragments read by ldmatrix.
+//
+// Fragment layouts of mma.sync.m16n8k16 .bf16 (PTX ISA), lane = 4 g + t, two elements a
+// register, the lower k in the low half:
+//   A (16 x 16, row):  a[r] = A(g + 8 (r % 2), 2 t + 8 (r / 2) + {0, 1})
+//   B (16 x 8, col):   b[r] = B(2 t + 8 r + {0, 1}, g)
+//   C (16 x 8):        c[r] = C(g + 8 (r / 2), 2 t + r % 2)
+// Both tiles are k-major in shared memory (tile[k][row], as gemm_mainloop keeps every operand):
+// an 8 x 8 block of it, rows k, read by ldmatrix .trans gives lane 4 g + t the elements
+// (k 2 t, 2 t + 1; row g): exactly one register of the A fragment (rows = m) or of B (rows = n).
+// So a warp's fragments for a k step of 16 are ldmatrix.x4.trans loads, no conversion:
+//   A, m tile i: matrices (k 0-7, m 0-7), (k 0-7, m 8-15), (k 8-15, m 0-7), (k 8-15, m 8-15)
+//                = a[0], a[1], a[2], a[3]
+//   B, n tiles j, j + 1: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
+//                = b[j][0], b[j][1], b[j + 1][0], b[j + 1][1]
+// ldmatrix takes the address of each 8 x 8 matrix's row j from lane 8 q + j (matrix q).
+//
+// Block 128 x 128, 4 warps (2 along m, 2 along n) of 64 x 64: a warp's k step of 16 is MI x NI
+// = 4 x 8 = 32 mma from 4 + 4 ldmatrix.x4 (16 A and 16 B registers): 16 bytes of shared memory
+// a lane per mma. Banks: PAD 8 makes a k row 136 halves = 68 words, 4 (mod 32), so the 8 rows
+// of one matrix (one ldmatrix phase, 16 bytes each) start 4 banks apart: conflict-free; rows
+// stay 16-byte aligned (ldmatrix, cp.async 16). BK 16 and 4 stages: 8.5 KB a stage, 34 KB.
+struct Bf16 {
+    static const int BM = 128, BN = 128, BK = 16, PAD = 8, STAGES = 4, MIN_BLOCKS = 2;
+    static const int THREADS = 128, WARP_M = 64, WARP_N = 64;  // 4 warps: 2 along m, 2 along n
+    static const int MI = WARP_M / 16, NI = WARP_N / 8;         // mma tiles per warp: 4 x 8
+    static const bool ROUNDS = false;                           // operands are bf16 already
+    static_assert(THREADS == 32 * (BM / WARP_M) * (BN / WARP_N), "one warp per warp tile");
+    static_assert(NI % 2 == 0 && BK % 16 == 0, "B fragments two n tiles a load; whole k steps");
+    static_assert((BM + PAD) % 64 == 8 && (BN + PAD) % 64 == 8, "the bank argument above");
+    typedef bf16_t Value;
+    struct Acc {
+        float v[MI][NI][4];
+    };
+
+    static __device__ __forceinline__ int warp_m() { return (threadIdx.x / 32 / (BN / WARP_N)) * WARP_M; }
+    static __device__ __forceinline__ int warp_n() { return (threadIdx.x / 32 % (BN / WARP_N)) * WARP_N; }
+
+    static __device__ __forceinline__ void zero(Acc& acc) {
+#pragma unroll
+        for (int i = 0; i < MI; ++i)
+#pragma unroll
+            for (int j = 0; j < NI; ++j)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) acc.v[i][j][r] = 0.0f;
+    }
+
+    static __device__ __forceinline__ void multiply(Acc& acc, const bf16_t (&As)[BK][BM + PAD],
+                                                    const bf16_t (&Bs)[BK][BN + PAD]) {
+        const int lane = threadIdx.x % 32, q = lane / 8, j8 = lane % 8;
+        const int am = warp_m(), bn = warp_n();
+#pragma unroll
+        for (int k0 = 0; k0 < BK; k0 += 16) {
+            unsigned a[MI][4], b[NI][2];
+#pragma unroll
+            for (int i = 0; i < MI; ++i)  // matrix q: k 8 (q / 2), m 8 (q % 2) of m tile i
+                ldmatrix_m8n8<4, true>(a[i], &As[k0 + j8 + 8 * (q / 2)][am + 16 * i + 8 * (q % 2)]);
+#pragma unroll
+            for (int j = 0; j < NI; j += 2) {  // matrix q: k 8 (q % 2), n 8 (q / 2) of n tiles j, j + 1
+                unsigned pair[4];
+                ldmatrix_m8n8<4, true>(pair, &Bs[k0 + j8 + 8 * (q % 2)][bn + 8 * j + 8 * (q / 2)]);
+                b[j][0] = pair[0];
+                b[j][1] = pair[1];
+                b[j + 1][0] = pair[2];
+                b[j + 1][1] = pair[3];
+            }
+#pragma unroll
+            for (int i = 0; i < MI; ++i)
+#pragma unroll
+                for (int j = 0; j < NI; ++j) mma_m16n8k16_bf16(acc.v[i][j], a[i], b[j], acc.v[i][j]);
+        }
+    }
+
+    template <typename Epilogue>
+    static __device__ __forceinline__ void for_each_output(const Acc& acc, index_t m0, index_t n0, index_t M,
+                                                           index_t N, Epilogue epilogue) {
+        const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+        const int wm = warp_m(), wn = warp_n();
+#pragma unroll
+        for (int i = 0; i < MI; ++i)
+#pragma unroll
+            for (int j = 0; j < NI; ++j)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const index_t m = m0 + wm + 16 * i + g + 8 * (r / 2);
+                    const index_t n = n0 + wn + 8 * j + 2 * t + r % 2;
+                    if (m < M && n < N) epilogue(m, n, acc.v[i][j][r]);
+                }
+    }
+};

@@ -1,0 +1,190 @@
+"""The bf16 tensor-core GEMM core (kernels/gemm_bf16.cuh Bf16) through its kernel alone
+(kernels/matmul.cu: out = a_t^T b, the product of a weight gradient in bf16 storage) on the
+CUDA-on-CPU shim, blocks in shuffled order, outputs poisoned with NaN:
+
+- against float64 with the bound of float sums (the bf16 products are exact), on shapes of one
+  row, one column and no tile multiple, leading dimensions that rule out the 16-byte copies,
+  and k tiles enough to wrap the ring of stages;
+- bit for bit against the mma model (tests/test_tensor_cores.py: blocks of 8 products, k in
+  order), which is what the core's order of sums is;
+- the NumPy twin (ArrayOps.matmul_bf16) within the same bound of both;
+- a fragment index, a transposition or an epilogue row planted wrong: each must fail the bound;
+- the SASS of its main loop: 32 HMMA.16816.F32.BF16 from 8 LDSM.16.MT88.4 a k tile, nothing else
+  reading shared memory, no local memory."""
+import numpy as np
+import pytest
+import scipy.special
+
+from gpu_backprop.ops import NumpyOps
+from gpu_backprop.ops.bf16 import bf16_bits
+from gpu_backprop.ops.cuda import BF16_THREADS, MATMUL_FILE, MATMUL_KERNEL, CudaOps, names_in
+
+from .emulator.builder import EmuLoader, planted_kernels
+from .test_tensor_cores import bits32, mma_model, random_operands
+
+U = 2.0 ** -24
+TINY = np.finfo(np.float32).tiny
+
+
+def widen(h):
+    """bf16 bits -> their float32 values (exact)."""
+    return (np.asarray(h, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def case(rng, K, M, N, spread=4):
+    return bf16_bits(random_operands(rng, (K, M), spread)), bf16_bits(random_operands(rng, (K, N), spread))
+
+
+def bf16_close(actual, a_t, b):
+    """Within the bound of float sums of exact products, in any order and rounded either to
+    nearest or toward zero (the tensor cores truncate): 6 float ulps of the terms per block of 8
+    k, two blocks of padding. NaN never passes."""
+    A, B = widen(a_t).astype(np.float64), widen(b).astype(np.float64)
+    expected, terms = A.T @ B, np.abs(A.T) @ np.abs(B)
+    K = A.shape[0]
+    limit = 2 * U * 6 * (K / 8 + 2) * terms + 4 * TINY
+    error = np.abs(np.asarray(actual, np.float64) - expected)
+    bad = ~(error <= limit)
+    if bad.any():
+        i = np.unravel_index(np.argmax(np.where(bad, np.nan_to_num(error / limit, nan=np.inf), -1)), expected.shape)
+        raise AssertionError(f"{bad.sum()} of {bad.size} elements beyond the bf16 core's bound; worst at {i}: "
+                             f"{actual[i]!r} vs {expected[i]!r} (|error| {error[i]:.3g}, bound {limit[i]:.3g})")
+
+
+@pytest.fixture(scope="module")
+def ops():
+    return CudaOps(np, scipy.special, EmuLoader())
+
+
+def run(ops, a_t, b):
+    out = np.full((a_t.shape[1], b.shape[1]), np.nan, np.float32)
+    ops.matmul_bf16(a_t, b, out)
+    return out
+
+
+# (K, M, N) against the 128 x 128 x 16 tile and its 4 stages: one row and one column, odd M or N
+# (the operands' rows not 16-byte multiples: element copies), aligned ones (16-byte cp.async with
+# a ragged edge), 7 k tiles (the ring wraps)
+SHAPES = [(1, 1, 1), (1, 130, 7), (37, 133, 65), (97, 256, 136), (64, 129, 1), (200, 8, 264)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_bf16_core_against_float64(ops, rng, shape):
+    a_t, b = case(rng, *shape)
+    out = run(ops, a_t, b)
+    bf16_close(out, a_t, b)
+    # the twin, in float32 through BLAS: the same bound, so within twice of each other
+    twin = np.full(out.shape, np.nan, np.float32)
+    NumpyOps().matmul_bf16(a_t, b, twin)
+    bf16_close(twin, a_t, b)
+
+
+def test_bf16_core_is_the_mma_model_bit_for_bit(ops, rng):
+    """Each output is one chain of mma over k in order, 16 at a time (two blocks of 8 products
+    each), from zero: zero padding past K changes nothing."""
+    a_t, b = case(rng, 97, 133, 65, spread=12)
+    out = run(ops, a_t, b)
+    expected = mma_model(widen(a_t).T, widen(b), np.zeros(out.shape, np.float32), 8)
+    np.testing.assert_array_equal(bits32(out), bits32(expected))
+
+
+def test_bf16_core_traps_on_a_block_it_was_not_written_for(ops):
+    from gpu_backprop.ops.launch import make
+
+    kernel = ops.loader.function(MATMUL_FILE, MATMUL_KERNEL, names_in(MATMUL_FILE))
+    a_t, b = bf16_bits(np.ones((4, 3), np.float32)), bf16_bits(np.ones((4, 5), np.float32))
+    out = np.full((3, 5), np.nan, np.float32)
+    params = make("MatmulParams", np.float32, a_t=a_t, b=b, out=out, M=3, N=5, K=4)
+    kernel((1, 1, 1), (BF16_THREADS, 1, 1), [params])
+    np.testing.assert_array_equal(out, 4.0)
+    for wrong in (BF16_THREADS // 2, BF16_THREADS + 32):
+        with pytest.raises(RuntimeError, match="trapped"):
+            kernel((1, 1, 1), (wrong, 1, 1), [params])
+
+
+@pytest.mark.parametrize("which", ["numpy", "cuda"])
+def test_bf16_matmul_names_the_argument_that_does_not_fit(ops, which):
+    target = NumpyOps() if which == "numpy" else ops
+    a_t, b, out = np.zeros((4, 3), np.uint16), np.zeros((4, 5), np.uint16), np.zeros((3, 5), np.float32)
+    with pytest.raises(TypeError, match=r"^a_t: expected dtype uint16 \(bf16 bits\), got float32$"):
+        target.matmul_bf16(a_t.astype(np.float32), b, out)
+    with pytest.raises(TypeError, match=r"^out: expected dtype float32"):
+        target.matmul_bf16(a_t, b, out.astype(np.float64))
+    with pytest.raises(ValueError, match=r"^b: expected 4 rows \(a_t's\), got 5$"):
+        target.matmul_bf16(a_t, np.zeros((5, 5), np.uint16), out)
+    with pytest.raises(ValueError, match=r"^out: expected shape \(3, 5\), got \(5, 3\)$"):
+        target.matmul_bf16(a_t, b, np.zeros((5, 3), np.float32))
+    with pytest.raises(ValueError, match=r"^b: expected a 2-D array"):
+        target.matmul_bf16(a_t, b.ravel(), out)
+    if which == "cuda":
+        with pytest.raises(ValueError, match=r"^b: expected a C-contiguous array"):
+            target.matmul_bf16(a_t, np.zeros((5, 4), np.uint16).T, out)
+
+
+# ---------------------------------------------------------------- planted faults
+
+A_LOAD = "ldmatrix_m8n8<4, true>(a[i], &As[k0 + j8 + 8 * (q / 2)][am + 16 * i + 8 * (q % 2)]);"
+PLANTED = {
+    # the A fragment's registers 1 and 2 swapped: rows g + 8 at k 2t read for rows g at k 2t + 8
+    "a_matrix": ("gemm_bf16.cuh", A_LOAD,
+                 "ldmatrix_m8n8<4, true>(a[i], &As[k0 + j8 + 8 * (q % 2)][am + 16 * i + 8 * (q / 2)]);"),
+    # A read untransposed: lane 4 g + t gets row (k) g, columns (m) 2t, 2t + 1
+    "a_untransposed": ("gemm_bf16.cuh", A_LOAD,
+                       "ldmatrix_m8n8<4, false>(a[i], &As[k0 + j8 + 8 * (q / 2)][am + 16 * i + 8 * (q % 2)]);"),
+    # the second n tile of a pair given the first one's k 8-15 half
+    "b_pair": ("gemm_bf16.cuh", "b[j + 1][0] = pair[2];", "b[j + 1][0] = pair[1];"),
+    # the epilogue's two columns of a lane swapped (every output still written once)
+    "epilogue_column": ("gemm_bf16.cuh", "const index_t n = n0 + wn + 8 * j + 2 * t + r % 2;",
+                        "const index_t n = n0 + wn + 8 * j + 2 * t + (r + 1) % 2;"),
+}
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    def make(fault):
+        folder = planted_kernels(tmp_path_factory.mktemp(fault) / "kernels", *PLANTED[fault])
+        return CudaOps(np, scipy.special, EmuLoader(folder))
+    return make
+
+
+@pytest.mark.parametrize("fault", list(PLANTED))
+def test_a_planted_fault_fails_the_bound(ops, planted, rng, fault):
+    a_t, b = case(rng, 37, 133, 65)
+    bf16_close(run(ops, a_t, b), a_t, b)  # unplanted: passes
+    out = run(planted(fault), a_t, b)
+    assert not np.isnan(out).any()  # it ran and wrote every output, wrongly
+    with pytest.raises(AssertionError, match="beyond the bf16 core's bound"):
+        bf16_close(out, a_t, b)
+
+
+# ---------------------------------------------------------------- machine code
+
+@pytest.fixture(scope="module")
+def bf16_sass():
+    """[(opcode, operands)] of matmul_tn<Bf16>, sm_90, from nvcc (tests/cubins.py's cubin)."""
+    from . import cubins
+    from .test_sass import disassemble
+
+    result = cubins.nvcc_cubin(MATMUL_FILE, "sm_90")
+    assert result.returncode == 0, result.report[-3000:]
+    code = disassemble(result.cubin, lambda name: "matmul_tn" in name)
+    assert len(code) == 1, sorted(code)
+    return [(op, rest) for _, op, rest in next(iter(code.values()))]
+
+
+def test_bf16_main_loop_is_hmma_from_ldmatrix(bf16_sass):
+    """Each k tile (BK 16) of a warp's 64 x 64: 4 x 8 mma from 4 + 4 ldmatrix.x4.trans, with no
+    other shared load and no conversion (F2F, F2FP) between the barrier and the last HMMA; no local
+    memory. (The next tile's 16-bit element copies, at the edges, are issued there: LDG.U16, PRMT, STS.)"""
+    from .test_tensor_cores import multiply_spans
+
+    assert not [op for op, _ in bf16_sass if op.startswith(("LDL", "STL"))]
+    spans = multiply_spans(bf16_sass)
+    assert spans
+    for span in spans:
+        ops = [op for op, _ in span]
+        hmma = sum(op == "HMMA.16816.F32.BF16" for op in ops)
+        ldsm = sum(op == "LDSM.16.MT88.4" for op in ops)
+        other = [op for op in ops if op.startswith(("LDS", "F2F")) and not op.startswith("LDSM")]
+        assert (hmma, ldsm) == (32, 8), (hmma, ldsm)
+        assert not other, other[:4]
