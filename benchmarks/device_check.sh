@@ -8,12 +8,14 @@
 #   3. compute-sanitizer memcheck and racecheck over a small run of every kernel;
 #   4. digits trained on the GPU and on the CPU: accuracies must match;
 #   5. every GEMM path forced in turn against cuBLAS (benchmarks/gemm_sweep.py -> gemm_sweep.json), with
-#      cuBLAS TF32 and BF16 (CuPy, PyTorch) and our TF32 core's ratio to cuBLAS TF32 in the summary;
+#      cuBLAS TF32 and BF16 (CuPy, PyTorch), our TF32 core's ratio to cuBLAS TF32 and our bf16 core's
+#      (matmul.cu) to cuBLAS BF16 in the summary;
 #   6. the GPU benchmark suite -> bench_step.json, bench_kernels.json, bench_compile.json,
 #      bench.png (chart; the table is printed); the training step first, torch.compile (minutes of
 #      compilation) last, each part with its own time limit so one overrun loses only itself. The
 #      tensor-core peers (issue 13) come along: the GEMM core against cublas-tf32, torch-tf32 and
-#      torch-bf16 in bench_kernels, PyTorch's bf16 autocast steps (eager, autograd) in bench_step,
+#      torch-bf16 in bench_kernels, our bf16 step (ours-bf16) and PyTorch's bf16 autocast steps
+#      (eager, autograd) in bench_step,
 #      torch-compile-bf16 beside torch-compile in bench_compile.
 # Before and after on one machine: with an older revision unpacked in .base/
 # (benchmarks/prepare_baseline.sh REV, carried), its training-step and digits benchmarks run

@@ -1,7 +1,8 @@
 """Every GEMM path of ours, forced one at a time, against cuBLAS on the shapes where the
 tuner decides (issue 12): the core alone at 4096^3 (grad_w = o^T delta), with the tensor-core
 peers of issue 13 (cuBLAS TF32 through CuPy and PyTorch, cuBLAS BF16 through PyTorch) and our
-TF32 core's ratio to the fastest cuBLAS TF32 (target >= 0.80), the weight gradient
+TF32 core's ratio to the fastest cuBLAS TF32 (target >= 0.80), our bf16 core alone (matmul.cu) and
+precision="bf16"'s weight gradient against cuBLAS BF16 (target >= 0.80), the weight gradient
 with the delta prologue and the SGD epilogue at B=4096, 1024x1024 (every tile and every
 split-K slice count), the same with delta given, AdamW fused into the epilogue against separate
 passes (cuBLAS + our rule kernel, PyTorch eager), and the forward GEMM with bias and sigmoid at the same size.
@@ -102,7 +103,7 @@ def main(out_path: str | None = None) -> int:
 
     loader = cupy_loader(get_device("cuda"))
     ops = {p: CudaOps(xp, cupyx.scipy.special, loader, tuner=Tuner(enabled=False), precision=p)
-           for p in ("fp32", "tf32")}
+           for p in ("fp32", "tf32", "bf16")}
     rng = np.random.default_rng(0)
     rows: list[dict] = []
     failed: list[str] = []
@@ -159,6 +160,22 @@ def main(out_path: str | None = None) -> int:
         except Exception as exc:  # noqa: BLE001  (a peer's failure loses its own row only)
             print(f"core 4096^3            {path}: FAILED {type(exc).__name__}: {exc}", flush=True)
             failed.append(path)
+    # 1c. ours in bf16: the bf16 core alone (matmul.cu: bf16 tiles, ldmatrix, mma m16n8k16) on bf16
+    # copies of o and delta (made once, untimed), and precision="bf16"'s weight gradient (float32
+    # storage, operands rounded to bf16 as they load, on the TF32 mma: the Tf32 kernels with bf16 set)
+    from gpu_backprop.ops.bf16 import round_bf16_in_place
+
+    bits = lambda x: (round_bf16_in_place(xp, x.copy()).view(xp.uint32) >> 16).astype(xp.uint16)  # noqa: E731
+    o_bits, delta_bits = bits(o), bits(delta)
+    for path, run in (("bf16-core", lambda: ops["bf16"].matmul_bf16(o_bits, delta_bits, grad_w)),
+                      ("bf16", lambda: ops["bf16"].weight_grad(o, delta, grad_w, grad_b, config="bf16"))):
+        try:
+            grad_w.fill(np.nan)
+            run()
+            record("core 4096^3", path, flops, rel_err(xp, grad_w, ref), run, "bf16")
+        except Exception as exc:  # noqa: BLE001  (its failure loses its own row only)
+            print(f"core 4096^3            {path}: FAILED {type(exc).__name__}: {exc}", flush=True)
+            failed.append(path)
     core = {r["path"]: r for r in rows if r["case"] == "core 4096^3"}
     # every route to cuBLAS TF32 that ran (ours' cublas_tf32: the handle's TF32 math mode), with TF32's error
     cublas_tf32 = [core[p] for p in ("cublas_tf32", "cublas-tf32", "torch-tf32")
@@ -169,6 +186,10 @@ def main(out_path: str | None = None) -> int:
         ratios["tf32_vs_cublas_tf32"] = core["tf32"]["tflops"] / best["tflops"]
         print(f"core 4096^3            tf32 / fastest cuBLAS TF32 ({best['path']}, {best['tflops']:.1f} TFLOP/s): "
               f"{ratios['tf32_vs_cublas_tf32']:.2f} (target >= 0.80)", flush=True)
+    if "bf16-core" in core and "torch-bf16" in core:
+        ratios["bf16_core_vs_cublas_bf16"] = core["bf16-core"]["tflops"] / core["torch-bf16"]["tflops"]
+        print(f"core 4096^3            bf16-core / cuBLAS BF16 (torch-bf16, {core['torch-bf16']['tflops']:.1f} "
+              f"TFLOP/s): {ratios['bf16_core_vs_cublas_bf16']:.2f} (target >= 0.80)", flush=True)
 
     # 2. the weight gradient with the delta prologue and the SGD epilogue, B=4096, 1024x1024
     batch, n_in, n_out, step = 4096, 1024, 1024, 0.01

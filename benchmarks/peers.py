@@ -44,15 +44,18 @@ GPU_PEERS = ("cupy-unfused", "ours-fused", "ours-splitk", "ours-warp")
 SPLIT_OPS = ("weight_grad", "weight_grad_sgd", "gemm_core")  # the GEMMs over the batch: where split-K applies
 TORCH_PEERS = ("torch-eager", "torch-compile")
 # tensor-core peers (issue 13's targets): the GEMM core at 4096^3 and the bf16 training step
-TENSOR_GEMM_PEERS = ("ours-tf32", "cublas-tf32", "torch-tf32", "torch-bf16")
+# (ours-bf16: the bf16 core alone, matmul.cu, on bf16 copies of the operands made untimed)
+TENSOR_GEMM_PEERS = ("ours-tf32", "cublas-tf32", "torch-tf32", "ours-bf16", "torch-bf16")
 TENSOR_GEMM_OPS = ("gemm_core",)
 BF16_STEP_PEERS = ("torch-autocast-bf16", "torch-autograd-bf16", "torch-compile-bf16")
 PEERS = CPU_PEERS + GPU_PEERS + TORCH_PEERS + TENSOR_GEMM_PEERS
+# ours in bf16 (precision="bf16": float32 master weights, bf16 GEMM operands and stored values)
+OURS_BF16_STEP_PEERS = ("ours-bf16",)
 STEP_PEERS = CPU_PEERS + ("cupy-unfused", "ours-fused", "ours-graph", "ours-tf32", "torch-autograd") + TORCH_PEERS \
-    + BF16_STEP_PEERS
+    + OURS_BF16_STEP_PEERS + BF16_STEP_PEERS
 # the precision of a peer's products (recorded with each figure; "fp32" when not listed)
 PRECISION = {"ours-tf32": "tf32", "cublas-tf32": "tf32", "torch-tf32": "tf32", "torch-bf16": "bf16",
-             **{peer: "bf16" for peer in BF16_STEP_PEERS}}
+             **{peer: "bf16" for peer in BF16_STEP_PEERS + OURS_BF16_STEP_PEERS}}
 # relative Frobenius error allowed in a kernel's outputs against the float64 reference, by the
 # precision of its products (only the GEMM core runs in TF32 and BF16). TF32 keeps 10 of float32's
 # 23 fraction bits: a 1024^3 product of rounded operands is off by 2.9e-4 (rounded to nearest),
@@ -289,7 +292,7 @@ def peer_reason(peer: str, backend: Any, size: str) -> str | None:
     """Why ``peer`` does not run in this session (None when it does)."""
     if peer in CPU_PEERS and backend.kind != "cpu":
         return f"{peer} is a CPU peer: run with --bench-device cpu"
-    if peer in (*GPU_PEERS, "ours-graph", "ours-tf32", "cublas-tf32") and backend.kind != "cuda":
+    if peer in (*GPU_PEERS, "ours-graph", "ours-tf32", "cublas-tf32", *OURS_BF16_STEP_PEERS) and backend.kind != "cuda":
         return f"{peer} needs a CUDA GPU (none usable here)"
     if peer in ("torch-tf32", "torch-bf16", *BF16_STEP_PEERS) and backend.kind != "cuda":
         return f"{peer} is a tensor-core peer ({PRECISION[peer]}): CUDA only (none usable here)"

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-ORDER = ["ours-graph", "ours-fused", "ours-splitk", "ours-warp", "ours-tf32", "ours-numpy", "cupy-unfused", "numpy",
+ORDER = ["ours-graph", "ours-fused", "ours-splitk", "ours-warp", "ours-tf32", "ours-bf16", "ours-numpy", "cupy-unfused", "numpy",
          "torch-eager", "torch-autograd", "torch-compile", "cublas-tf32", "torch-tf32", "torch-bf16",
          "torch-autocast-bf16", "torch-autograd-bf16", "torch-compile-bf16"]
 # The benchmark targets of the issues, one headline row each (op, size): ours at its best (any of our

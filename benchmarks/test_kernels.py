@@ -45,7 +45,12 @@ def test_kernel(benchmark, backend, ceilings, budget, op, size, peer):
     n_sets = 1 if benchmark.disabled else rotation(work[0], backend)  # disabled: one checked call, no rotation
     precision = PRECISION.get(peer, "fp32")
     outputs = None  # the result dict itself is checked
-    if peer.startswith("torch"):
+    if peer == "ours-bf16":  # bf16 bits (uint16), rounded once, untimed, as torch-bf16's operands
+        from gpu_backprop.ops.bf16 import bf16_bits
+
+        convert = lambda a: backend.asarray(bf16_bits(a.astype(np.float32)))  # noqa: E731
+        sync = backend.sync
+    elif peer.startswith("torch"):
         torch = torch_or_skip(backend, tf32=precision == "tf32")
         device = torch_device(backend)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # bf16: the operands rounded once, untimed
@@ -68,6 +73,18 @@ def test_kernel(benchmark, backend, ceilings, budget, op, size, peer):
         ops = CudaOps(backend.xp, cupyx.scipy.special, cupy_loader(get_device("cuda")), tuner=Tuner(enabled=False),
                       precision=precision)
         fn = ours(ops, backend.xp, op)
+    elif peer == "ours-bf16":  # grad_w = o^T delta on the bf16 core alone (CudaOps.matmul_bf16)
+        import cupyx.scipy.special
+
+        from gpu_backprop.ops.cuda import CudaOps, cupy_loader
+
+        ops = CudaOps(backend.xp, cupyx.scipy.special, cupy_loader(get_device("cuda")), precision="bf16")
+        grad_w = {}
+
+        def fn(s):
+            shape = (s["o"].shape[1], s["delta"].shape[1])
+            out = grad_w.setdefault(shape, backend.xp.empty(shape, dtype=np.float32))
+            return {"grad_w": ops.matmul_bf16(s["o"], s["delta"], out)}
     elif peer == "torch-bf16":  # grad_w = o^T delta: bf16 operands, float32 sums and result
         mm, _ = torch_bf16_mm(torch)
 

@@ -11,8 +11,8 @@ from gpu_backprop import MLP
 from .conftest import CPU_SKIPPED_SIZES
 from .harness import rotation
 from .measure import run_benchmark, to_host
-from .peers import (BF16_STEP_PEERS, BF16_STEP_TOL, LR, STEP_UPDATE_TOL, PRECISION, SIZES, STEP_PEERS, peer_reason, torch_autocast,
-                    torch_device, torch_or_skip, torch_sync)
+from .peers import (BF16_STEP_PEERS, BF16_STEP_TOL, LR, OURS_BF16_STEP_PEERS, STEP_UPDATE_TOL, PRECISION, SIZES, STEP_PEERS,
+                    peer_reason, torch_autocast, torch_device, torch_or_skip, torch_sync)
 
 
 def plain_step(params: dict, X, Y, sigmoid, lr: float = LR) -> dict:
@@ -160,10 +160,9 @@ def test_train_step(benchmark, backend, ceilings, budget, size, peer):
 
         def outputs(_):
             return {f"W{k}": w for k, w in enumerate(state["W"])} | {f"b{k}": b for k, b in enumerate(state["b"])}
-    else:  # gpu_backprop: ours-numpy, cupy-unfused (fused=False), ours-fused, ours-graph (captured), ours-tf32
+    else:  # gpu_backprop: ours-numpy, cupy-unfused (fused=False), ours-fused, ours-graph (captured), ours-tf32, ours-bf16
         device = "cpu" if peer == "ours-numpy" else "cuda"
-        model = MLP(widths, device=device, dtype="float32", seed=0, fused=peer != "cupy-unfused",
-                    precision="tf32" if peer == "ours-tf32" else "fp32")
+        model = MLP(widths, device=device, dtype="float32", seed=0, fused=peer != "cupy-unfused", precision=precision)
         model.set_params({f"W{k}": w for k, w in enumerate(weights)} | {f"b{k}": b for k, b in enumerate(biases)})
         sets = [(model.device.asarray(x), model.device.asarray(y)) for x, y in batches]
         sync = backend.sync
@@ -188,7 +187,7 @@ def test_train_step(benchmark, backend, ceilings, budget, size, peer):
         def outputs(_):
             return model.get_params()
 
-    if peer in BF16_STEP_PEERS:  # the update itself is checked, within bf16's rounding
+    if peer in BF16_STEP_PEERS + OURS_BF16_STEP_PEERS:  # the update itself is checked, within bf16's rounding
         reference, outputs = update_check(weights, biases, reference, outputs)
         tol = BF16_STEP_TOL
     else:  # the parameters, and the update itself (which the parameters' tolerance cannot see)

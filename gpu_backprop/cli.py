@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     train.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                        help="tf32: float32 GEMMs on the tensor cores (CUDA only); bf16: mixed precision, "
-                            "float32 master weights (CPU only for now)")
+                            "float32 master weights (on CUDA: not with --unfused)")
     train.add_argument("--unfused", action="store_true", help="on CUDA, use the unfused CuPy path")
     train.add_argument("--no-graphs", action="store_true", help="on CUDA, do not replay steps from CUDA graphs")
     train.add_argument("--save", metavar="MODEL.npz", help="write the trained model here")
@@ -283,10 +283,8 @@ def _train(args: argparse.Namespace, comm: Any, prepared: tuple | None = None) -
 
 def _prepare(args: argparse.Namespace, comm: Any, ds: data_mod.Dataset) -> tuple:
     """Options, device and model for the dataset ``ds``, all checked: (dataset, model, input files)."""
-    if args.precision == "bf16" and _device_kind(args.device) == "cuda":
-        raise UsageError(f"--precision: 'bf16' runs on the CPU only for now (its GPU kernels are not built yet), "
-                         f"got device {args.device or os.environ.get('GPU_BACKPROP_DEVICE', 'auto')!r}: "
-                         f"use --device cpu")
+    if args.precision == "bf16" and args.unfused and _device_kind(args.device) == "cuda":
+        raise UsageError("--precision: 'bf16' on CUDA runs on the fused kernels only: drop --unfused")
     # Every output path is checked before any training, so no trained model is lost to a bad one.
     inputs = _outputs(args)
     if args.save is not None:

@@ -98,10 +98,11 @@ class MLP:
     fused: on CUDA, use the fused kernels (True) or the unfused CuPy path.
     precision: "fp32" (exact float32 products), "tf32": on CUDA, float32 GEMMs on the
         tensor cores with TF32 inputs (10-bit mantissa) and float32 sums, relative error
-        near 3e-4 (the CPU computes in full float32), or "bf16": mixed precision, CPU only for
-        now (``gpu_backprop/ops/bf16.py``): float32 master weights, GEMMs on bf16 operands (the
+        near 3e-4 (the CPU computes in full float32), or "bf16": mixed precision
+        (``gpu_backprop/ops/bf16.py``): float32 master weights, GEMMs on bf16 operands (the
         weights' bf16 copy, refreshed after every update) with float32 sums, activations and
-        deltas stored rounded to bf16; needs dtype float32.
+        deltas stored rounded to bf16; needs dtype float32 (and on CUDA the fused kernels: the
+        tensor cores, in float32 storage for now).
     """
 
     def __init__(self, sizes: Sequence[int], activation: str = "sigmoid", output: str | None = None,
@@ -124,7 +125,7 @@ class MLP:
         self.seed = _check_seed(seed)
         self.device = resolve_device(device)
         self.fused = bool(fused)
-        self.precision = _check_precision(precision, self.dtype, self.device)
+        self.precision = _check_precision(precision, self.dtype, self.device, self.fused)
         self.ops = self.device.ops(fused=self.fused, precision=self.precision)
         self.xp = self.device.xp
         self.task = "classification"
@@ -626,14 +627,13 @@ def _check_sizes(sizes: Sequence[int]) -> list[int]:
     return out
 
 
-def _check_precision(precision: str, dtype: np.dtype, device: Device) -> str:
+def _check_precision(precision: str, dtype: np.dtype, device: Device, fused: bool = True) -> str:
     if precision not in modelfile.PRECISIONS:
         raise ValueError(f"precision: expected 'fp32', 'tf32' or 'bf16', got {precision!r}")
     if precision in ("tf32", "bf16") and dtype != np.float32:
         raise ValueError(f"precision: {precision!r} needs dtype float32, got {dtype.name}")
-    if precision == "bf16" and device.kind != "cpu":
-        raise ValueError(f"precision: 'bf16' runs on the CPU only for now (its GPU kernels are not built yet), "
-                         f"got device {device.name}: use device='cpu'")
+    if precision == "bf16" and device.kind == "cuda" and not fused:
+        raise ValueError("precision: 'bf16' on CUDA runs on the fused kernels only, got fused=False")
     if precision == "tf32" and device.kind != "cuda":
         logging.getLogger("gpu_backprop").info("precision 'tf32' applies on CUDA only: the CPU computes in float32")
     return precision

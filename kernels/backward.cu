@@ -40,6 +40,7 @@ __global__ void __launch_bounds__(Core::THREADS, Core::MIN_BLOCKS) backward(Prop
             const index_t i = m * K + k;
             T d;
             const double term = output_delta_at(y_hat[i], y[i], d, out.act, out.loss);
+            d = stored_value<Core>(d, p.bf16);
             if (writes_delta) {
                 delta[i] = d;
                 loss += term;
@@ -47,9 +48,11 @@ __global__ void __launch_bounds__(Core::THREADS, Core::MIN_BLOCKS) backward(Prop
             return d;
         };
         if (out.on)
-            propagate_tile<T, Core>(tiles, tile_m, tile_n, load_output_delta, p.W, p.o, p.out, p.act, p.M, p.N, K);
+            propagate_tile<T, Core>(tiles, tile_m, tile_n, load_output_delta, p.W, p.o, p.out, p.act, p.M, p.N, K,
+                                    p.bf16);
         else
-            propagate_tile<T, Core>(tiles, tile_m, tile_n, Direct<T>{delta, K}, p.W, p.o, p.out, p.act, p.M, p.N, K);
+            propagate_tile<T, Core>(tiles, tile_m, tile_n, Direct<T>{delta, K}, p.W, p.o, p.out, p.act, p.M, p.N, K,
+                                    p.bf16);
         if (writes_delta) {
             long long hits = 0;  // rows of this tile predicted right
             if (record.on && record.count)

@@ -6,7 +6,9 @@
 typedef long long index_t;  // products of sizes can pass 2^31
 
 // Codes shared with gpu_backprop/ops/activations.py (CODES).
-enum Activation { ACT_IDENTITY = 0, ACT_SIGMOID = 1, ACT_TANH = 2, ACT_RELU = 3 };
+// ACT_LOGITS: the identity, its outputs the logits of a softmax that follows (outside the GEMM,
+// row-wise), so a core that stores bf16 leaves them unrounded (the softmax's output is rounded).
+enum Activation { ACT_IDENTITY = 0, ACT_SIGMOID = 1, ACT_TANH = 2, ACT_RELU = 3, ACT_LOGITS = 4 };
 
 // f(z); the sigmoid takes exp of -|z| only, so it never overflows.
 template <typename T>

@@ -22,10 +22,13 @@
 //       tiles, fragments read as 16-byte vectors, up to STAGES stages (below).
 //   Tf32  tensor cores (sm_80+), float in, float accumulate, TF32 products (gemm_tf32.cuh): its
 //       operands rounded to TF32 once, in shared memory, as they land (ROUNDS; gemm_mainloop).
+//       With the launch parameter bf16 (precision="bf16" in float32 storage) the operands are
+//       rounded to bf16 instead, and the kernels round what they store too (stored_value).
 //   Bf16  tensor cores (sm_80+), bf16 in (bf16_t tiles, fragments by ldmatrix), float
 //       accumulate (gemm_bf16.cuh); its epilogue sees floats.
 #pragma once
 #include "common.cuh"
+#include "mma.cuh"
 
 // Static shared memory a GEMM's tiles may take (of the 48 KB a block can declare statically).
 constexpr int SHARED_BUDGET = 46 * 1024;
@@ -211,10 +214,12 @@ struct TileCopy {
 };
 
 // The value a core keeps of an operand element in shared memory: itself, or (Core::ROUNDS, the
-// tensor cores) Core::stored(x), its TF32 rounding, formed once per element a block loads.
+// tensor cores) Core::stored(x), its TF32 rounding, or with bf16 (precision="bf16", a launch
+// parameter) its bf16 rounding, formed once per element a block loads. A bf16 is exact in TF32,
+// so Tf32's mma then multiplies bf16 operands exactly and sums in float, as mma.m16n8k16.bf16 does.
 template <class Core>
-__device__ __forceinline__ typename Core::Value landed(typename Core::Value x) {
-    if constexpr (Core::ROUNDS) return Core::stored(x);
+__device__ __forceinline__ typename Core::Value landed(typename Core::Value x, bool bf16) {
+    if constexpr (Core::ROUNDS) return bf16 ? bf16_rounded(x) : Core::stored(x);
     else return x;
 }
 
@@ -230,7 +235,7 @@ struct Operand {
     typedef T Tile[BK][ROWS + PAD];
     typedef TileFetch<T, ROWS, BK, PAD, KROWS, THREADS> Fetch;
     static const bool TRANSFORMS = false, LANDS = false;
-    bool round = true;
+    bool round = true, bf16 = false;
     Fetch regs;
     Op load;
     __device__ __forceinline__ explicit Operand(Op op) : load(op) {}
@@ -239,12 +244,12 @@ struct Operand {
         regs.fetch(load, r0, k0, R, K, tid);
     }
     __device__ __forceinline__ void store(Tile& tile, int tid) const {
-        if (Core::ROUNDS && round) regs.store(tile, tid, [](T v) { return landed<Core>(v); });
+        if (Core::ROUNDS && round) regs.store(tile, tid, [this](T v) { return landed<Core>(v, bf16); });
         else regs.store(tile, tid, [](T v) { return v; });
     }
     __device__ __forceinline__ void transform(Tile&, const Tile&, index_t, index_t, index_t, index_t, int) {}
     __device__ __forceinline__ void round_own(Tile& tile, int tid) const {
-        Fetch::apply(tile, tid, [](T v) { return landed<Core>(v); });
+        Fetch::apply(tile, tid, [this](T v) { return landed<Core>(v, bf16); });
     }
 };
 
@@ -253,7 +258,7 @@ struct Operand<T, ROWS, BK, PAD, KROWS, THREADS, Op, Core, 1> {
     typedef TileCopy<T, ROWS, BK, PAD, KROWS, THREADS> Copy;
     typedef T Tile[BK][ROWS + PAD];
     static const bool TRANSFORMS = false, LANDS = Core::ROUNDS;
-    bool round = true;
+    bool round = true, bf16 = false;
     Op op;
     bool wide_ok;  // the 16-byte copies' global side aligned: every row start a multiple of 16 bytes
     __device__ __forceinline__ explicit Operand(Op o) : op(o), wide_ok(aligned16(o.p) && o.ld % Copy::VEC == 0) {}
@@ -266,7 +271,7 @@ struct Operand<T, ROWS, BK, PAD, KROWS, THREADS, Op, Core, 1> {
         if (Core::ROUNDS && round) round_own(tile, tid);
     }
     __device__ __forceinline__ void round_own(Tile& tile, int tid) const {
-        Copy::apply(tile, [](T v) { return landed<Core>(v); }, tid);
+        Copy::apply(tile, [this](T v) { return landed<Core>(v, bf16); }, tid);
     }
 };
 
@@ -275,7 +280,7 @@ struct Operand<T, ROWS, BK, PAD, KROWS, THREADS, Op, Core, 2> {
     typedef TileCopy<T, ROWS, BK, PAD, KROWS, THREADS> Copy;
     typedef T Tile[BK][ROWS + PAD];
     static const bool TRANSFORMS = true, LANDS = true;
-    bool round = true;
+    bool round = true, bf16 = false;
     Op op;
     bool wide_ok;
     __device__ __forceinline__ explicit Operand(Op o)
@@ -290,14 +295,14 @@ struct Operand<T, ROWS, BK, PAD, KROWS, THREADS, Op, Core, 2> {
     __device__ __forceinline__ void transform(Tile& tile, const Tile& aux, index_t r0, index_t k0, index_t R,
                                               index_t K, int tid) {
         if (Core::ROUNDS && round) {  // f, then the rounding, in one pass (outside R x K: zeros, left)
-            auto f = [&](T v, T w, index_t r, index_t k) { return landed<Core>(op.f(v, w, r, k)); };
+            auto f = [&](T v, T w, index_t r, index_t k) { return landed<Core>(op.f(v, w, r, k), bf16); };
             Copy::transform(tile, aux, f, r0, k0, R, K, tid);
         } else {
             Copy::transform(tile, aux, op.f, r0, k0, R, K, tid);
         }
     }
     __device__ __forceinline__ void round_own(Tile& tile, int tid) const {
-        Copy::apply(tile, [](T v) { return landed<Core>(v); }, tid);
+        Copy::apply(tile, [this](T v) { return landed<Core>(v, bf16); }, tid);
     }
 };
 
@@ -344,8 +349,8 @@ struct GemmTiles {
 // Every element is loaded exactly once (a prologue's side effect too). Elements outside
 // M x N x K load as zero.
 //
-// A core that ROUNDS (Tf32) has each element rounded in shared memory once, by the thread that
-// stored or copied it, where a Transformed operand applies f (one tile ahead: after each wait
+// A core that ROUNDS (Tf32) has each element rounded in shared memory once (to TF32, or to bf16
+// with bf16: uniform over the launch), by the thread that stored or copied it, where a Transformed operand applies f (one tile ahead: after each wait
 // for its own copies), so multiply reads the rounded bits with no conversion. raw_b_hook: the
 // hook needs B's stage raw (weight_grad's bias sums, in float): there, B is rounded after the
 // hook instead, between two more barriers (uniform: the argument is the same for the block).
@@ -353,7 +358,7 @@ template <class Core, bool A_KROWS, bool B_KROWS, class Tiles, typename Acc, typ
           typename OnTile>
 __device__ __forceinline__ void gemm_mainloop(Acc& acc, Tiles& tiles, OpA op_a, OpB op_b, OnTile on_tile,
                                               index_t m0, index_t n0, index_t M, index_t N, index_t K,
-                                              index_t k_begin = 0, bool raw_b_hook = false) {
+                                              index_t k_begin = 0, bool raw_b_hook = false, bool bf16 = false) {
     typedef typename Core::Value T;
     const int S = Tiles::STAGES, BK = Core::BK, tid = threadIdx.x;
     static_assert(S >= 2, "a stage in use and one filling (GemmTiles::FITS)");
@@ -365,6 +370,7 @@ __device__ __forceinline__ void gemm_mainloop(Acc& acc, Tiles& tiles, OpA op_a, 
     OperandA a(op_a);
     OperandB b(op_b);
     b.round = !round_late;
+    a.bf16 = b.bf16 = bf16;
     const bool LANDS = OperandA::LANDS || OperandB::LANDS;  // a thread works on its own copies once they land
     auto aux = [&](int s) -> T(&)[BK][Core::BN + Core::PAD] {
         if constexpr (Tiles::AUX) return tiles.Aux[s];
@@ -586,6 +592,15 @@ struct Warp {
 
 #include "gemm_tf32.cuh"
 #include "gemm_bf16.cuh"
+
+// A value a kernel stores (an activation, a delta): with bf16 (precision="bf16": the launchers set
+// it on the tensor-core kernels only) rounded to bf16, as the operands are, else as computed. act
+// ACT_LOGITS is left unrounded (its softmax, outside the kernel, rounds its own output).
+template <class Core, typename T>
+__device__ __forceinline__ T stored_value(T x, bool bf16, int act = ACT_IDENTITY) {
+    if constexpr (Core::ROUNDS) return bf16 && act != ACT_LOGITS ? bf16_rounded(x) : x;
+    else return x;
+}
 
 struct NoTileHook {
     template <typename Tile>

@@ -65,6 +65,15 @@ __device__ __forceinline__ unsigned bf16x2_round(float lo, float hi) {
 #endif
 }
 
+// bf16_round's result as the float it is (low 16 bits zero): a bf16 value held in float storage.
+__device__ __forceinline__ float bf16_rounded(float x) {
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+    return __uint_as_float(unsigned(bf16_round(x)) << 16);
+#else
+    return emu::bf16_to_float(emu::cvt_rn_bf16(x));
+#endif
+}
+
 // A bfloat16's value (exact).
 __device__ __forceinline__ float bf16_to_float(unsigned short h) {
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)

@@ -14,7 +14,7 @@ struct ForwardParams {
     const T* b;
     T* out;
     index_t M, N, K;  // batch, outputs, inputs
-    int act;
+    int act, bf16;    // bf16: precision="bf16" (operands and out rounded to bf16: gemm_tile.cuh)
 };
 
 // forward_gather's input rows: o[r] = X[order[step * stride + r]] (written to o as loaded),
@@ -37,7 +37,7 @@ struct PropagateParams {
     const T* o;
     T* out;
     index_t M, N, K;  // batch, inputs (the width below), outputs
-    int act;
+    int act, bf16;    // bf16: as ForwardParams' (backward.cu's output delta too)
     index_t tiles_n, tiles;  // backward.cu: tiles in a row of the output, in all (0: absent)
 };
 
@@ -67,7 +67,7 @@ struct WeightGradParams {
     T* sq_w;
     T* sq_b;
     index_t M, N, K;  // inputs, outputs, batch
-    int act, has_prologue;
+    int act, has_prologue, bf16;  // bf16: as ForwardParams' (the prologue's delta rounded)
     index_t tiles_n, tiles;
 };
 

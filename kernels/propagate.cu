@@ -16,13 +16,13 @@ template <typename T, class Core, typename LoadDelta>
 __device__ __forceinline__ void propagate_tile(GemmTiles<Core>& tiles, index_t tile_m, index_t tile_n,
                                                LoadDelta load_delta, const T* __restrict__ W,
                                                const T* __restrict__ o, T* __restrict__ out, int act, index_t M,
-                                               index_t N, index_t K) {
+                                               index_t N, index_t K, bool bf16) {
     const index_t m0 = tile_m * Core::BM, n0 = tile_n * Core::BN;
     typename Core::Acc acc;
     gemm_mainloop<Core, false, false>(acc, tiles, load_delta, Direct<T>{W, K},  // B(k, n) = W[n][k]
-                                      NoTileHook(), m0, n0, M, N, K);
+                                      NoTileHook(), m0, n0, M, N, K, 0, false, bf16);
     Core::for_each_output(acc, m0, n0, M, N, [&](index_t m, index_t n, T v) {
-        out[m * N + n] = v * derivative(act, o[m * N + n]);
+        out[m * N + n] = stored_value<Core>(v * derivative(act, o[m * N + n]), bf16);
     });
 }
 
@@ -31,5 +31,5 @@ __global__ void __launch_bounds__(Core::THREADS, Core::MIN_BLOCKS) propagate(Pro
     __shared__ GemmTiles<Core> tiles;
     if (!launched_as_core<Core>()) return;
     propagate_tile<T, Core>(tiles, blockIdx.y, blockIdx.x, Direct<T>{p.delta, p.K}, p.W, p.o, p.out, p.act, p.M, p.N,
-                            p.K);
+                            p.K, p.bf16);
 }

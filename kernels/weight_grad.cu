@@ -37,6 +37,7 @@ __device__ __forceinline__ void weight_grad_tile(Tiles& tiles, index_t tile_m, i
     T* __restrict__ delta_out = p.delta_out;
     const bool has_prologue = p.has_prologue;
     const int act = p.act;
+    const bool bf16 = p.bf16;
     const index_t M = p.M, N = p.N, K = p.K;
     const int BK = Core::BK, BN = Core::BN;
     const int tid = threadIdx.x;
@@ -44,7 +45,7 @@ __device__ __forceinline__ void weight_grad_tile(Tiles& tiles, index_t tile_m, i
     const bool bias_block = tile_m == 0;
     // the prologue, once per element a block loads: delta = err * f'(o_next), written by the bias blocks
     auto delta_of = [&](T err, T out_next, index_t n, index_t k) {
-        const T d = err * derivative(act, out_next);
+        const T d = stored_value<Core>(err * derivative(act, out_next), bf16);
         if (bias_block) delta_out[k * N + n] = d;
         return d;
     };
@@ -61,14 +62,14 @@ __device__ __forceinline__ void weight_grad_tile(Tiles& tiles, index_t tile_m, i
     typename Core::Acc acc;
     if (!has_prologue) {  // delta given: both operands by cp.async
         gemm_mainloop<Core, true, true>(acc, tiles, Direct<T>{o, M}, Direct<T>{g, N}, sum_bias, m0, n0, M, N, k_end,
-                                        k_begin, bias_block);
+                                        k_begin, bias_block, bf16);
     } else if constexpr (PROLOGUE && Tiles::AUX) {  // err and o_next by cp.async, delta formed in shared memory
         gemm_mainloop<Core, true, true>(acc, tiles, Direct<T>{o, M}, transformed(g, o_next, N, delta_of), sum_bias,
-                                        m0, n0, M, N, k_end, k_begin, bias_block);
+                                        m0, n0, M, N, k_end, k_begin, bias_block, bf16);
     } else if constexpr (PROLOGUE && prologue_room<Core>::value) {  // no room for aux tiles: through registers
         auto load_delta = [&](index_t n, index_t k) { return delta_of(g[k * N + n], o_next[k * N + n], n, k); };
         gemm_mainloop<Core, true, true>(acc, tiles, Direct<T>{o, M}, load_delta, sum_bias, m0, n0, M, N, k_end,
-                                        k_begin, bias_block);
+                                        k_begin, bias_block, bf16);
     } else {
         return __trap();  // a prologue this kernel was not compiled for: the launchers never send one
     }

@@ -1,7 +1,9 @@
 """precision="bf16" on the CPU (gpu_backprop/ops/bf16.py): the rounding bit for bit (exact
 expected bits, float64 rounding, the shim's cvt.rn.bf16.f32), training steps against a float64
 reference that rounds at the same points, digits against float32, save / load, the command
-line, and planted faults that the reference comparison must catch."""
+line, and planted faults that the reference comparison must catch. The CUDA path (the Tf32
+kernels launched with bf16 set) on the CUDA-on-CPU shim against the same reference, with
+planted faults in the kernels' roundings."""
 import json
 import os
 import subprocess
@@ -16,7 +18,7 @@ from gpu_backprop.ops import activations as act
 from gpu_backprop.ops import blas
 from gpu_backprop.ops.bf16 import Bf16Ops, bf16_bits, is_bf16, round_bf16
 
-from .emulator.builder import HERE, EmuLoader
+from .emulator.builder import HERE, KERNELS, EmuLoader, planted_kernels, sources_of
 from .reference_formulas import f, f_prime_from_output
 from .test_tensor_cores import PROBE, PROBE_NAMES, bits32, edge_floats, floats, round_to, run_elementwise
 
@@ -136,15 +138,18 @@ CASES = {"sigmoid-mse": ([23, 19, 13, 5], "sigmoid", "mse"),
          "relu-mse": ([23, 17, 6], "relu", "mse")}
 
 
-def check_steps(case, steps=3, batch=29, lr=1.0, seed=0, structure=True):
+def check_steps(case, steps=3, batch=29, lr=1.0, seed=0, structure=True, ops=None):
     """``steps`` SGD steps of a bf16 model, each against the float64 reference (stage by stage, from
     the model's parameters before it and its stored inputs): outputs, deltas, loss, the updated
     parameters; then the gradients of a gradient step (the data-parallel path), its update, and a
     step after it. Raises AssertionError where they differ. ``structure``:
     also that o and delta hold bf16 values only and each weight's copy is its master rounded
-    (off for the planted faults: the values alone must catch them)."""
+    (off for the planted faults: the values alone must catch them). ``ops``: makes the model's
+    operations (the CUDA kernels on the shim) in place of the CPU twin's."""
     sizes, activation, loss = CASES[case]
     model = MLP(sizes, activation=activation, loss=loss, device="cpu", seed=seed, precision="bf16")
+    if ops is not None:
+        model.ops = ops()
     rng = np.random.default_rng(seed + 1)
     X = rng.normal(0, 1.5, (batch, sizes[0])).astype(np.float32)
     Y = np.eye(sizes[-1], dtype=np.float32)[rng.integers(0, sizes[-1], batch)]
@@ -164,7 +169,7 @@ def check_steps(case, steps=3, batch=29, lr=1.0, seed=0, structure=True):
         for k in range(len(Ws)):  # the update itself (new - old), so W's own size does not hide it
             agree(model.weights[k] - Ws[k], ref[4][k] - Ws[k], f"update of W{k}")
             agree(model.biases[k] - bs[k], ref[5][k] - bs[k], f"update of b{k}")
-            if structure:
+            if structure and hasattr(model.ops, "bf16_weights"):  # (on the GPU: W rounded as it loads)
                 copy = model.ops.bf16_weights(model.weights[k])
                 np.testing.assert_array_equal(bits32(copy), bits32(round_bf16(model.weights[k])),
                                               err_msg=f"W{k}'s bf16 copy is not its master rounded")
@@ -254,6 +259,124 @@ def test_planted_faults_fail_the_reference(monkeypatch, fault):
             check_steps(case, structure=False)
 
 
+# ---------------------------------------------------------------- the GPU kernels (precision="bf16" on CUDA), on the shim
+
+class Bf16Only(EmuLoader):
+    """Builds a GEMM file's tensor-core instantiations only (precision="bf16" runs the Tf32 kernels
+    with bf16 set: a planted copy compiles in seconds)."""
+
+    def function(self, file, name, all_names):
+        return super().function(file, name, [n for n in all_names if "Tf32" in n] if "Tf32" in name else all_names)
+
+
+class PlantedIn(Bf16Only):
+    """Bf16Only with the files whose sources hold ``planted_file`` from a planted copy of kernels/
+    (the others as built for every test)."""
+
+    def __init__(self, folder, planted_file):
+        super().__init__()
+        self.planted, self.planted_file = Bf16Only(folder), planted_file
+
+    def function(self, file, name, all_names):
+        if any(p.name == self.planted_file for p in sources_of(KERNELS / file, [KERNELS])):
+            return self.planted.function(file, name, all_names)
+        return super().function(file, name, all_names)
+
+
+def cuda_bf16(loader, tuner=None):
+    import scipy.special
+
+    from gpu_backprop.ops.autotune import Tuner
+    from gpu_backprop.ops.cuda import CudaOps
+
+    return lambda: CudaOps(np, scipy.special, loader, tuner=tuner or Tuner(enabled=False), precision="bf16")
+
+
+@pytest.fixture(scope="module")
+def bf16_loader():
+    return Bf16Only()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_gpu_kernels_match_the_reference_on_the_shim(bf16_loader, case):
+    """precision="bf16" through CudaOps on the shim (blocks shuffled): the same stage-by-stage
+    comparison as the CPU twin, every GEMM on the bf16 kernels, o and delta holding bf16 values."""
+    model = check_steps(case, ops=cuda_bf16(bf16_loader))
+    assert set(model.ops.gemm_paths().values()) == {"bf16"}, model.ops.gemm_paths()
+
+
+def test_the_gpu_weight_gradient_with_its_prologue_and_split_k(bf16_loader, rng):
+    """The weight gradient forming delta as it loads (rounded, as the twin's hidden_delta stores
+    it: the same bits) and summing the stored delta for db, one launch and in 2 slices, against
+    the twin's operations."""
+    from gpu_backprop.ops.cuda import split_paths
+
+    batch, n_in, n_out = 200, 37, 19
+    X = rng.normal(0, 1.5, (batch, n_in)).astype(np.float32)  # unrounded: rounded as it loads
+    err = round_bf16(rng.normal(0, 1, (batch, n_out)).astype(np.float32))
+    o_next = round_bf16(np.tanh(rng.normal(0, 1, (batch, n_out))).astype(np.float32))
+    twin = Bf16Ops()
+    want_d = np.empty_like(err)
+    want_w, want_b = twin.weight_grad(X, err, np.empty((n_in, n_out), np.float32), np.empty(n_out, np.float32),
+                                      o_next=o_next, activation="tanh", delta_out=want_d)
+    ops = cuda_bf16(bf16_loader)()
+    assert "bf16/s2" in split_paths(batch, bf16=True)
+    for path in ("bf16", "bf16/s2"):
+        d = np.full_like(err, np.nan)
+        grad_w, grad_b = np.full((n_in, n_out), np.nan, np.float32), np.full(n_out, np.nan, np.float32)
+        ops.weight_grad(X, err, grad_w, grad_b, o_next=o_next, activation="tanh", delta_out=d, config=path)
+        np.testing.assert_array_equal(bits32(d), bits32(want_d), err_msg=path)
+        terms = np.abs(round_bf16(X).astype(np.float64)).T @ np.abs(want_d.astype(np.float64))
+        assert np.all(np.abs(grad_w - want_w) <= 2 * 2.0 ** -24 * 6 * (batch / 4 + 2) * terms + 1e-37), path
+        assert np.all(np.abs(grad_b - want_b) <= 2 * 2.0 ** -24 * batch * np.abs(want_d).sum(0) + 1e-37), path
+
+
+def test_the_gpu_paths_and_precision_go_together(bf16_loader):
+    import scipy.special
+
+    from gpu_backprop.ops.cuda import CudaOps
+
+    x, W, b = np.ones((3, 4), np.float32), np.ones((4, 5), np.float32), np.zeros(5, np.float32)
+    out = np.empty((3, 5), np.float32)
+    with pytest.raises(ValueError, match=r"^config: warp with precision='bf16': precision='bf16' runs on the bf16 "):
+        cuda_bf16(bf16_loader)().forward(x, W, b, "sigmoid", out, config="warp")
+    with pytest.raises(ValueError, match=r"^config: bf16 with precision='fp32'"):
+        CudaOps(np, scipy.special, bf16_loader).forward(x, W, b, "sigmoid", out, config="bf16")
+
+
+# what the bf16 kernels must round, each left out: (file, line, replacement, the cases that show it)
+GPU_PLANTED = {
+    "activations not rounded": ("forward.cu", "stored_value<Core>(activate(act, v + b[n]), bf16, act)",
+                                "activate(act, v + b[n])", CASES),
+    "hidden delta not rounded": ("propagate.cu", "stored_value<Core>(v * derivative(act, o[m * N + n]), bf16)",
+                                 "v * derivative(act, o[m * N + n])", CASES),
+    "output delta not rounded": ("backward.cu", "            d = stored_value<Core>(d, p.bf16);\n", "", CASES),
+    "operands rounded to TF32, not bf16": ("gemm_tile.cuh", "return bf16 ? bf16_rounded(x) : Core::stored(x);",
+                                           "return Core::stored(x);", CASES),
+    "bf16 not passed to the main loop": ("forward.cu", "NoTileHook(), m0, n0, M, N, K, 0, false, bf16);",
+                                         "NoTileHook(), m0, n0, M, N, K, 0, false);", CASES),
+    "a softmax's logits rounded": ("gemm_tile.cuh", "return bf16 && act != ACT_LOGITS ? bf16_rounded(x) : x;",
+                                   "return bf16 ? bf16_rounded(x) : x;", ["tanh-cross_entropy"]),
+}
+
+
+@pytest.mark.parametrize("fault", GPU_PLANTED)
+def test_planted_faults_in_the_gpu_kernels_fail_the_reference(tmp_path, fault):
+    file, line, replacement, cases = GPU_PLANTED[fault]
+    loader = PlantedIn(planted_kernels(tmp_path / "kernels", file, line, replacement), file)
+    for case in cases:
+        with pytest.raises(AssertionError, match="beyond float32 summation order|bf16 step away"):
+            check_steps(case, structure=False, ops=cuda_bf16(loader))
+
+
+def test_a_softmax_output_left_unrounded_fails_the_reference(bf16_loader, monkeypatch):
+    from gpu_backprop.ops.cuda import CudaOps
+
+    monkeypatch.setattr(CudaOps, "_store_bf16", lambda self, out: None)
+    with pytest.raises(AssertionError, match="beyond float32 summation order|bf16 step away"):
+        check_steps("tanh-cross_entropy", structure=False, ops=cuda_bf16(bf16_loader))
+
+
 # ---------------------------------------------------------------- digits, files, the API, the command line
 
 def test_digits_in_bf16_within_half_a_point_of_float32(tmp_path):
@@ -309,8 +432,8 @@ def test_precision_bf16_arguments():
     with pytest.raises(ValueError, match="precision: 'bf16' needs dtype float32"):
         MLP([4, 3, 2], device="cpu", dtype="float64", precision="bf16")
     cuda = Device("cuda", 0, np)  # a CUDA device as far as the check can tell: refused before any ops
-    with pytest.raises(ValueError, match=r"^precision: 'bf16' runs on the CPU only for now .*device cuda:0"):
-        MLP([4, 3, 2], device=cuda, precision="bf16")
+    with pytest.raises(ValueError, match=r"^precision: 'bf16' on CUDA runs on the fused kernels only, got fused=False$"):
+        MLP([4, 3, 2], device=cuda, precision="bf16", fused=False)
     from gpu_backprop.estimators import MLPClassifier
 
     ds = data.digits()
@@ -320,8 +443,6 @@ def test_precision_bf16_arguments():
                             precision=precision, random_state=0)
         score[precision] = clf.fit(ds.X_train, ds.y_train).score(ds.X_test, ds.y_test)
     assert clf._model.precision == "bf16" and score["fp32"] > 0.9 and abs(score["bf16"] - score["fp32"]) < 0.02, score
-    with pytest.raises(ValueError, match="precision: 'bf16' runs on the CPU only"):
-        MLPClassifier(max_iter=1, device=cuda, precision="bf16").fit(ds.X_train[:20], ds.y_train[:20])
 
 
 def run_cli(*args):
@@ -337,7 +458,7 @@ def test_cli_precision_bf16(tmp_path):
     assert result["precision"] == "bf16" and result["test_accuracy"] > 0.8
     assert MLP.load(tmp_path / "m.npz", device="cpu").precision == "bf16"
     for device in ("cuda", "cuda:1"):
-        proc = run_cli("train", "--precision", "bf16", "--device", device, "--epochs", "1")
+        proc = run_cli("train", "--precision", "bf16", "--device", device, "--unfused", "--epochs", "1")
         lines = [line for line in proc.stderr.splitlines() if line and not line.startswith("gpu_backprop: device")]
         assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-        assert "--precision: 'bf16' runs on the CPU only for now" in lines[0], lines
+        assert "--precision: 'bf16' on CUDA runs on the fused kernels only: drop --unfused" in lines[0], lines

@@ -9,8 +9,8 @@ from .reference import ArrayOps, Gather, NumpyOps, Output, Propagate, Record, Ru
 
 def make_ops(device: Any, fused: bool = True, precision: str = "fp32") -> ArrayOps:
     """The operations for ``device``: NumPy twin, fused CUDA kernels (with tensor cores for
-    precision="tf32"), or unfused CuPy; on the CPU with precision="bf16", the NumPy twin with
-    bf16 roundings (:class:`~gpu_backprop.ops.bf16.Bf16Ops`)."""
+    precision="tf32" and "bf16"), or unfused CuPy; on the CPU with precision="bf16", the NumPy
+    twin with bf16 roundings (:class:`~gpu_backprop.ops.bf16.Bf16Ops`)."""
     if device.kind == "cpu":
         if precision == "bf16":
             from .bf16 import Bf16Ops
@@ -20,6 +20,8 @@ def make_ops(device: Any, fused: bool = True, precision: str = "fp32") -> ArrayO
     import cupyx.scipy.special
 
     if not fused:
+        if precision == "bf16":
+            raise ValueError("fused: precision='bf16' on CUDA runs on the fused kernels only (fused=True)")
         return ArrayOps(device.xp, cupyx.scipy.special)
     from .cuda import CudaOps, cupy_loader
 

@@ -56,6 +56,15 @@ def round_bf16(x: Any, out: Any = None) -> np.ndarray:
     return out
 
 
+def round_bf16_in_place(xp: Any, x: Any) -> Any:
+    """:func:`round_bf16` of a float32 array of any array module (CuPy on the GPU), in place:
+    the same bits, in the module's elementwise operations."""
+    u = x.view(xp.uint32)
+    rounded = (u + ((u >> xp.uint32(16)) & xp.uint32(1)) + xp.uint32(0x7FFF)) & xp.uint32(0xFFFF0000)
+    u[...] = xp.where((u & xp.uint32(0x7FFFFFFF)) > xp.uint32(0x7F800000), xp.uint32(BF16_NAN), rounded)
+    return x
+
+
 def bf16_bits(x: Any) -> np.ndarray:
     """The bfloat16 bit patterns (uint16) of float32 ``x`` rounded as :func:`round_bf16`."""
     return (round_bf16(x).view(np.uint32) >> np.uint32(16)).astype(np.uint16)

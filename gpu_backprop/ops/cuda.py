@@ -55,11 +55,18 @@ SPLIT_CONFIGS, SPLITS, MIN_SLICE = ("small", "large", "warp"), (2, 4, 8), 64
 SPLIT_PATHS = tuple(f"{c}/s{s}" for c in SPLIT_CONFIGS for s in SPLITS)
 # the same for the tensor-core weight gradient (precision="tf32"): "tf32/s4"
 TF32_SPLIT_PATHS = tuple(f"tf32/s{s}" for s in SPLITS)
+# precision="bf16" on the GPU (float32 arrays holding bf16 values, as ops/bf16.py's twin): the Tf32
+# kernels launched with bf16=1 (params.cuh), which round the operands to bf16 as they land and the
+# activations and deltas as they store them (gemm_tile.cuh landed, stored_value), split-K likewise;
+# no cuBLAS path (it cannot round as it loads)
+BF16_PATHS = ("bf16",)
+BF16_SPLIT_PATHS = tuple(f"bf16/s{s}" for s in SPLITS)
+TENSOR_CORES = {"tf32": "Tf32", "bf16": "Tf32"}  # config: core (the same kernels, bf16 a launch parameter)
 # GEMMs of fewer multiply-adds than this run on the default tile, untuned: they take a few
 # microseconds whichever path (launch-bound, and hidden by graphs), and tuning them would
 # compile every tile (NVRTC, seconds each) before a small net's first epoch.
 TUNE_MIN_FMA = 1 << 24
-PRECISIONS = ("fp32", "tf32")
+PRECISIONS = ("fp32", "tf32", "bf16")
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 LOSS_CODES = {"mse": 0, "cross_entropy": 1}
 WRITE_GRADIENT, SGD, SGD_MOMENTUM, SGD_NESTEROV, ADAM = range(len(RULE_MODES))  # kernels/update.cuh UpdateMode
@@ -71,6 +78,7 @@ ELEMENTWISE_FILES = {"delta.cu": ("output_delta", "hidden_delta"),
 # The bf16 GEMM core alone (gemm_bf16.cuh Bf16: 128 x 128 tiles, 4 warps): CudaOps.matmul_bf16
 MATMUL_FILE, MATMUL_KERNEL, BF16_TILE, BF16_THREADS = "matmul.cu", "matmul_tn<Bf16>", (128, 128), 128
 UNTYPED = ("shuffle_keys",)  # kernels that are not templated on the float type
+ACT_LOGITS = 4  # common.cuh Activation: a softmax's logits (the identity, left unrounded in bf16)
 RULE_KERNELS = ("weight_grad", "backward")  # GEMM kernels with an update epilogue: one instance per rule family
 CUBLAS_TF32_TENSOR_OP_MATH = 3  # cublasMath_t in cublas_api.h; CuPy 14's cublas module does not export it
 
@@ -90,7 +98,7 @@ def gemm_name(kernel: str, dtype: Any, config: str, family: int = 0) -> str:
     its epilogue (kernels/update.cuh ADAM_RULES; weight_grad and backward only)."""
     config = split_of(config)[0]
     ctype = CTYPES[np.dtype(dtype)]
-    core = "Tf32" if config == "tf32" else CONFIGS[config][4].format(T=ctype)
+    core = TENSOR_CORES[config] if config in TENSOR_CORES else CONFIGS[config][4].format(T=ctype)
     return f"{kernel}<{ctype}, {core}{', 1' if family else ''}>"
 
 
@@ -105,22 +113,23 @@ def split_of(path: str) -> tuple[str, int]:
     return config, int(splits) if splits else 1
 
 
-def split_paths(K: int, tf32: bool = False) -> tuple[str, ...]:
-    """The split-K candidates for a weight gradient over a batch of K rows (``tf32``: on the
-    tensor-core tile)."""
-    return tuple(p for p in (TF32_SPLIT_PATHS if tf32 else SPLIT_PATHS) if K >= split_of(p)[1] * MIN_SLICE)
+def split_paths(K: int, tf32: bool = False, bf16: bool = False) -> tuple[str, ...]:
+    """The split-K candidates for a weight gradient over a batch of K rows (``tf32``, ``bf16``: on
+    that tensor-core core)."""
+    paths = BF16_SPLIT_PATHS if bf16 else TF32_SPLIT_PATHS if tf32 else SPLIT_PATHS
+    return tuple(p for p in paths if K >= split_of(p)[1] * MIN_SLICE)
 
 
 def tile_of(config: str) -> tuple[int, int]:
     config = split_of(config)[0]
-    return TF32_TILE if config == "tf32" else CONFIGS[config][:2]
+    return TF32_TILE if config in TENSOR_CORES else CONFIGS[config][:2]
 
 
 def threads_of(config: str) -> int:
     """The block of a GEMM kernel on ``config``: its core's THREADS, which the kernels check (any
     other block traps; a test launches each config with this number)."""
     config = split_of(config)[0]
-    return TF32_THREADS if config == "tf32" else CONFIGS[config][3]
+    return TF32_THREADS if config in TENSOR_CORES else CONFIGS[config][3]
 
 
 def names_in(file: str) -> list[str]:
@@ -343,6 +352,7 @@ class CudaOps(ArrayOps):
         if precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.precision = precision
+        self._bf16 = int(precision == "bf16")  # the GEMM structs' bf16 (params.cuh): round to bf16
         self.loader = loader
         self.tuner = tuner if tuner is not None else Tuner.for_loader(loader)
         self.max_blocks = 8 * int(loader.sm_count)  # grid cap of the elementwise kernels
@@ -431,10 +441,17 @@ class CudaOps(ArrayOps):
         weight_grad, prologue = kind.startswith("weight_grad"), kind.endswith("+prologue")
         splits = split_paths(K) if weight_grad else ()
         if config is not None:
-            if config not in (*PATHS, *TF32_PATHS) and not (weight_grad and config in SPLIT_PATHS + TF32_SPLIT_PATHS):
-                raise ValueError(f"config: expected one of {', '.join(PATHS + TF32_PATHS)}"
+            all_paths = (*PATHS, *TF32_PATHS, *BF16_PATHS)
+            all_splits = SPLIT_PATHS + TF32_SPLIT_PATHS + BF16_SPLIT_PATHS
+            if config not in all_paths and not (weight_grad and config in all_splits):
+                raise ValueError(f"config: expected one of {', '.join(all_paths)}"
                                  f"{' or a split like large/s4' if weight_grad else ''}, got {config!r}")
-            if (split_of(config)[0] in TF32_PATHS or config in WIDE_CONFIGS) and np.dtype(dtype) != np.float32:
+            if (split_of(config)[0] == "bf16") != (self.precision == "bf16"):
+                raise ValueError(f"config: {config} with precision={self.precision!r}: precision='bf16' runs on "
+                                 f"the bf16 kernels only ({', '.join(BF16_PATHS + BF16_SPLIT_PATHS)}), and they "
+                                 f"on it only")
+            if (split_of(config)[0] in TF32_PATHS + BF16_PATHS or config in WIDE_CONFIGS) \
+                    and np.dtype(dtype) != np.float32:
                 raise TypeError(f"config: {config} needs float32 arrays, got {np.dtype(dtype).name}")
             if prologue and config in WIDE_CONFIGS:
                 raise ValueError(f"config: {config} runs no delta prologue (o_next given); "
@@ -442,6 +459,10 @@ class CudaOps(ArrayOps):
             return config
         graph = "|graph" if self._graph_safe else ""
         small = M * N * K < self.tune_min_fma  # one candidate: the default, nothing timed
+        if self.precision == "bf16":
+            bf16_splits = split_paths(K, bf16=True) if weight_grad else ()
+            paths = ("bf16",) if small else ("bf16", *bf16_splits)
+            return self.tuner.choose(f"{kind}|bf16|{M}x{N}x{K}{graph}", paths, trial, default="bf16")
         if self.precision == "tf32" and np.dtype(dtype) == np.float32:
             tf32_splits = split_paths(K, tf32=True) if weight_grad else ()
             paths = ("tf32",) if small else tuple(p for p in TF32_PATHS + tf32_splits
@@ -482,11 +503,13 @@ class CudaOps(ArrayOps):
         self._check("b", b, (n_out,), dtype)
         self._check("out", out, (batch, n_out), dtype)
         elementwise = "identity" if activation == "softmax" else act.check_activation(activation, act.HIDDEN)
-        code = np.int32(act.CODES[elementwise])
+        # bf16: a softmax's logits stay unrounded (common.cuh ACT_LOGITS); its output is rounded
+        code = np.int32(ACT_LOGITS if activation == "softmax" and self.precision == "bf16" else act.CODES[elementwise])
         if gather is not None:
             self._check_gather(gather.X, gather.Y, gather.order, gather.step, o, gather.yb)
         self._check_forward(o, W, b, out, gather)
-        params = make("ForwardParams", dtype, o=o, W=W, b=b, out=out, M=batch, N=n_out, K=n_in, act=code)
+        params = make("ForwardParams", dtype, o=o, W=W, b=b, out=out, M=batch, N=n_out, K=n_in, act=code,
+                      bf16=self._bf16)
 
         def run(path: str) -> None:
             if path.startswith("cublas"):
@@ -508,7 +531,16 @@ class CudaOps(ArrayOps):
             run(path)
         if activation == "softmax":  # a row-wise reduction: CuPy's kernels, after the GEMM
             self._issue(lambda: act.activate(self.xp, self.special, "softmax", out, out))
+            self._store_bf16(out)
         return out
+
+    def _store_bf16(self, out: Any) -> None:
+        """precision="bf16": ``out``, written by a pass that is not one of our GEMM kernels (a
+        softmax, an elementwise delta), rounded to bf16 as those store theirs; else nothing."""
+        if self.precision == "bf16":
+            from .bf16 import round_bf16_in_place
+
+            self._issue(lambda: round_bf16_in_place(self.xp, out))
 
     # -- the bf16 core -------------------------------------------------------
     @replayed
@@ -533,6 +565,7 @@ class CudaOps(ArrayOps):
         partials = self._scratch("partials", (self.max_blocks,), np.float64)
         self._launch("delta.cu", f"output_delta<{CTYPES[dtype]}>",
                      self._grid_1d(n), (BLOCK, 1, 1), [y_hat, y, out, *codes, np.int64(n), partials, self._ticket, loss_out])
+        self._store_bf16(out)
         return out
 
     def _output_codes(self, y_hat: Any, y: Any, activation: str, loss: str, out: Any,
@@ -560,6 +593,7 @@ class CudaOps(ArrayOps):
         n = int(err.size)
         self._launch("delta.cu", f"hidden_delta<{CTYPES[np.dtype(err.dtype)]}>",
                      self._grid_1d(n), (BLOCK, 1, 1), [err, o, out, code, np.int64(n)])
+        self._store_bf16(out)
         return out
 
     # -- the fit loop's bookkeeping --------------------------------------------
@@ -630,7 +664,7 @@ class CudaOps(ArrayOps):
         self._check("o", o, (batch, n_in), dtype)
         self._check("out", out, (batch, n_in), dtype)
         code = np.int32(act.CODES[act.check_activation(activation)])
-        params = dict(delta=delta, W=W, o=o, out=out, M=batch, N=n_in, K=n_out, act=code)
+        params = dict(delta=delta, W=W, o=o, out=out, M=batch, N=n_in, K=n_out, act=code, bf16=self._bf16)
 
         def run(path: str) -> None:
             if path.startswith("cublas"):
@@ -670,7 +704,7 @@ class CudaOps(ArrayOps):
         ctype = CTYPES[dtype]
         params = dict(o=o, g=g, o_next=o_next if prologue else None, delta_out=delta_out if prologue else None,
                       W=W, b=b, vel_w=vel_w, vel_b=vel_b, sq_w=sq_w, sq_b=sq_b, M=n_in, N=n_out, K=batch, act=code,
-                      has_prologue=int(prologue))
+                      has_prologue=int(prologue), bf16=self._bf16)
 
         def launch(path: str, params: dict, fields: dict) -> None:
             rule_struct = make("UpdateRule", dtype, **fields)
@@ -719,7 +753,7 @@ class CudaOps(ArrayOps):
         config, splits = split_of(path)
         if splits <= 1 or K == 0:
             return make("SplitK", dtype), 1
-        bk = TF32_BK if config == "tf32" else CONFIGS[config][2]
+        bk = TF32_BK if config in TENSOR_CORES else CONFIGS[config][2]
         slice_k = -(-(-(-K // splits)) // bk) * bk
         slices = -(-K // slice_k)
         bm, bn = tile_of(config)
