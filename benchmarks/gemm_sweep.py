@@ -97,7 +97,7 @@ def main(out_path: str | None = None) -> int:
 
     from gpu_backprop import get_device
     from gpu_backprop.ops.autotune import Tuner
-    from gpu_backprop.ops.cuda import CONFIGS, WIDE_CONFIGS, CudaOps, cupy_loader, split_paths
+    from gpu_backprop.ops.cuda import BF16_TILES, CONFIGS, WIDE_CONFIGS, CudaOps, cupy_loader, split_paths
 
     import cupyx.scipy.special
 
@@ -167,8 +167,10 @@ def main(out_path: str | None = None) -> int:
 
     bits = lambda x: (round_bf16_in_place(xp, x.copy()).view(xp.uint32) >> 16).astype(xp.uint16)  # noqa: E731
     o_bits, delta_bits = bits(o), bits(delta)
-    for path, run in (("bf16-core", lambda: ops["bf16"].matmul_bf16(o_bits, delta_bits, grad_w)),
-                      ("bf16", lambda: ops["bf16"].weight_grad(o, delta, grad_w, grad_b, config="bf16"))):
+    bf16_runs = [(f"bf16-core/{tile}", lambda tile=tile: ops["bf16"].matmul_bf16(o_bits, delta_bits, grad_w, tile=tile))
+                 for tile in BF16_TILES]
+    bf16_runs.append(("bf16", lambda: ops["bf16"].weight_grad(o, delta, grad_w, grad_b, config="bf16")))
+    for path, run in bf16_runs:
         try:
             grad_w.fill(np.nan)
             run()
@@ -186,9 +188,11 @@ def main(out_path: str | None = None) -> int:
         ratios["tf32_vs_cublas_tf32"] = core["tf32"]["tflops"] / best["tflops"]
         print(f"core 4096^3            tf32 / fastest cuBLAS TF32 ({best['path']}, {best['tflops']:.1f} TFLOP/s): "
               f"{ratios['tf32_vs_cublas_tf32']:.2f} (target >= 0.80)", flush=True)
-    if "bf16-core" in core and "torch-bf16" in core:
-        ratios["bf16_core_vs_cublas_bf16"] = core["bf16-core"]["tflops"] / core["torch-bf16"]["tflops"]
-        print(f"core 4096^3            bf16-core / cuBLAS BF16 (torch-bf16, {core['torch-bf16']['tflops']:.1f} "
+    bf16_cores = [core[p] for p in core if p.startswith("bf16-core/")]
+    if bf16_cores and "torch-bf16" in core:
+        best = max(bf16_cores, key=lambda r: r["tflops"])
+        ratios["bf16_core_vs_cublas_bf16"] = best["tflops"] / core["torch-bf16"]["tflops"]
+        print(f"core 4096^3            {best['path']} / cuBLAS BF16 (torch-bf16, {core['torch-bf16']['tflops']:.1f} "
               f"TFLOP/s): {ratios['bf16_core_vs_cublas_bf16']:.2f} (target >= 0.80)", flush=True)
 
     # 2. the weight gradient with the delta prologue and the SGD epilogue, B=4096, 1024x1024

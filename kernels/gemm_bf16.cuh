@@ -26,14 +26,18 @@ typedef unsigned short bf16_t;
 //                = b[j][0], b[j][1], b[j + 1][0], b[j + 1][1]
 // ldmatrix takes the address of each 8 x 8 matrix's row j from lane 8 q + j (matrix q).
 //
-// Block 128 x 128, 4 warps (2 along m, 2 along n) of 64 x 64: a warp's k step of 16 is MI x NI
+// Block 128 x BN, warps of 64 x 64 (2 along m, BN / 64 along n): a warp's k step of 16 is MI x NI
 // = 4 x 8 = 32 mma from 4 + 4 ldmatrix.x4 (16 A and 16 B registers): 16 bytes of shared memory
-// a lane per mma. Banks: PAD 8 makes a k row 136 halves = 68 words, 4 (mod 32), so the 8 rows
-// of one matrix (one ldmatrix phase, 16 bytes each) start 4 banks apart: conflict-free; rows
-// stay 16-byte aligned (ldmatrix, cp.async 16). BK 16 and 4 stages: 8.5 KB a stage, 34 KB.
+// a lane per mma. Banks: PAD 8 makes a k row 136 (264) halves = 68 (132) words, 4 (mod 32), so
+// the 8 rows of one matrix (one ldmatrix phase, 16 bytes each) start 4 banks apart:
+// conflict-free; rows stay 16-byte aligned (ldmatrix, cp.async 16). BK 16:
+//   Bf16<128>  4 warps, 4 stages of 8.5 KB (34 KB), 2 blocks an SM (192 registers a thread);
+//   Bf16<256>  8 warps, 3 stages of 12.5 KB (38 KB), 1 block an SM: a quarter less from L2 a FLOP.
+template <int BN_ = 128>
 struct Bf16 {
-    static const int BM = 128, BN = 128, BK = 16, PAD = 8, STAGES = 4, MIN_BLOCKS = 2;
-    static const int THREADS = 128, WARP_M = 64, WARP_N = 64;  // 4 warps: 2 along m, 2 along n
+    static const int BM = 128, BN = BN_, BK = 16, PAD = 8;
+    static const int STAGES = BN == 128 ? 4 : 3, MIN_BLOCKS = BN == 128 ? 2 : 1;
+    static const int WARP_M = 64, WARP_N = 64, THREADS = 32 * (BM / WARP_M) * (BN / WARP_N);
     static const int MI = WARP_M / 16, NI = WARP_N / 8;         // mma tiles per warp: 4 x 8
     static const bool ROUNDS = false;                           // operands are bf16 already
     static_assert(THREADS == 32 * (BM / WARP_M) * (BN / WARP_N), "one warp per warp tile");

@@ -2,7 +2,7 @@
 //
 //   out = a_t^T b        a_t: K x M, b: K x N (bf16, row-major: both k-major), out: M x N (float)
 //
-// with float sums on the tensor cores (gemm_bf16.cuh Bf16): what the bf16 training path's
+// with float sums on the tensor cores (gemm_bf16.cuh Bf16<BN>): what the bf16 training path's
 // GEMMs are built on, and what the benchmarks set against cuBLAS BF16. Tiling: gemm_tile.cuh;
 // C rows are a_t's columns (m), C columns b's (n), k the batch.
 #include "gemm_tile.cuh"

@@ -17,7 +17,7 @@ import scipy.special
 
 from gpu_backprop.ops import NumpyOps
 from gpu_backprop.ops.bf16 import bf16_bits
-from gpu_backprop.ops.cuda import BF16_THREADS, MATMUL_FILE, MATMUL_KERNEL, CudaOps, names_in
+from gpu_backprop.ops.cuda import BF16_TILES, MATMUL_FILE, CudaOps, matmul_kernel, names_in
 
 from .emulator.builder import EmuLoader, planted_kernels
 from .test_tensor_cores import bits32, mma_model, random_operands
@@ -56,9 +56,9 @@ def ops():
     return CudaOps(np, scipy.special, EmuLoader())
 
 
-def run(ops, a_t, b):
+def run(ops, a_t, b, tile="128x128"):
     out = np.full((a_t.shape[1], b.shape[1]), np.nan, np.float32)
-    ops.matmul_bf16(a_t, b, out)
+    ops.matmul_bf16(a_t, b, out, tile=tile)
     return out
 
 
@@ -68,10 +68,11 @@ def run(ops, a_t, b):
 SHAPES = [(1, 1, 1), (1, 130, 7), (37, 133, 65), (97, 256, 136), (64, 129, 1), (200, 8, 264)]
 
 
+@pytest.mark.parametrize("tile", BF16_TILES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_bf16_core_against_float64(ops, rng, shape):
+def test_bf16_core_against_float64(ops, rng, shape, tile):
     a_t, b = case(rng, *shape)
-    out = run(ops, a_t, b)
+    out = run(ops, a_t, b, tile)
     bf16_close(out, a_t, b)
     # the twin, in float32 through BLAS: the same bound, so within twice of each other
     twin = np.full(out.shape, np.nan, np.float32)
@@ -79,25 +80,28 @@ def test_bf16_core_against_float64(ops, rng, shape):
     bf16_close(twin, a_t, b)
 
 
-def test_bf16_core_is_the_mma_model_bit_for_bit(ops, rng):
+@pytest.mark.parametrize("tile", BF16_TILES)
+def test_bf16_core_is_the_mma_model_bit_for_bit(ops, rng, tile):
     """Each output is one chain of mma over k in order, 16 at a time (two blocks of 8 products
     each), from zero: zero padding past K changes nothing."""
-    a_t, b = case(rng, 97, 133, 65, spread=12)
-    out = run(ops, a_t, b)
+    a_t, b = case(rng, 97, 133, 265, spread=12)
+    out = run(ops, a_t, b, tile)
     expected = mma_model(widen(a_t).T, widen(b), np.zeros(out.shape, np.float32), 8)
     np.testing.assert_array_equal(bits32(out), bits32(expected))
 
 
-def test_bf16_core_traps_on_a_block_it_was_not_written_for(ops):
+@pytest.mark.parametrize("tile", BF16_TILES)
+def test_bf16_core_traps_on_a_block_it_was_not_written_for(ops, tile):
     from gpu_backprop.ops.launch import make
 
-    kernel = ops.loader.function(MATMUL_FILE, MATMUL_KERNEL, names_in(MATMUL_FILE))
+    kernel = ops.loader.function(MATMUL_FILE, matmul_kernel(tile), names_in(MATMUL_FILE))
+    threads = BF16_TILES[tile][1]
     a_t, b = bf16_bits(np.ones((4, 3), np.float32)), bf16_bits(np.ones((4, 5), np.float32))
     out = np.full((3, 5), np.nan, np.float32)
     params = make("MatmulParams", np.float32, a_t=a_t, b=b, out=out, M=3, N=5, K=4)
-    kernel((1, 1, 1), (BF16_THREADS, 1, 1), [params])
+    kernel((1, 1, 1), (threads, 1, 1), [params])
     np.testing.assert_array_equal(out, 4.0)
-    for wrong in (BF16_THREADS // 2, BF16_THREADS + 32):
+    for wrong in (threads // 2, threads + 32):
         with pytest.raises(RuntimeError, match="trapped"):
             kernel((1, 1, 1), (wrong, 1, 1), [params])
 
@@ -117,6 +121,8 @@ def test_bf16_matmul_names_the_argument_that_does_not_fit(ops, which):
     with pytest.raises(ValueError, match=r"^b: expected a 2-D array"):
         target.matmul_bf16(a_t, b.ravel(), out)
     if which == "cuda":
+        with pytest.raises(ValueError, match=r"^tile: expected one of 128x128, 128x256, got '64x64'$"):
+            target.matmul_bf16(a_t, b, out, tile="64x64")
         with pytest.raises(ValueError, match=r"^b: expected a C-contiguous array"):
             target.matmul_bf16(a_t, np.zeros((5, 4), np.uint16).T, out)
 
@@ -151,7 +157,7 @@ def planted(tmp_path_factory):
 def test_a_planted_fault_fails_the_bound(ops, planted, rng, fault):
     a_t, b = case(rng, 37, 133, 65)
     bf16_close(run(ops, a_t, b), a_t, b)  # unplanted: passes
-    out = run(planted(fault), a_t, b)
+    out = run(planted(fault), a_t, b)  # (the 128 x 128 tile: the core's code is the same for both)
     assert not np.isnan(out).any()  # it ran and wrote every output, wrongly
     with pytest.raises(AssertionError, match="beyond the bf16 core's bound"):
         bf16_close(out, a_t, b)
@@ -161,25 +167,28 @@ def test_a_planted_fault_fails_the_bound(ops, planted, rng, fault):
 
 @pytest.fixture(scope="module")
 def bf16_sass():
-    """[(opcode, operands)] of matmul_tn<Bf16>, sm_90, from nvcc (tests/cubins.py's cubin)."""
+    """{kernel: [(opcode, operands)]} of matmul_tn<Bf16<BN>> for every tile, sm_90, from nvcc
+    (tests/cubins.py's cubin)."""
     from . import cubins
     from .test_sass import disassemble
 
     result = cubins.nvcc_cubin(MATMUL_FILE, "sm_90")
     assert result.returncode == 0, result.report[-3000:]
     code = disassemble(result.cubin, lambda name: "matmul_tn" in name)
-    assert len(code) == 1, sorted(code)
-    return [(op, rest) for _, op, rest in next(iter(code.values()))]
+    assert len(code) == len(BF16_TILES), sorted(code)
+    return {name: [(op, rest) for _, op, rest in body] for name, body in code.items()}
 
 
-def test_bf16_main_loop_is_hmma_from_ldmatrix(bf16_sass):
+@pytest.mark.parametrize("tile", BF16_TILES)
+def test_bf16_main_loop_is_hmma_from_ldmatrix(bf16_sass, tile):
     """Each k tile (BK 16) of a warp's 64 x 64: 4 x 8 mma from 4 + 4 ldmatrix.x4.trans, with no
     other shared load and no conversion (F2F, F2FP) between the barrier and the last HMMA; no local
     memory. (The next tile's 16-bit element copies, at the edges, are issued there: LDG.U16, PRMT, STS.)"""
     from .test_tensor_cores import multiply_spans
 
-    assert not [op for op, _ in bf16_sass if op.startswith(("LDL", "STL"))]
-    spans = multiply_spans(bf16_sass)
+    code = next(body for name, body in bf16_sass.items() if name.replace(" ", "") == matmul_kernel(tile))
+    assert not [op for op, _ in code if op.startswith(("LDL", "STL"))]
+    spans = multiply_spans(code)
     assert spans
     for span in spans:
         ops = [op for op, _ in span]

@@ -75,8 +75,19 @@ GEMM_FILES = {"forward": "forward.cu", "forward_gather": "forward.cu", "propagat
 ELEMENTWISE_FILES = {"delta.cu": ("output_delta", "hidden_delta"),
                      "bias.cu": ("bias_activation", "bias_update", "weight_update"),
                      "batch.cu": ("gather_batch", "finish_batch", "shuffle_keys")}
-# The bf16 GEMM core alone (gemm_bf16.cuh Bf16: 128 x 128 tiles, 4 warps): CudaOps.matmul_bf16
-MATMUL_FILE, MATMUL_KERNEL, BF16_TILE, BF16_THREADS = "matmul.cu", "matmul_tn<Bf16>", (128, 128), 128
+# The bf16 GEMM core alone (gemm_bf16.cuh Bf16<BN>): CudaOps.matmul_bf16, on a tile of
+# BF16_TILES: name: ((BM, BN), threads); 128 x 128 the default (2 blocks an SM), 128 x 256 a
+# quarter less L2 traffic a FLOP (1 block an SM), tuned between on the GPU
+MATMUL_FILE = "matmul.cu"
+BF16_TILES = {"128x128": ((128, 128), 128), "128x256": ((128, 256), 256)}
+
+
+def matmul_kernel(tile: str) -> str:
+    """The instantiation of matmul.cu's kernel on a tile of BF16_TILES."""
+    return f"matmul_tn<Bf16<{BF16_TILES[tile][0][1]}>>"
+
+
+
 UNTYPED = ("shuffle_keys",)  # kernels that are not templated on the float type
 ACT_LOGITS = 4  # common.cuh Activation: a softmax's logits (the identity, left unrounded in bf16)
 RULE_KERNELS = ("weight_grad", "backward")  # GEMM kernels with an update epilogue: one instance per rule family
@@ -135,7 +146,7 @@ def threads_of(config: str) -> int:
 def names_in(file: str) -> list[str]:
     """Every instantiation of a file's kernels (NVRTC name expressions)."""
     if file == MATMUL_FILE:
-        return [MATMUL_KERNEL]
+        return [matmul_kernel(tile) for tile in BF16_TILES]
     if file in ELEMENTWISE_FILES:
         kernels = ELEMENTWISE_FILES[file]
         return ([f"{k}<{t}>" for k in kernels if k not in UNTYPED for t in CTYPES.values()]
@@ -544,16 +555,26 @@ class CudaOps(ArrayOps):
 
     # -- the bf16 core -------------------------------------------------------
     @replayed
-    def matmul_bf16(self, a_t: Any, b: Any, out: Any) -> Any:
+    def matmul_bf16(self, a_t: Any, b: Any, out: Any, tile: str | None = None) -> Any:
         """out = a_t^T b on the bf16 tensor cores (matmul.cu): a_t (K x M) and b (K x N) bf16
-        bits as uint16, out float32 (M x N), float sums (ArrayOps.matmul_bf16)."""
+        bits as uint16, out float32 (M x N), float sums (ArrayOps.matmul_bf16). ``tile``: one of
+        BF16_TILES, else the tuned one for this shape (the default below TUNE_MIN_FMA)."""
         K, M, N = self._check_matmul_bf16(a_t, b, out)
         self._check("a_t", a_t, (K, M), np.uint16)
         self._check("b", b, (K, N), np.uint16)
         self._check("out", out, (M, N), np.float32)
+        if tile is not None and tile not in BF16_TILES:
+            raise ValueError(f"tile: expected one of {', '.join(BF16_TILES)}, got {tile!r}")
         params = make("MatmulParams", np.float32, a_t=a_t, b=b, out=out, M=M, N=N, K=K)
-        bm, bn = BF16_TILE
-        self._launch(MATMUL_FILE, MATMUL_KERNEL, (-(-N // bn), -(-M // bm), 1), (BF16_THREADS, 1, 1), [params])
+
+        def run(tile: str) -> None:
+            (bm, bn), threads = BF16_TILES[tile]
+            self._launch(MATMUL_FILE, matmul_kernel(tile), (-(-N // bn), -(-M // bm), 1), (threads, 1, 1), [params])
+
+        if tile is None:
+            tiles = ("128x128",) if M * N * K < self.tune_min_fma else tuple(BF16_TILES)
+            tile = self.tuner.choose(f"matmul_bf16|{M}x{N}x{K}", tiles, self._unrecorded(run), default="128x128")
+        run(tile)
         return out
 
     # -- deltas ---------------------------------------------------------------
