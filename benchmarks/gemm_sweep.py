@@ -1,8 +1,9 @@
 """Every GEMM path of ours, forced one at a time, against cuBLAS on the shapes where the
 tuner decides (issue 12): the core alone at 4096^3 (grad_w = o^T delta), with the tensor-core
 peers of issue 13 (cuBLAS TF32 through CuPy and PyTorch, cuBLAS BF16 through PyTorch) and our
-TF32 core's ratio to the fastest cuBLAS TF32 (target >= 0.80), our bf16 core alone (matmul.cu) and
-precision="bf16"'s weight gradient against cuBLAS BF16 (target >= 0.80), the weight gradient
+TF32 core's ratio to the fastest cuBLAS TF32 (target >= 0.80), our bf16 core alone (matmul.cu, both
+tiles; the faster one's ratio to cuBLAS BF16, target >= 0.80) and precision="bf16"'s weight gradient
+(float32 storage, on the TF32 mma: its row only), the weight gradient
 with the delta prologue and the SGD epilogue at B=4096, 1024x1024 (every tile and every
 split-K slice count), the same with delta given, AdamW fused into the epilogue against separate
 passes (cuBLAS + our rule kernel, PyTorch eager), and the forward GEMM with bias and sigmoid at the same size.

@@ -27,8 +27,8 @@ typedef unsigned short bf16_t;
 // ldmatrix takes the address of each 8 x 8 matrix's row j from lane 8 q + j (matrix q).
 //
 // Block 128 x BN, warps of 64 x 64 (2 along m, BN / 64 along n): a warp's k step of 16 is MI x NI
-// = 4 x 8 = 32 mma from 4 + 4 ldmatrix.x4 (16 A and 16 B registers): 16 bytes of shared memory
-// a lane per mma. Banks: PAD 8 makes a k row 136 (264) halves = 68 (132) words, 4 (mod 32), so
+// = 4 x 8 = 32 mma from 4 + 4 ldmatrix.x4 (16 A and 16 B registers): 128 bytes of shared memory
+// a warp per mma. Banks: PAD 8 makes a k row 136 (264) halves = 68 (132) words, 4 (mod 32), so
 // the 8 rows of one matrix (one ldmatrix phase, 16 bytes each) start 4 banks apart:
 // conflict-free; rows stay 16-byte aligned (ldmatrix, cp.async 16). BK 16:
 //   Bf16<128>  4 warps, 4 stages of 8.5 KB (34 KB), 2 blocks an SM (192 registers a thread);

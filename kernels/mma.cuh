@@ -43,11 +43,17 @@ __device__ __forceinline__ unsigned float_bits(float x) {
 }
 
 // cvt.rn.bf16.f32 (__float2bfloat16_rn): x rounded to bfloat16 (to nearest, ties to even), its bits.
+// Before sm_80 (no such cvt) the same rounding on the bit pattern: the elementwise kernels that
+// round with precision="bf16" (delta.cu) are compiled for every GPU.
 __device__ __forceinline__ unsigned short bf16_round(float x) {
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#if (defined(__CUDACC__) || defined(__CUDACC_RTC__)) && __CUDA_ARCH__ >= 800
     unsigned short y;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(y) : "f"(x));
     return y;
+#elif defined(__CUDACC__) || defined(__CUDACC_RTC__)
+    const unsigned u = __float_as_uint(x);
+    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) return 0x7fff;  // NaN: canonical
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 #else
     return emu::cvt_rn_bf16(x);
 #endif

@@ -344,6 +344,46 @@ def test_the_gpu_paths_and_precision_go_together(bf16_loader):
         CudaOps(np, scipy.special, bf16_loader).forward(x, W, b, "sigmoid", out, config="bf16")
 
 
+def elementwise_deltas(loader, rng, kernel):
+    """{precision: the delta} of delta.cu's ``kernel`` through CudaOps in fp32 and in bf16."""
+    import scipy.special
+
+    from gpu_backprop.ops.cuda import CudaOps
+
+    a = scipy.special.expit(rng.normal(0, 2, (7, 143))).astype(np.float32)
+    b = rng.normal(0, 1, a.shape).astype(np.float32)
+    out = {}
+    for precision in ("fp32", "bf16"):
+        ops = CudaOps(np, scipy.special, loader, precision=precision)
+        d = np.full_like(a, np.nan)
+        if kernel == "output_delta":
+            ops.output_delta(a, b, "sigmoid", "mse", d, np.zeros(1, np.float32))
+        else:
+            ops.hidden_delta(b, a, "sigmoid", d)
+        out[precision] = d
+    return out
+
+
+def check_elementwise(out):
+    assert not is_bf16(out["fp32"])
+    np.testing.assert_array_equal(bits32(out["bf16"]), bits32(round_bf16(out["fp32"])))
+
+
+@pytest.mark.parametrize("kernel", ["output_delta", "hidden_delta"])
+def test_the_elementwise_deltas_store_bf16(bf16_loader, rng, kernel):
+    """delta.cu with bf16 set (precision="bf16"; the output delta of a step whose update reads it
+    too, outside backward.cu): the float32 kernel's delta rounded to bf16, bit for bit, on the
+    16-byte packs and the tail (1001 elements); float32 precision leaves it unrounded. The
+    rounding left out must fail."""
+    check_elementwise(elementwise_deltas(bf16_loader, rng, kernel))
+
+
+def test_the_elementwise_rounding_left_out_fails(tmp_path, rng):
+    folder = planted_kernels(tmp_path / "kernels", "delta.cu", "return bf16 ? bf16_rounded(d) : d;", "return d;")
+    with pytest.raises(AssertionError, match="not equal"):
+        check_elementwise(elementwise_deltas(PlantedIn(folder, "delta.cu"), rng, "output_delta"))
+
+
 # what the bf16 kernels must round, each left out: (file, line, replacement, the cases that show it)
 GPU_PLANTED = {
     "activations not rounded": ("forward.cu", "stored_value<Core>(activate(act, v + b[n]), bf16, act)",

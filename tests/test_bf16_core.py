@@ -197,3 +197,32 @@ def test_bf16_main_loop_is_hmma_from_ldmatrix(bf16_sass, tile):
         other = [op for op in ops if op.startswith(("LDS", "F2F")) and not op.startswith("LDSM")]
         assert (hmma, ldsm) == (32, 8), (hmma, ldsm)
         assert not other, other[:4]
+
+
+def test_bf16_core_tunes_between_its_tiles(rng):
+    """tile=None: the tuner chooses among BF16_TILES for a shape of at least TUNE_MIN_FMA
+    multiply-adds (its trials run each tile), below it the default runs untuned."""
+    from gpu_backprop.ops.autotune import Tuner
+
+    class Chooser(Tuner):
+        def __init__(self):
+            super().__init__(enabled=False)
+            self.asked = []
+
+        def choose(self, key, candidates, trial, default):
+            self.asked.append((key, candidates, default))
+            for tile in candidates:
+                trial(tile)
+            return candidates[-1]
+
+    tuner = Chooser()
+    ops = CudaOps(np, scipy.special, EmuLoader(), tuner=tuner)
+    a_t, b = case(rng, 37, 133, 265)
+    ops.tune_min_fma = 0
+    bf16_close(run(ops, a_t, b, tile=None), a_t, b)
+    assert tuner.asked == [("matmul_bf16|133x265x37", tuple(BF16_TILES), "128x128")]
+    ops.tune_min_fma = 1 << 40
+    tuner.asked.clear()
+    a_t, b = case(rng, 36, 133, 265)  # another shape (a call with the same arrays replays)
+    bf16_close(run(ops, a_t, b, tile=None), a_t, b)
+    assert tuner.asked == [("matmul_bf16|133x265x36", ("128x128",), "128x128")]

@@ -471,6 +471,8 @@ class CudaOps(ArrayOps):
         graph = "|graph" if self._graph_safe else ""
         small = M * N * K < self.tune_min_fma  # one candidate: the default, nothing timed
         if self.precision == "bf16":
+            if np.dtype(dtype) != np.float32:
+                raise TypeError(f"precision='bf16' needs float32 arrays, got {np.dtype(dtype).name}")
             bf16_splits = split_paths(K, bf16=True) if weight_grad else ()
             paths = ("bf16",) if small else ("bf16", *bf16_splits)
             return self.tuner.choose(f"{kind}|bf16|{M}x{N}x{K}{graph}", paths, trial, default="bf16")
@@ -546,8 +548,8 @@ class CudaOps(ArrayOps):
         return out
 
     def _store_bf16(self, out: Any) -> None:
-        """precision="bf16": ``out``, written by a pass that is not one of our GEMM kernels (a
-        softmax, an elementwise delta), rounded to bf16 as those store theirs; else nothing."""
+        """precision="bf16": a softmax's output (CuPy's kernels, never in a captured step:
+        capture_blocker) rounded to bf16 as our kernels store theirs; else nothing."""
         if self.precision == "bf16":
             from .bf16 import round_bf16_in_place
 
@@ -585,8 +587,8 @@ class CudaOps(ArrayOps):
         dtype, n = np.dtype(y_hat.dtype), int(y_hat.size)
         partials = self._scratch("partials", (self.max_blocks,), np.float64)
         self._launch("delta.cu", f"output_delta<{CTYPES[dtype]}>",
-                     self._grid_1d(n), (BLOCK, 1, 1), [y_hat, y, out, *codes, np.int64(n), partials, self._ticket, loss_out])
-        self._store_bf16(out)
+                     self._grid_1d(n), (BLOCK, 1, 1),
+                     [y_hat, y, out, *codes, np.int64(n), partials, self._ticket, loss_out, np.int32(self._bf16)])
         return out
 
     def _output_codes(self, y_hat: Any, y: Any, activation: str, loss: str, out: Any,
@@ -613,8 +615,7 @@ class CudaOps(ArrayOps):
     def _hidden_delta(self, err: Any, o: Any, out: Any, code: np.int32) -> Any:
         n = int(err.size)
         self._launch("delta.cu", f"hidden_delta<{CTYPES[np.dtype(err.dtype)]}>",
-                     self._grid_1d(n), (BLOCK, 1, 1), [err, o, out, code, np.int64(n)])
-        self._store_bf16(out)
+                     self._grid_1d(n), (BLOCK, 1, 1), [err, o, out, code, np.int64(n), np.int32(self._bf16)])
         return out
 
     # -- the fit loop's bookkeeping --------------------------------------------

@@ -39,7 +39,7 @@ int main() {
     emu::launch(&forward<float, Tf32>, dim3{tiles(N, 64), tiles(B, 64), 1}, block,
                 ForwardParams<float>{o.data(), W.data(), b.data(), out_tf32.data(), B, N, M, (int)ACT_SIGMOID});
     emu::launch(&output_delta<float>, dim3{3, 1, 1}, block, out.data(), o_next.data(), delta.data(), (int)ACT_SIGMOID,
-                (int)LOSS_MSE, B * N, partials.data(), ticket.data(), loss.data());
+                (int)LOSS_MSE, B * N, partials.data(), ticket.data(), loss.data(), 0);
     emu::launch(&propagate<float, Small>, dim3{tiles(M, 64), tiles(B, 64), 1}, block,
                 PropagateParams<float>{delta.data(), W.data(), o.data(), below.data(), B, M, N, (int)ACT_TANH, 0, 0});
     emu::launch(&weight_grad<float, Small>, dim3{tiles(N, 64), tiles(M, 64), 1}, block,
