@@ -168,7 +168,8 @@ def main(out_path: str | None = None) -> int:
 
     bits = lambda x: (round_bf16_in_place(xp, x.copy()).view(xp.uint32) >> 16).astype(xp.uint16)  # noqa: E731
     o_bits, delta_bits = bits(o), bits(delta)
-    bf16_runs = [(f"bf16-core/{tile}", lambda tile=tile: ops["bf16"].matmul_bf16(o_bits, delta_bits, grad_w, tile=tile))
+    bf16_runs = [(f"bf16-core/{tile}", lambda tile=tile: ops["bf16"].matmul_bf16(o_bits, delta_bits, grad_w,
+                                                                                 trans_a=True, tile=tile))
                  for tile in BF16_TILES]
     bf16_runs.append(("bf16", lambda: ops["bf16"].weight_grad(o, delta, grad_w, grad_b, config="bf16")))
     for path, run in bf16_runs:

@@ -84,7 +84,7 @@ def test_kernel(benchmark, backend, ceilings, budget, op, size, peer):
         def fn(s):
             shape = (s["o"].shape[1], s["delta"].shape[1])
             out = grad_w.setdefault(shape, backend.xp.empty(shape, dtype=np.float32))
-            return {"grad_w": ops.matmul_bf16(s["o"], s["delta"], out)}
+            return {"grad_w": ops.matmul_bf16(s["o"], s["delta"], out, trans_a=True)}
     elif peer == "torch-bf16":  # grad_w = o^T delta: bf16 operands, float32 sums and result
         mm, _ = torch_bf16_mm(torch)
 

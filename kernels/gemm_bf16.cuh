@@ -16,10 +16,13 @@ typedef unsigned short bf16_t;
 //   A (16 x 16, row):  a[r] = A(g + 8 (r % 2), 2 t + 8 (r / 2) + {0, 1})
 //   B (16 x 8, col):   b[r] = B(2 t + 8 r + {0, 1}, g)
 //   C (16 x 8):        c[r] = C(g + 8 (r / 2), 2 t + r % 2)
-// Both tiles are k-major in shared memory (tile[k][row], as gemm_mainloop keeps every operand):
-// an 8 x 8 block of it, rows k, read by ldmatrix .trans gives lane 4 g + t the elements
-// (k 2 t, 2 t + 1; row g): exactly one register of the A fragment (rows = m) or of B (rows = n).
-// So a warp's fragments for a k step of 16 are ldmatrix.x4.trans loads, no conversion:
+// A tile is kept in shared memory as its operand is stored (ROW_TILES; gemm_tile.cuh TileOf):
+// k-major, tile[k][row] (a_t of the weight gradient, W of the forward), or m-major, tile[row][k]
+// (o of the forward, delta and W of the propagation). An 8 x 8 block of a k-major tile, rows k,
+// read by ldmatrix .trans, or of an m-major one, rows m (n), read by plain ldmatrix, gives lane
+// 4 g + t the elements (k 2 t, 2 t + 1; row g): exactly one register of the A fragment (rows =
+// m) or of B (rows = n). So a warp's fragments for a k step of 16 are ldmatrix.x4 loads, no
+// conversion:
 //   A, m tile i: matrices (k 0-7, m 0-7), (k 0-7, m 8-15), (k 8-15, m 0-7), (k 8-15, m 8-15)
 //                = a[0], a[1], a[2], a[3]
 //   B, n tiles j, j + 1: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
@@ -29,7 +32,8 @@ typedef unsigned short bf16_t;
 // Block 128 x BN, warps of 64 x 64 (2 along m, BN / 64 along n): a warp's k step of 16 is MI x NI
 // = 4 x 8 = 32 mma from 4 + 4 ldmatrix.x4 (16 A and 16 B registers): 128 bytes of shared memory
 // a warp per mma. Banks: PAD 8 makes a k row 136 (264) halves = 68 (132) words, 4 (mod 32), so
-// the 8 rows of one matrix (one ldmatrix phase, 16 bytes each) start 4 banks apart:
+// the 8 rows of one matrix (one ldmatrix phase, 16 bytes each) start 4 banks apart; an m row is
+// 24 halves = 12 words, and 8 of them start at banks 0, 12, 24, 4, 16, 28, 8, 20: both
 // conflict-free; rows stay 16-byte aligned (ldmatrix, cp.async 16). BK 16:
 //   Bf16<128>  4 warps, 4 stages of 8.5 KB (34 KB), 2 blocks an SM (192 registers a thread);
 //   Bf16<256>  8 warps, 3 stages of 12.5 KB (38 KB), 1 block an SM: a quarter less from L2 a FLOP.
@@ -40,6 +44,7 @@ struct Bf16 {
     static const int WARP_M = 64, WARP_N = 64, THREADS = 32 * (BM / WARP_M) * (BN / WARP_N);
     static const int MI = WARP_M / 16, NI = WARP_N / 8;         // mma tiles per warp: 4 x 8
     static const bool ROUNDS = false;                           // operands are bf16 already
+    static const bool ROW_TILES = true;                         // m-major operands kept m-major
     static_assert(THREADS == 32 * (BM / WARP_M) * (BN / WARP_N), "one warp per warp tile");
     static_assert(NI % 2 == 0 && BK % 16 == 0, "B fragments two n tiles a load; whole k steps");
     static_assert((BM + PAD) % 64 == 8 && (BN + PAD) % 64 == 8, "the bank argument above");
@@ -60,20 +65,31 @@ struct Bf16 {
                 for (int r = 0; r < 4; ++r) acc.v[i][j][r] = 0.0f;
     }
 
-    static __device__ __forceinline__ void multiply(Acc& acc, const bf16_t (&As)[BK][BM + PAD],
-                                                    const bf16_t (&Bs)[BK][BN + PAD]) {
+    // As: tile[k][m] (AR == BK) or tile[m][k]; Bs likewise (gemm_tile.cuh TileOf).
+    template <int AR, int AC, int BR, int BC>
+    static __device__ __forceinline__ void multiply(Acc& acc, const bf16_t (&As)[AR][AC], const bf16_t (&Bs)[BR][BC]) {
+        constexpr bool A_KMAJOR = AR == BK, B_KMAJOR = BR == BK;
+        static_assert(A_KMAJOR ? AC == BM + PAD : AR == BM && AC == BK + PAD, "A: tile[k][m] or tile[m][k]");
+        static_assert(B_KMAJOR ? BC == BN + PAD : BR == BN && BC == BK + PAD, "B: tile[k][n] or tile[n][k]");
         const int lane = threadIdx.x % 32, q = lane / 8, j8 = lane % 8;
         const int am = warp_m(), bn = warp_n();
 #pragma unroll
         for (int k0 = 0; k0 < BK; k0 += 16) {
             unsigned a[MI][4], b[NI][2];
 #pragma unroll
-            for (int i = 0; i < MI; ++i)  // matrix q: k 8 (q / 2), m 8 (q % 2) of m tile i
-                ldmatrix_m8n8<4, true>(a[i], &As[k0 + j8 + 8 * (q / 2)][am + 16 * i + 8 * (q % 2)]);
+            for (int i = 0; i < MI; ++i) {  // matrix q: k 8 (q / 2), m 8 (q % 2) of m tile i
+                if constexpr (A_KMAJOR)
+                    ldmatrix_m8n8<4, true>(a[i], &As[k0 + j8 + 8 * (q / 2)][am + 16 * i + 8 * (q % 2)]);
+                else
+                    ldmatrix_m8n8<4, false>(a[i], &As[am + 16 * i + j8 + 8 * (q % 2)][k0 + 8 * (q / 2)]);
+            }
 #pragma unroll
             for (int j = 0; j < NI; j += 2) {  // matrix q: k 8 (q % 2), n 8 (q / 2) of n tiles j, j + 1
                 unsigned pair[4];
-                ldmatrix_m8n8<4, true>(pair, &Bs[k0 + j8 + 8 * (q % 2)][bn + 8 * j + 8 * (q / 2)]);
+                if constexpr (B_KMAJOR)
+                    ldmatrix_m8n8<4, true>(pair, &Bs[k0 + j8 + 8 * (q % 2)][bn + 8 * j + 8 * (q / 2)]);
+                else
+                    ldmatrix_m8n8<4, false>(pair, &Bs[bn + 8 * j + j8 + 8 * (q / 2)][k0 + 8 * (q % 2)]);
                 b[j][0] = pair[0];
                 b[j][1] = pair[1];
                 b[j + 1][0] = pair[2];

@@ -30,6 +30,16 @@
 #include "common.cuh"
 #include "mma.cuh"
 
+// A if C, else B (std::conditional: NVRTC compiles these headers without the standard library).
+template <bool C, typename A, typename B>
+struct Select {
+    typedef A type;
+};
+template <typename A, typename B>
+struct Select<false, A, B> {
+    typedef B type;
+};
+
 // Static shared memory a GEMM's tiles may take (of the 48 KB a block can declare statically).
 constexpr int SHARED_BUDGET = 46 * 1024;
 
@@ -213,6 +223,61 @@ struct TileCopy {
     }
 };
 
+// A Direct operand stored m-major (consecutive k adjacent) kept m-major in shared memory too, as
+// tile[row][k] (a core with ROW_TILES: Bf16, whose ldmatrix reads a fragment from either layout):
+// 16-byte copies of VEC consecutive k of a row where the tile's rows are 16-byte aligned, the
+// operand's are (p and ld) and the VEC k are inside K; element copies elsewhere. Two consecutive
+// threads take a row's 16 k (32 contiguous bytes), the next two the next row. Outside R x K: zeros.
+template <typename T, int ROWS, int BK, int PAD, int THREADS>
+struct RowTileCopy {
+    static const int VEC = 16 / sizeof(T);
+    static const bool WIDE = (BK + PAD) * sizeof(T) % 16 == 0 && BK % VEC == 0;
+    static const int UNIT = WIDE ? VEC : 1;
+    static const int UNITS = BK * ROWS / UNIT;
+    static const int PER_THREAD = (UNITS + THREADS - 1) / THREADS;
+    static const bool EVEN = UNITS % THREADS == 0;
+
+    typedef T Tile[ROWS][BK + PAD];
+
+    static __device__ __forceinline__ int row_of(int u) { return u / (BK / UNIT); }
+    static __device__ __forceinline__ int k_of(int u) { return (u % (BK / UNIT)) * UNIT; }
+
+    static __device__ __forceinline__ void element(T* dst, const T* p, index_t ld, index_t r, index_t k, index_t R,
+                                                   index_t K) {
+        const bool inside = r < R && k < K;
+        if constexpr (sizeof(T) < 4) *dst = inside ? p[r * ld + k] : T(0);  // (TileCopy::element)
+        else cp_async<sizeof(T)>(dst, inside ? p + r * ld + k : p, inside ? (int)sizeof(T) : 0);
+    }
+
+    static __device__ __forceinline__ void issue(Tile& tile, const T* p, index_t ld, bool wide_ok, index_t r0,
+                                                 index_t k0, index_t R, index_t K, int tid) {
+#pragma unroll
+        for (int j = 0; j < PER_THREAD; ++j) {
+            const int u = tid + j * THREADS;
+            if (!EVEN && u >= UNITS) continue;
+            const int rr = row_of(u), kk = k_of(u);
+            const index_t r = r0 + rr, k = k0 + kk;
+            if (WIDE && wide_ok && r < R && k + VEC <= K) {
+                cp_async<16>(&tile[rr][kk], p + r * ld + k, 16);
+            } else {
+#pragma unroll
+                for (int e = 0; e < UNIT; ++e) element(&tile[rr][kk + e], p, ld, r, k + e, R, K);
+            }
+        }
+    }
+};
+
+// The shared-memory tile of a core's operand: tile[k][row] (k-major: every core, every layout),
+// or tile[row][k] where the core keeps an m-major operand m-major (Core::ROW_TILES, !KROWS).
+template <class Core, int ROWS, bool KROWS, bool ROW_MAJOR = Core::ROW_TILES && !KROWS>
+struct TileOf {
+    typedef typename Core::Value type[Core::BK][ROWS + Core::PAD];
+};
+template <class Core, int ROWS, bool KROWS>
+struct TileOf<Core, ROWS, KROWS, true> {
+    typedef typename Core::Value type[ROWS][Core::BK + Core::PAD];
+};
+
 // The value a core keeps of an operand element in shared memory: itself, or (Core::ROUNDS, the
 // tensor cores) Core::stored(x), its TF32 rounding, or with bf16 (precision="bf16", a launch
 // parameter) its bf16 rounding, formed once per element a block loads. A bf16 is exact in TF32,
@@ -234,6 +299,7 @@ template <typename T, int ROWS, int BK, int PAD, bool KROWS, int THREADS, typena
 struct Operand {
     typedef T Tile[BK][ROWS + PAD];
     typedef TileFetch<T, ROWS, BK, PAD, KROWS, THREADS> Fetch;
+    static_assert(!(Core::ROW_TILES && !KROWS), "row tiles: Direct operands only");
     static const bool TRANSFORMS = false, LANDS = false;
     bool round = true, bf16 = false;
     Fetch regs;
@@ -255,8 +321,10 @@ struct Operand {
 
 template <typename T, int ROWS, int BK, int PAD, bool KROWS, int THREADS, typename Op, class Core>
 struct Operand<T, ROWS, BK, PAD, KROWS, THREADS, Op, Core, 1> {
-    typedef TileCopy<T, ROWS, BK, PAD, KROWS, THREADS> Copy;
-    typedef T Tile[BK][ROWS + PAD];
+    static const bool ROW_MAJOR = Core::ROW_TILES && !KROWS;  // kept m-major in shared memory (RowTileCopy)
+    typedef typename Select<ROW_MAJOR, RowTileCopy<T, ROWS, BK, PAD, THREADS>,
+                            TileCopy<T, ROWS, BK, PAD, KROWS, THREADS>>::type Copy;
+    typedef typename Copy::Tile Tile;
     static const bool TRANSFORMS = false, LANDS = Core::ROUNDS;
     bool round = true, bf16 = false;
     Op op;
@@ -268,10 +336,11 @@ struct Operand<T, ROWS, BK, PAD, KROWS, THREADS, Op, Core, 1> {
     __device__ __forceinline__ void fetch(index_t, index_t, index_t, index_t, int) {}
     __device__ __forceinline__ void store(Tile&, int) const {}
     __device__ __forceinline__ void transform(Tile& tile, const Tile&, index_t, index_t, index_t, index_t, int tid) {
-        if (Core::ROUNDS && round) round_own(tile, tid);
+        if constexpr (Core::ROUNDS)
+            if (round) round_own(tile, tid);
     }
     __device__ __forceinline__ void round_own(Tile& tile, int tid) const {
-        Copy::apply(tile, [this](T v) { return landed<Core>(v, bf16); }, tid);
+        if constexpr (Core::ROUNDS) Copy::apply(tile, [this](T v) { return landed<Core>(v, bf16); }, tid);
     }
 };
 
@@ -279,6 +348,7 @@ template <typename T, int ROWS, int BK, int PAD, bool KROWS, int THREADS, typena
 struct Operand<T, ROWS, BK, PAD, KROWS, THREADS, Op, Core, 2> {
     typedef TileCopy<T, ROWS, BK, PAD, KROWS, THREADS> Copy;
     typedef T Tile[BK][ROWS + PAD];
+    static_assert(!(Core::ROW_TILES && !KROWS), "row tiles: Direct operands only");
     static const bool TRANSFORMS = true, LANDS = true;
     bool round = true, bf16 = false;
     Op op;
@@ -318,18 +388,19 @@ struct prologue_room {
 // tiles;`) and handed to the tile functions: STAGES stages of an A and a B tile (and with AUX, of
 // a Transformed B operand's second source), as many as the core asks for and SHARED_BUDGET
 // holds. FITS: at least two do.
-template <class Core, bool AUX_ = false>
+template <class Core, bool AUX_ = false, bool A_KROWS_ = true, bool B_KROWS_ = true>
 struct GemmTiles {
     typedef typename Core::Value T;
-    static const bool AUX = AUX_;
-    static const int STAGE_BYTES =
-        Core::BK * ((Core::BM + Core::PAD) + (AUX ? 2 : 1) * (Core::BN + Core::PAD)) * (int)sizeof(T);
+    static const bool AUX = AUX_, A_KROWS = A_KROWS_, B_KROWS = B_KROWS_;
+    typedef typename TileOf<Core, Core::BM, A_KROWS>::type ATile;  // (A_KROWS, B_KROWS: the operands'
+    typedef typename TileOf<Core, Core::BN, B_KROWS>::type BTile;  //  storage, for a ROW_TILES core)
+    static const int STAGE_BYTES = (int)(sizeof(ATile) + (AUX ? 2 : 1) * sizeof(BTile));
     static const int FIT = SHARED_BUDGET / STAGE_BYTES;
     static const int STAGES = Core::STAGES < FIT ? Core::STAGES : FIT;
     static const bool FITS = STAGES >= 2;
     static const int S = STAGES > 0 ? STAGES : 1;
-    alignas(16) T A[S][Core::BK][Core::BM + Core::PAD];  // 16-byte aligned: Warp reads vectors
-    alignas(16) T B[S][Core::BK][Core::BN + Core::PAD];
+    alignas(16) ATile A[S];  // 16-byte aligned: Warp reads vectors
+    alignas(16) BTile B[S];
     alignas(16) T Aux[AUX ? S : 1][Core::BK][AUX ? Core::BN + Core::PAD : 1];
 };
 
@@ -366,13 +437,15 @@ __device__ __forceinline__ void gemm_mainloop(Acc& acc, Tiles& tiles, OpA op_a, 
     typedef Operand<T, Core::BN, BK, Core::PAD, B_KROWS, Core::THREADS, OpB, Core> OperandB;
     static_assert(!OperandA::TRANSFORMS, "only a B operand may be Transformed");
     static_assert(!OperandB::TRANSFORMS || Tiles::AUX, "a Transformed operand needs GemmTiles<Core, true>");
+    static_assert(!Core::ROW_TILES || (Tiles::A_KROWS == A_KROWS && Tiles::B_KROWS == B_KROWS),
+                  "a ROW_TILES core's GemmTiles are declared with the operands' layouts");
     const bool round_late = Core::ROUNDS && raw_b_hook;  // B rounded after the hook, not as it lands
     OperandA a(op_a);
     OperandB b(op_b);
     b.round = !round_late;
     a.bf16 = b.bf16 = bf16;
     const bool LANDS = OperandA::LANDS || OperandB::LANDS;  // a thread works on its own copies once they land
-    auto aux = [&](int s) -> T(&)[BK][Core::BN + Core::PAD] {
+    auto aux = [&](int s) -> auto& {
         if constexpr (Tiles::AUX) return tiles.Aux[s];
         else return tiles.B[s];  // unused: only a Transformed operand reads its aux tile
     };
@@ -414,11 +487,12 @@ __device__ __forceinline__ void gemm_mainloop(Acc& acc, Tiles& tiles, OpA op_a, 
             b.fetch(n0, k_begin + (t + 1) * BK, N, K, tid);
         }
         on_tile(tiles.B[stage]);
-        if (Core::ROUNDS && round_late) {
-            __syncthreads();  // sync: the hook has read tile t raw
-            b.round_own(tiles.B[stage], tid);
-            __syncthreads();  // sync: tile t rounded
-        }
+        if constexpr (Core::ROUNDS)
+            if (round_late) {
+                __syncthreads();  // sync: the hook has read tile t raw
+                b.round_own(tiles.B[stage], tid);
+                __syncthreads();  // sync: tile t rounded
+            }
         Core::multiply(acc, tiles.A[stage], tiles.B[stage]);
         const int next_stage = stage + 1 == S ? 0 : stage + 1;
         if (more) {
@@ -439,6 +513,7 @@ template <typename T, int BM_, int BN_, int BK_, int TM, int TN>
 struct Simt {
     static const int BM = BM_, BN = BN_, BK = BK_, PAD = 1, STAGES = 2, MIN_BLOCKS = 1;
     static const bool ROUNDS = false;  // operands kept in shared memory as loaded (gemm_mainloop)
+    static const bool ROW_TILES = false;  // every tile k-major in shared memory (TileOf)
     static const int THREADS = (BM / TM) * (BN / TN);  // the launchers' block (ops/cuda.py threads_of)
     static const int ROW_STEP = BM / TM;  // rows of one thread are ROW_STEP apart
     static const int COL_STEP = BN / TN;
@@ -509,7 +584,7 @@ template <typename T, int BM_, int BN_, int BK_, int WM, int WN, int WMITER, int
 struct Warp {
     static const int BM = BM_, BN = BN_, BK = BK_, PAD = 16 / sizeof(T);
     static const int STAGES = STAGES_, MIN_BLOCKS = sizeof(T) == 4 ? MIN_BLOCKS_ : 1;
-    static const bool ROUNDS = false;
+    static const bool ROUNDS = false, ROW_TILES = false;
     static const int THREADS = (BM / WM) * (BN / WN) * 32;  // the launchers' block (ops/cuda.py threads_of)
     static const int WSUBM = WM / WMITER, WSUBN = WN / WNITER;  // one piece of a warp's sub-tile
     static const int LANES_N = WSUBN / TN, LANES_M = WSUBM / TM;

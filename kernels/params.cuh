@@ -41,10 +41,11 @@ struct PropagateParams {
     index_t tiles_n, tiles;  // backward.cu: tiles in a row of the output, in all (0: absent)
 };
 
-// out = a_t^T b on bf16 operands (matmul.cu)   a_t: K x M, b: K x N (bf16 bits), out: M x N in T
+// out = op(a) op(b) on bf16 operands (matmul.cu): op(a) M x K (a: K x M, k-major, or M x K),
+// op(b) K x N (b: K x N, k-major, or N x K); a and b bf16 bits, out M x N in T
 template <typename T>
 struct MatmulParams {
-    const unsigned short* a_t;
+    const unsigned short* a;
     const unsigned short* b;
     T* out;
     index_t M, N, K;

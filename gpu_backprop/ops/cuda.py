@@ -80,11 +80,15 @@ ELEMENTWISE_FILES = {"delta.cu": ("output_delta", "hidden_delta"),
 # quarter less L2 traffic a FLOP (1 block an SM), tuned between on the GPU
 MATMUL_FILE = "matmul.cu"
 BF16_TILES = {"128x128": ((128, 128), 128), "128x256": ((128, 256), 256)}
+# (trans_a, trans_b) of the products built: a^T b (the weight gradient), a b (the forward), a b^T
+# (the propagation)
+MATMUL_LAYOUTS = ((True, False), (False, False), (False, True))
 
 
-def matmul_kernel(tile: str) -> str:
-    """The instantiation of matmul.cu's kernel on a tile of BF16_TILES."""
-    return f"matmul_tn<Bf16<{BF16_TILES[tile][0][1]}>>"
+def matmul_kernel(tile: str, trans_a: bool = True, trans_b: bool = False) -> str:
+    """The instantiation of matmul.cu's kernel on a tile of BF16_TILES for out = op(a) op(b)."""
+    flag = lambda on: "true" if on else "false"  # noqa: E731
+    return f"matmul<Bf16<{BF16_TILES[tile][0][1]}>, {flag(trans_a)}, {flag(not trans_b)}>"
 
 
 
@@ -146,7 +150,7 @@ def threads_of(config: str) -> int:
 def names_in(file: str) -> list[str]:
     """Every instantiation of a file's kernels (NVRTC name expressions)."""
     if file == MATMUL_FILE:
-        return [matmul_kernel(tile) for tile in BF16_TILES]
+        return [matmul_kernel(tile, *layout) for layout in MATMUL_LAYOUTS for tile in BF16_TILES]
     if file in ELEMENTWISE_FILES:
         kernels = ELEMENTWISE_FILES[file]
         return ([f"{k}<{t}>" for k in kernels if k not in UNTYPED for t in CTYPES.values()]
@@ -557,25 +561,33 @@ class CudaOps(ArrayOps):
 
     # -- the bf16 core -------------------------------------------------------
     @replayed
-    def matmul_bf16(self, a_t: Any, b: Any, out: Any, tile: str | None = None) -> Any:
-        """out = a_t^T b on the bf16 tensor cores (matmul.cu): a_t (K x M) and b (K x N) bf16
-        bits as uint16, out float32 (M x N), float sums (ArrayOps.matmul_bf16). ``tile``: one of
-        BF16_TILES, else the tuned one for this shape (the default below TUNE_MIN_FMA)."""
-        K, M, N = self._check_matmul_bf16(a_t, b, out)
-        self._check("a_t", a_t, (K, M), np.uint16)
-        self._check("b", b, (K, N), np.uint16)
+    def matmul_bf16(self, a: Any, b: Any, out: Any, *, trans_a: bool = False, trans_b: bool = False,
+                    tile: str | None = None) -> Any:
+        """out = op(a) op(b) on the bf16 tensor cores (matmul.cu): a and b bf16 bits as uint16, out
+        float32, float sums (ArrayOps.matmul_bf16); the layouts of MATMUL_LAYOUTS (not both
+        transposed). ``tile``: one of BF16_TILES, else the tuned one for this shape (the default
+        below TUNE_MIN_FMA)."""
+        K, M, N = self._check_matmul_bf16(a, b, out, trans_a, trans_b)
+        if (trans_a, trans_b) not in MATMUL_LAYOUTS:
+            raise ValueError("trans_a, trans_b: both transposed is not one of the bf16 kernels' layouts "
+                             "(a^T b, a b, a b^T): pass b^T's bits as b")
+        self._check("a", a, a.shape, np.uint16)
+        self._check("b", b, b.shape, np.uint16)
         self._check("out", out, (M, N), np.float32)
         if tile is not None and tile not in BF16_TILES:
             raise ValueError(f"tile: expected one of {', '.join(BF16_TILES)}, got {tile!r}")
-        params = make("MatmulParams", np.float32, a_t=a_t, b=b, out=out, M=M, N=N, K=K)
+        params = make("MatmulParams", np.float32, a=a, b=b, out=out, M=M, N=N, K=K)
 
         def run(tile: str) -> None:
             (bm, bn), threads = BF16_TILES[tile]
-            self._launch(MATMUL_FILE, matmul_kernel(tile), (-(-N // bn), -(-M // bm), 1), (threads, 1, 1), [params])
+            self._launch(MATMUL_FILE, matmul_kernel(tile, trans_a, trans_b), (-(-N // bn), -(-M // bm), 1),
+                         (threads, 1, 1), [params])
 
         if tile is None:
             tiles = ("128x128",) if M * N * K < self.tune_min_fma else tuple(BF16_TILES)
-            tile = self.tuner.choose(f"matmul_bf16|{M}x{N}x{K}", tiles, self._unrecorded(run), default="128x128")
+            layout = f"{'T' if trans_a else 'N'}{'T' if trans_b else 'N'}"
+            tile = self.tuner.choose(f"matmul_bf16|{layout}|{M}x{N}x{K}", tiles, self._unrecorded(run),
+                                     default="128x128")
         run(tile)
         return out
 

@@ -23,7 +23,7 @@ STRUCTS: dict[str, list[tuple[str, Any]]] = {
                      ("n_y", INDEX)],
     "PropagateParams": [("delta", PTR), ("W", PTR), ("o", PTR), ("out", PTR), ("M", INDEX), ("N", INDEX),
                         ("K", INDEX), ("act", INT), ("bf16", INT), ("tiles_n", INDEX), ("tiles", INDEX)],
-    "MatmulParams": [("a_t", PTR), ("b", PTR), ("out", PTR), ("M", INDEX), ("N", INDEX), ("K", INDEX)],
+    "MatmulParams": [("a", PTR), ("b", PTR), ("out", PTR), ("M", INDEX), ("N", INDEX), ("K", INDEX)],
     "WeightGradParams": [("o", PTR), ("g", PTR), ("o_next", PTR), ("delta_out", PTR), ("W", PTR), ("b", PTR),
                          ("vel_w", PTR), ("vel_b", PTR), ("sq_w", PTR), ("sq_b", PTR), ("M", INDEX), ("N", INDEX), ("K", INDEX), ("act", INT),
                          ("has_prologue", INT), ("bf16", INT), ("tiles_n", INDEX), ("tiles", INDEX)],

@@ -342,30 +342,33 @@ class ArrayOps:
         return out
 
     # -- bf16 ---------------------------------------------------------------
-    def matmul_bf16(self, a_t: Any, b: Any, out: Any) -> Any:
-        """out = a_t^T b over bfloat16 operands given as their bits (uint16: a_t K x M, b K x N),
-        into float32 out (M x N): the product of a weight gradient in bf16 storage (grad_w =
-        o^T delta). Each bf16 widens to float32 exactly (its bits above 16 zero bits); the sum
-        is float32 (here BLAS's order; on the GPU the tensor cores', ops.cuda)."""
-        self._check_matmul_bf16(a_t, b, out)
+    def matmul_bf16(self, a: Any, b: Any, out: Any, *, trans_a: bool = False, trans_b: bool = False) -> Any:
+        """out = op(a) op(b) over bfloat16 operands given as their bits (uint16; op(a) M x K, op(b)
+        K x N), into float32 out (M x N): the products of a training step in bf16 storage (a^T b
+        the weight gradient o^T delta, a b the forward o W, a b^T the propagation delta W^T).
+        Each bf16 widens to float32 exactly (its bits above 16 zero bits); the sum is float32
+        (here BLAS's order; on the GPU the tensor cores', ops.cuda)."""
+        self._check_matmul_bf16(a, b, out, trans_a, trans_b)
         xp = self.xp
         widen = lambda h: (h.astype(xp.uint32) << xp.uint32(16)).view(xp.float32)  # noqa: E731
-        return self.gemm(widen(a_t), widen(b), out, trans_a=True)
+        return self.gemm(widen(a), widen(b), out, trans_a=trans_a, trans_b=trans_b)
 
-    def _check_matmul_bf16(self, a_t: Any, b: Any, out: Any) -> tuple[int, int, int]:
+    def _check_matmul_bf16(self, a: Any, b: Any, out: Any, trans_a: bool, trans_b: bool) -> tuple[int, int, int]:
         """(K, M, N) of matmul_bf16's operands, or an error naming the one that does not fit."""
-        for name, array, dtype in (("a_t", a_t, np.uint16), ("b", b, np.uint16), ("out", out, np.float32)):
+        for name, array, dtype in (("a", a, np.uint16), ("b", b, np.uint16), ("out", out, np.float32)):
             if getattr(array, "ndim", None) != 2:
                 raise ValueError(f"{name}: expected a 2-D array, got {getattr(array, 'shape', type(array).__name__)}")
             if array.dtype != dtype:
                 raise TypeError(f"{name}: expected dtype {np.dtype(dtype).name} "
                                 f"({'bf16 bits' if dtype == np.uint16 else 'float sums'}), got {array.dtype}")
-        (K, M), N = a_t.shape, b.shape[1]
-        if b.shape[0] != K:
-            raise ValueError(f"b: expected {K} rows (a_t's), got {b.shape[0]}")
+        M, K = a.shape[::-1] if trans_a else a.shape
+        N = b.shape[0] if trans_b else b.shape[1]
+        if (b.shape[1] if trans_b else b.shape[0]) != K:
+            raise ValueError(f"b: expected op(b) to have {K} rows (op(a)'s columns), got shape {tuple(b.shape)}"
+                             f"{' (transposed)' if trans_b else ''}")
         if tuple(out.shape) != (M, N):
             raise ValueError(f"out: expected shape {(M, N)}, got {tuple(out.shape)}")
-        check_disjoint(self.xp, [("out", out)], [("a_t", a_t), ("b", b)])
+        check_disjoint(self.xp, [("out", out)], [("a", a), ("b", b)])
         return K, M, N
 
     # -- forward ------------------------------------------------------------
