@@ -180,6 +180,20 @@ def main(out_path: str | None = None) -> int:
         except Exception as exc:  # noqa: BLE001  (its failure loses its own row only)
             print(f"core 4096^3            {path}: FAILED {type(exc).__name__}: {exc}", flush=True)
             failed.append(path)
+    # the forward's and the propagation's layouts (o delta, o delta^T) on the default tile: m-major tiles
+    for layout, trans_b in (("nn", False), ("nt", True)):
+        path = f"bf16-core-{layout}/128x128"
+        try:
+            ref_layout = o.astype(xp.float64) @ (delta.T if trans_b else delta).astype(xp.float64)
+            run = lambda trans_b=trans_b: ops["bf16"].matmul_bf16(o_bits, delta_bits, grad_w,  # noqa: E731
+                                                                  trans_b=trans_b, tile="128x128")
+            grad_w.fill(np.nan)
+            run()
+            record("core 4096^3", path, flops, rel_err(xp, grad_w, ref_layout), run, "bf16")
+            del ref_layout
+        except Exception as exc:  # noqa: BLE001
+            print(f"core 4096^3            {path}: FAILED {type(exc).__name__}: {exc}", flush=True)
+            failed.append(path)
     core = {r["path"]: r for r in rows if r["case"] == "core 4096^3"}
     # every route to cuBLAS TF32 that ran (ours' cublas_tf32: the handle's TF32 math mode), with TF32's error
     cublas_tf32 = [core[p] for p in ("cublas_tf32", "cublas-tf32", "torch-tf32")
@@ -190,7 +204,7 @@ def main(out_path: str | None = None) -> int:
         ratios["tf32_vs_cublas_tf32"] = core["tf32"]["tflops"] / best["tflops"]
         print(f"core 4096^3            tf32 / fastest cuBLAS TF32 ({best['path']}, {best['tflops']:.1f} TFLOP/s): "
               f"{ratios['tf32_vs_cublas_tf32']:.2f} (target >= 0.80)", flush=True)
-    bf16_cores = [core[p] for p in core if p.startswith("bf16-core/")]
+    bf16_cores = [core[p] for p in core if p.startswith("bf16-core/")]  # (the weight gradient's layout, a^T b)
     if bf16_cores and "torch-bf16" in core:
         best = max(bf16_cores, key=lambda r: r["tflops"])
         ratios["bf16_core_vs_cublas_bf16"] = best["tflops"] / core["torch-bf16"]["tflops"]

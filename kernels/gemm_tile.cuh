@@ -1,18 +1,20 @@
-// The tiled GEMM shared by forward.cu, weight_grad.cu and propagate.cu:
+// The tiled GEMM shared by forward.cu, weight_grad.cu, propagate.cu and matmul.cu:
 //
 //   acc = sum_k A(m, k) * B(k, n)   for the block's BM x BN tile of C
 //
 // Pieces (CUTLASS's split): the operands' tile iterators (TileCopy: cp.async global -> shared;
 // TileFetch: through registers, for an operand computed as it loads), the main loop over k
 // (gemm_mainloop: a ring of STAGES tile pairs in shared memory, one barrier per k tile), and
-// the cores' arithmetic and epilogue iteration (Simt, Warp, Tf32: zero, multiply,
+// the cores' arithmetic and epilogue iteration (Simt, Warp, Tf32, Bf16: zero, multiply,
 // for_each_output). Elements outside M x N x K load as zero, so no size needs to be a multiple
 // of a tile. An operand is Direct (a pointer and leading dimension) or a functor load(row, k)
 // (a prologue can transform elements while the tile is loaded); on_tile(Bs) sees each B tile
 // once it is in shared memory (the bias-gradient sums use it). A_KROWS says A is stored k-major
 // (element (m, k) at k*M + m: consecutive m are adjacent), otherwise m-major (at m*K + k);
 // likewise B_KROWS for B (k-major: (k, n) at k*N + n). The load order follows the layout so
-// global reads coalesce.
+// global reads coalesce. In shared memory every tile is k-major, tile[k][row], except where a
+// core has ROW_TILES (Bf16): there an m-major Direct operand stays m-major, tile[row][k]
+// (TileOf, RowTileCopy), and the kernel declares its GemmTiles with the operands' layouts.
 //
 // The cores, with one interface (a kernel is written once, templated on its core):
 //   Simt<T, BM, BN, BK, TM, TN>  CUDA cores, float or double. Each thread owns TM x TN
