@@ -35,8 +35,12 @@ typedef unsigned short bf16_t;
 // the 8 rows of one matrix (one ldmatrix phase, 16 bytes each) start 4 banks apart; an m row is
 // 24 halves = 12 words, and 8 of them start at banks 0, 12, 24, 4, 16, 28, 8, 20: both
 // conflict-free; rows stay 16-byte aligned (ldmatrix, cp.async 16). BK 16:
-//   Bf16<128>  4 warps, 4 stages of 8.5 KB (34 KB), 2 blocks an SM (192 registers a thread);
-//   Bf16<256>  8 warps, 3 stages of 12.5 KB (38 KB), 1 block an SM: a quarter less from L2 a FLOP.
+//   Bf16<128>  4 warps, 2 blocks an SM (192-203 registers a thread);
+//   Bf16<256>  8 warps, 1 block an SM: a quarter less from L2 a FLOP.
+// An m-major tile is a third padding (16 k + 8), so fewer stages fit the 46 KB (GemmTiles):
+//   stages        a^T b   a b   a b^T
+//   Bf16<128>       4      4      3
+//   Bf16<256>       3      3      2
 template <int BN_ = 128>
 struct Bf16 {
     static const int BM = 128, BN = BN_, BK = 16, PAD = 8;
@@ -47,7 +51,8 @@ struct Bf16 {
     static const bool ROW_TILES = true;                         // m-major operands kept m-major
     static_assert(THREADS == 32 * (BM / WARP_M) * (BN / WARP_N), "one warp per warp tile");
     static_assert(NI % 2 == 0 && BK % 16 == 0, "B fragments two n tiles a load; whole k steps");
-    static_assert((BM + PAD) % 64 == 8 && (BN + PAD) % 64 == 8, "the bank argument above");
+    static_assert((BM + PAD) % 64 == 8 && (BN + PAD) % 64 == 8, "the bank argument above: k-major rows");
+    static_assert((BK + PAD) / 2 % 8 == 4, "the bank argument above: m-major rows on distinct 4-bank groups");
     typedef bf16_t Value;
     struct Acc {
         float v[MI][NI][4];

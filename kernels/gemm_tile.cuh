@@ -230,6 +230,8 @@ struct TileCopy {
 // 16-byte copies of VEC consecutive k of a row where the tile's rows are 16-byte aligned, the
 // operand's are (p and ld) and the VEC k are inside K; element copies elsewhere. Two consecutive
 // threads take a row's 16 k (32 contiguous bytes), the next two the next row. Outside R x K: zeros.
+// (The 16-byte global side also needs k0 a multiple of VEC: every k tile's is, from k_begin 0;
+// a split-K on a ROW_TILES core would have to keep its slices multiples of VEC.)
 template <typename T, int ROWS, int BK, int PAD, int THREADS>
 struct RowTileCopy {
     static const int VEC = 16 / sizeof(T);

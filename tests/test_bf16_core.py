@@ -98,10 +98,12 @@ def test_bf16_core_against_float64(ops, rng, shape, layout, tile):
 
 @pytest.mark.parametrize("tile", BF16_TILES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_bf16_core_is_the_mma_model_bit_for_bit(ops, rng, layout, tile):
+@pytest.mark.parametrize("shape", [(97, 133, 265), (96, 136, 264)], ids=["element-copies", "wide-copies"])
+def test_bf16_core_is_the_mma_model_bit_for_bit(ops, rng, layout, tile, shape):
     """Each output is one chain of mma over k in order, 16 at a time (two blocks of 8 products
-    each), from zero: zero padding past K changes nothing."""
-    a, b, A, B = case(rng, 97, 133, 265, layout, spread=12)
+    each), from zero: zero padding past K changes nothing. Odd sizes (every copy an element's)
+    and multiples of 8 (the 16-byte copies, both layouts)."""
+    a, b, A, B = case(rng, *shape, layout, spread=12)
     out = run(ops, a, b, layout, tile)
     expected = mma_model(widen(A), widen(B), np.zeros(out.shape, np.float32), 8)
     np.testing.assert_array_equal(bits32(out), bits32(expected))
@@ -111,7 +113,7 @@ def test_bf16_core_is_the_mma_model_bit_for_bit(ops, rng, layout, tile):
 def test_bf16_core_traps_on_a_block_it_was_not_written_for(ops, tile):
     from gpu_backprop.ops.launch import make
 
-    kernel = ops.loader.function(MATMUL_FILE, matmul_kernel(tile), names_in(MATMUL_FILE))
+    kernel = ops.loader.function(MATMUL_FILE, matmul_kernel(tile, True, False), names_in(MATMUL_FILE))
     threads = BF16_TILES[tile][1]
     a_t, b = bf16_bits(np.ones((4, 3), np.float32)), bf16_bits(np.ones((4, 5), np.float32))
     out = np.full((3, 5), np.nan, np.float32)

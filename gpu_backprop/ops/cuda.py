@@ -85,7 +85,7 @@ BF16_TILES = {"128x128": ((128, 128), 128), "128x256": ((128, 256), 256)}
 MATMUL_LAYOUTS = ((True, False), (False, False), (False, True))
 
 
-def matmul_kernel(tile: str, trans_a: bool = True, trans_b: bool = False) -> str:
+def matmul_kernel(tile: str, trans_a: bool, trans_b: bool) -> str:
     """The instantiation of matmul.cu's kernel on a tile of BF16_TILES for out = op(a) op(b)."""
     flag = lambda on: "true" if on else "false"  # noqa: E731
     return f"matmul<Bf16<{BF16_TILES[tile][0][1]}>, {flag(trans_a)}, {flag(not trans_b)}>"
