@@ -246,12 +246,8 @@ struct RowTileCopy {
     static __device__ __forceinline__ int row_of(int u) { return u / (BK / UNIT); }
     static __device__ __forceinline__ int k_of(int u) { return (u % (BK / UNIT)) * UNIT; }
 
-    static __device__ __forceinline__ void element(T* dst, const T* p, index_t ld, index_t r, index_t k, index_t R,
-                                                   index_t K) {
-        const bool inside = r < R && k < K;
-        if constexpr (sizeof(T) < 4) *dst = inside ? p[r * ld + k] : T(0);  // (TileCopy::element)
-        else cp_async<sizeof(T)>(dst, inside ? p + r * ld + k : p, inside ? (int)sizeof(T) : 0);
-    }
+    // an element's copy is the m-major TileCopy's (the same source, only the tile slot differs)
+    typedef TileCopy<T, ROWS, BK, PAD, false, THREADS> Elements;
 
     static __device__ __forceinline__ void issue(Tile& tile, const T* p, index_t ld, bool wide_ok, index_t r0,
                                                  index_t k0, index_t R, index_t K, int tid) {
@@ -265,7 +261,7 @@ struct RowTileCopy {
                 cp_async<16>(&tile[rr][kk], p + r * ld + k, 16);
             } else {
 #pragma unroll
-                for (int e = 0; e < UNIT; ++e) element(&tile[rr][kk + e], p, ld, r, k + e, R, K);
+                for (int e = 0; e < UNIT; ++e) Elements::element(&tile[rr][kk + e], p, ld, r, k + e, R, K);
             }
         }
     }

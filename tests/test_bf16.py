@@ -20,7 +20,7 @@ from gpu_backprop.ops.bf16 import Bf16Ops, bf16_bits, is_bf16, round_bf16
 
 from .emulator.builder import HERE, KERNELS, EmuLoader, planted_kernels, sources_of
 from .reference_formulas import f, f_prime_from_output
-from .test_tensor_cores import PROBE, PROBE_NAMES, bits32, edge_floats, floats, round_to, run_elementwise
+from .test_tensor_cores import PROBE, PROBE_NAMES, Tf32Only, bits32, edge_floats, floats, round_to, run_elementwise
 
 
 # ---------------------------------------------------------------- the rounding
@@ -261,12 +261,7 @@ def test_planted_faults_fail_the_reference(monkeypatch, fault):
 
 # ---------------------------------------------------------------- the GPU kernels (precision="bf16" on CUDA), on the shim
 
-class Bf16Only(EmuLoader):
-    """Builds a GEMM file's tensor-core instantiations only (precision="bf16" runs the Tf32 kernels
-    with bf16 set: a planted copy compiles in seconds)."""
-
-    def function(self, file, name, all_names):
-        return super().function(file, name, [n for n in all_names if "Tf32" in n] if "Tf32" in name else all_names)
+Bf16Only = Tf32Only  # precision="bf16" runs the Tf32 kernels with bf16 set
 
 
 class PlantedIn(Bf16Only):
