@@ -2,7 +2,8 @@
 tuner decides (issue 12): the core alone at 4096^3 (grad_w = o^T delta), with the tensor-core
 peers of issue 13 (cuBLAS TF32 through CuPy and PyTorch, cuBLAS BF16 through PyTorch) and our
 TF32 core's ratio to the fastest cuBLAS TF32 (target >= 0.80), our bf16 core alone (matmul.cu, both
-tiles; the faster one's ratio to cuBLAS BF16, target >= 0.80) and precision="bf16"'s weight gradient
+tiles, and on an sm_90a card the wgmma kernel, matmul_sm90.cu; the fastest one's ratio to cuBLAS
+BF16, target >= 0.80) and precision="bf16"'s weight gradient
 (float32 storage, on the TF32 mma: its row only), the weight gradient
 with the delta prologue and the SGD epilogue at B=4096, 1024x1024 (every tile and every
 split-K slice count), the same with delta given, AdamW fused into the epilogue against separate
@@ -18,6 +19,7 @@ left out; one that fails prints its error, the others still run, and the exit st
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import sys
 from typing import Any, Callable, Iterator
@@ -98,7 +100,7 @@ def main(out_path: str | None = None) -> int:
 
     from gpu_backprop import get_device
     from gpu_backprop.ops.autotune import Tuner
-    from gpu_backprop.ops.cuda import BF16_TILES, CONFIGS, WIDE_CONFIGS, CudaOps, cupy_loader, split_paths
+    from gpu_backprop.ops.cuda import BF16_TILES, CONFIGS, SM90_TILE, WIDE_CONFIGS, CudaOps, cupy_loader, split_paths
 
     import cupyx.scipy.special
 
@@ -168,9 +170,11 @@ def main(out_path: str | None = None) -> int:
 
     bits = lambda x: (round_bf16_in_place(xp, x.copy()).view(xp.uint32) >> 16).astype(xp.uint16)  # noqa: E731
     o_bits, delta_bits = bits(o), bits(delta)
+    # (on an sm_90a card also the wgmma kernel, matmul_sm90.cu: SM90_TILE)
+    bf16_tiles = (*BF16_TILES, SM90_TILE) if getattr(ops["bf16"].loader, "sm90a", False) else tuple(BF16_TILES)
     bf16_runs = [(f"bf16-core/{tile}", lambda tile=tile: ops["bf16"].matmul_bf16(o_bits, delta_bits, grad_w,
                                                                                  trans_a=True, tile=tile))
-                 for tile in BF16_TILES]
+                 for tile in bf16_tiles]
     bf16_runs.append(("bf16", lambda: ops["bf16"].weight_grad(o, delta, grad_w, grad_b, config="bf16")))
     for path, run in bf16_runs:
         try:
@@ -181,12 +185,12 @@ def main(out_path: str | None = None) -> int:
             print(f"core 4096^3            {path}: FAILED {type(exc).__name__}: {exc}", flush=True)
             failed.append(path)
     # the forward's and the propagation's layouts (o delta, o delta^T) on the default tile: m-major tiles
-    for layout, trans_b in (("nn", False), ("nt", True)):
-        path = f"bf16-core-{layout}/128x128"
+    for (layout, trans_b), tile in itertools.product((("nn", False), ("nt", True)), ("128x128", *bf16_tiles[2:])):
+        path = f"bf16-core-{layout}/{tile}"
         try:
             ref_layout = o.astype(xp.float64) @ (delta.T if trans_b else delta).astype(xp.float64)
-            run = lambda trans_b=trans_b: ops["bf16"].matmul_bf16(o_bits, delta_bits, grad_w,  # noqa: E731
-                                                                  trans_b=trans_b, tile="128x128")
+            run = lambda trans_b=trans_b, tile=tile: ops["bf16"].matmul_bf16(o_bits, delta_bits, grad_w,  # noqa: E731
+                                                                             trans_b=trans_b, tile=tile)
             grad_w.fill(np.nan)
             run()
             record("core 4096^3", path, flops, rel_err(xp, grad_w, ref_layout), run, "bf16")

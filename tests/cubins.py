@@ -19,11 +19,11 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-from gpu_backprop.ops.cuda import KERNEL_FILES, kernel_source, names_in
+from gpu_backprop.ops.cuda import KERNEL_FILES, SM90A_FILES, kernel_source, names_in
 
 from . import nvrtc
 
-ARCHS = ("sm_80", "sm_90")
+ARCHS = ("sm_80", "sm_90")  # and sm_90a for SM90A_FILES (wgmma), which compile for it alone
 # The longest first, so that the last to finish is short; nvcc sm_90 of the GEMM files before the
 # rest (the SASS checks read them).
 BY_COST = ("backward.cu", "weight_grad.cu", "forward.cu", "propagate.cu")
@@ -75,11 +75,13 @@ def jobs_of(item) -> list[tuple[str, str, str]]:
     file = item.nodeid.split("::")[0]
     params = getattr(getattr(item, "callspec", None), "params", {})
     if file.endswith("test_compile.py") and "file" in params:
-        return [("nvcc" if item.originalname == "test_nvcc_compiles" else "nvrtc", params["file"], params["arch"])]
+        return [("nvcc" if item.originalname.startswith("test_nvcc") else "nvrtc", params["file"], params["arch"])]
     if file.endswith("test_sass.py") or "tf32_sass" in getattr(item, "fixturenames", ()):
         from gpu_backprop.ops.cuda import GEMM_FILES
 
         return [("nvcc", f, "sm_90") for f in dict.fromkeys(GEMM_FILES.values())]
+    if "sm90a_sass" in getattr(item, "fixturenames", ()):
+        return [("nvcc", f, "sm_90a") for f in SM90A_FILES]
     if "bf16_sass" in getattr(item, "fixturenames", ()):
         from gpu_backprop.ops.cuda import MATMUL_FILE
 
@@ -101,7 +103,8 @@ def start(jobs) -> None:
             atexit.register(pool.shutdown, wait=False, cancel_futures=True)
     files = [f for f in BY_COST if f in KERNEL_FILES] + [f for f in KERNEL_FILES if f not in BY_COST]
     order = [("nvcc", f, "sm_90") for f in files] + \
-        [(c, f, a) for f in files for c, a in (("nvrtc", "sm_90"), ("nvrtc", "sm_80"), ("nvcc", "sm_80"))]
+        [(c, f, a) for f in files for c, a in (("nvrtc", "sm_90"), ("nvrtc", "sm_80"), ("nvcc", "sm_80"))] + \
+        [(c, f, "sm_90a") for f in SM90A_FILES for c in ("nvcc", "nvrtc")]
     for job in sorted(set(jobs) - set(_jobs), key=order.index):
         compiler, file, arch = job
         _jobs[job] = _pools[compiler].submit(_nvcc if compiler == "nvcc" else _nvrtc, file, arch)

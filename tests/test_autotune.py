@@ -241,7 +241,8 @@ def test_cublas_tf32_sets_the_math_mode_by_its_value_and_restores_it(monkeypatch
     monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs.cublas", lib)
     monkeypatch.setitem(sys.modules, "cupy_backends", types.SimpleNamespace())
     monkeypatch.setitem(sys.modules, "cupy_backends.cuda", types.SimpleNamespace(libs=sys.modules["cupy_backends.cuda.libs"]))
-    runtime = types.SimpleNamespace(getDeviceProperties=lambda i: {"multiProcessorCount": 132, "name": b"H100"})
+    runtime = types.SimpleNamespace(getDeviceProperties=lambda i: {"multiProcessorCount": 132, "name": b"H100",
+                                                                      "major": 9, "minor": 0})
     xp = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime, device=types.SimpleNamespace(
         get_cublas_handle=lambda: 7)))
     gemm = cuda.CupyLoader(xp, 0).gemm
@@ -277,7 +278,8 @@ def test_the_loader_compiles_each_kernel_alone(kernel_copy):
         def get_function(self, name):
             return name
 
-    runtime = types.SimpleNamespace(getDeviceProperties=lambda i: {"multiProcessorCount": 132, "name": b"H100"})
+    runtime = types.SimpleNamespace(getDeviceProperties=lambda i: {"multiProcessorCount": 132, "name": b"H100",
+                                                                      "major": 9, "minor": 0})
     xp = types.SimpleNamespace(RawModule=RawModule, cuda=types.SimpleNamespace(runtime=runtime))
     cupy_loader = cuda.CupyLoader(xp, 0)
     names = cuda.names_in("forward.cu")

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from gpu_backprop.ops.cuda import KERNEL_FILES, kernel_source, names_in
+from gpu_backprop.ops.cuda import KERNEL_FILES, SM90A_FILES, kernel_source, names_in
 
 from . import cubins, nvrtc
 
@@ -65,6 +65,33 @@ def test_nvrtc_compiles_name_expressions(file, arch):
     check_report(log, names, "nvrtc", arch)
 
 
+# The wgmma kernels: sm_90a alone (the "a" features are not forward-compatible, and an sm_80 or
+# plain sm_90 target has no wgmma). ptxas must not serialize the wgmma (its "Potential Performance
+# Loss" warning: accumulators it cannot keep in registers across the asynchronous mma).
+@pytest.mark.parametrize("arch", ["sm_90a"])
+@pytest.mark.parametrize("file", SM90A_FILES)
+def test_nvcc_compiles_sm90a(file, arch):
+    _require(shutil.which("nvcc") is not None, "nvcc")
+    result = cubins.nvcc_cubin(file, arch)
+    print(result.report)
+    assert result.returncode == 0, result.report
+    assert "Potential Performance Loss" not in result.report, result.report
+    check_report(result.report, names_in(file), "nvcc", arch)
+
+
+@pytest.mark.parametrize("arch", ["sm_90a"])
+@pytest.mark.parametrize("file", SM90A_FILES)
+def test_nvrtc_compiles_sm90a(file, arch):
+    """As gpu_backprop.ops.cuda.sm90a_cubin compiles it on the card (extern "C" kernels: no name
+    mangling, the cubin's symbols are the names)."""
+    _require(nvrtc.find_library() is not None, "libnvrtc (pip install nvidia-cuda-nvrtc)")
+    lowered, log = cubins.nvrtc_cubin(file, arch)
+    print(log)
+    assert lowered == {name: name for name in names_in(file)}
+    assert "Potential Performance Loss" not in log, log
+    check_report(log, names_in(file), "nvrtc", arch)
+
+
 def test_nvrtc_reports_errors():
     _require(nvrtc.find_library() is not None, "libnvrtc")
     with pytest.raises(RuntimeError, match="NVRTC failed"):
@@ -72,7 +99,7 @@ def test_nvrtc_reports_errors():
 
 
 def test_sources_inline_their_headers():
-    for file in KERNEL_FILES:
+    for file in (*KERNEL_FILES, *SM90A_FILES):
         text = kernel_source(file)
         assert '#include "' not in text and "enum Activation" in text
         assert text.count("enum Activation") == 1  # each header once

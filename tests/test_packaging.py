@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gpu_backprop.ops.cuda import KERNEL_FILES
+from gpu_backprop.ops.cuda import KERNEL_FILES, SM90A_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def wheel(tmp_path_factory):
 
 def test_wheel_contains_kernels(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    for file in (*KERNEL_FILES, "common.cuh", "gemm_tile.cuh"):
+    for file in (*KERNEL_FILES, *SM90A_FILES, "common.cuh", "gemm_tile.cuh", "wgmma.cuh"):
         assert f"gpu_backprop/kernels/{file}" in names
     assert not any(n.startswith("tests/") for n in names)
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()

@@ -29,10 +29,10 @@ def cache_path() -> Path:
 def kernels_hash() -> str:
     """16 hex digits of SHA-256 over what NVRTC compiles: every kernel file with its
     #includes inlined, and the instantiations asked of it (they carry the tile shapes)."""
-    from .cuda import KERNEL_FILES, kernel_source, names_in  # cuda.py imports this module
+    from .cuda import KERNEL_FILES, SM90A_FILES, kernel_source, names_in  # cuda.py imports this module
 
     digest = hashlib.sha256()
-    for file in KERNEL_FILES:
+    for file in (*KERNEL_FILES, *SM90A_FILES):
         for part in (file, kernel_source(file), *names_in(file)):
             digest.update(part.encode())
             digest.update(b"\0")  # so that no two different sequences of parts hash alike

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import os
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -85,8 +87,20 @@ BF16_TILES = {"128x128": ((128, 128), 128), "128x256": ((128, 256), 256)}
 MATMUL_LAYOUTS = ((True, False), (False, False), (False, True))
 
 
+# The same products on Hopper's warpgroup tensor cores (matmul_sm90.cu, wgmma): compiled by
+# NVRTC for sm_90a alone (CuPy's RawModule cannot target it) and loaded as a cubin; a tile of
+# matmul_bf16 where the loader's sm90a is true (compute capability 9.0; the emulator).
+SM90A_FILE = "matmul_sm90.cu"
+SM90A_FILES = (SM90A_FILE,)
+SM90_TILE = "wgmma/128x128"
+SM90_BLOCK = ((128, 128), 256, 2 * 4 * 128 * 64 * 2 + 1024)  # (BM, BN), threads, dynamic shared bytes
+
+
 def matmul_kernel(tile: str, trans_a: bool, trans_b: bool) -> str:
-    """The instantiation of matmul.cu's kernel on a tile of BF16_TILES for out = op(a) op(b)."""
+    """The kernel of matmul.cu on a tile of BF16_TILES (or of matmul_sm90.cu on SM90_TILE) for
+    out = op(a) op(b)."""
+    if tile == SM90_TILE:
+        return f"matmul_sm90_{'t' if trans_a else 'n'}{'t' if trans_b else 'n'}"
     flag = lambda on: "true" if on else "false"  # noqa: E731
     return f"matmul<Bf16<{BF16_TILES[tile][0][1]}>, {flag(trans_a)}, {flag(not trans_b)}>"
 
@@ -151,6 +165,8 @@ def names_in(file: str) -> list[str]:
     """Every instantiation of a file's kernels (NVRTC name expressions)."""
     if file == MATMUL_FILE:
         return [matmul_kernel(tile, *layout) for layout in MATMUL_LAYOUTS for tile in BF16_TILES]
+    if file == SM90A_FILE:
+        return [matmul_kernel(SM90_TILE, *layout) for layout in MATMUL_LAYOUTS]
     if file in ELEMENTWISE_FILES:
         kernels = ELEMENTWISE_FILES[file]
         return ([f"{k}<{t}>" for k in kernels if k not in UNTYPED for t in CTYPES.values()]
@@ -293,6 +309,7 @@ class CupyLoader:
         self._modules: dict = {}
         name = props["name"]
         self.name = name.decode() if isinstance(name, bytes) else str(name)
+        self.sm90a = (int(props["major"]), int(props["minor"])) == (9, 0)  # wgmma: SM90A_FILES run
 
     def gemm(self, a: Any, b: Any, out: Any, *, alpha: float = 1.0, beta: float = 0.0,
              trans_a: bool = False, trans_b: bool = False, tf32: bool = False) -> Any:
@@ -334,6 +351,11 @@ class CupyLoader:
         if module is None:
             if name not in all_names:
                 raise ValueError(f"{name}: not a kernel of {file}")
+            if file in SM90A_FILES:
+                module = self._modules[(file, name)] = self.xp.RawModule(path=str(sm90a_cubin(file)))
+                kernel = module.get_function(name)
+                kernel.max_dynamic_shared_size_bytes = SM90_BLOCK[2]
+                return kernel
             module = self._modules[(file, name)] = self.xp.RawModule(
                 code=kernel_source(file), options=("-std=c++17",), name_expressions=[name])
         return module.get_function(name)
@@ -344,6 +366,34 @@ class CupyLoader:
                             f"got {type(array).__module__}.{type(array).__name__}")
         if array.device.id != self.device_index:
             raise ValueError(f"{name}: expected an array on cuda:{self.device_index}, got one on cuda:{array.device.id}")
+
+
+def sm90a_cubin(file: str) -> Path:
+    """``file`` compiled by NVRTC (CuPy's binding) for sm_90a, its cubin cached on disk by a hash of
+    the source and NVRTC's version (beside CuPy's own kernel cache)."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    source = kernel_source(file)
+    options = ("-std=c++17", "--gpu-architecture=sm_90a")
+    digest = hashlib.sha256("\0".join([source, *options, repr(nvrtc.getVersion())]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("CUPY_CACHE_DIR") or Path.home() / ".cupy" / "kernel_cache")
+    path = cache / f"gpu_backprop-{Path(file).stem}-sm_90a-{digest}.cubin"
+    if path.exists():
+        return path
+    program = nvrtc.createProgram(source, file, (), ())
+    try:
+        try:
+            nvrtc.compileProgram(program, options)
+        except nvrtc.NVRTCError as error:
+            raise RuntimeError(f"NVRTC failed on {file} (sm_90a):\n{nvrtc.getProgramLog(program)}") from error
+        cubin = nvrtc.getCUBIN(program)
+    finally:
+        nvrtc.destroyProgram(program)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_bytes(cubin)
+    os.replace(partial, path)  # atomic: another process never loads half a cubin
+    return path
 
 
 def cupy_loader(device: Any) -> CupyLoader:
@@ -401,9 +451,12 @@ class CudaOps(ArrayOps):
             self._recording.append(launch)
         launch()
 
-    def _launch(self, file: str, name: str, grid: tuple, block: tuple, args: list) -> None:
+    def _launch(self, file: str, name: str, grid: tuple, block: tuple, args: list, shared_mem: int = 0) -> None:
         kernel = self._kernel(file, name)
-        self._issue(lambda: kernel(grid, block, args))
+        if shared_mem:
+            self._issue(lambda: kernel(grid, block, args, shared_mem=shared_mem))
+        else:
+            self._issue(lambda: kernel(grid, block, args))
 
     def _unrecorded(self, trial: Callable[[str], None]) -> Callable[[str], None]:
         """The tuner's trials, run but never recorded: a replay runs the chosen path only."""
@@ -565,8 +618,8 @@ class CudaOps(ArrayOps):
                     tile: str | None = None) -> Any:
         """out = op(a) op(b) on the bf16 tensor cores (matmul.cu): a and b bf16 bits as uint16, out
         float32, float sums (ArrayOps.matmul_bf16); the layouts of MATMUL_LAYOUTS (not both
-        transposed). ``tile``: one of BF16_TILES, else the tuned one for this shape (the default
-        below TUNE_MIN_FMA)."""
+        transposed). ``tile``: one of BF16_TILES, or SM90_TILE where the loader has sm90a; else the
+        tuned one of those for this shape (the default below TUNE_MIN_FMA)."""
         K, M, N = self._check_matmul_bf16(a, b, out, trans_a, trans_b)
         if (trans_a, trans_b) not in MATMUL_LAYOUTS:
             raise ValueError("trans_a, trans_b: both transposed is not one of the bf16 kernels' layouts "
@@ -574,17 +627,21 @@ class CudaOps(ArrayOps):
         self._check("a", a, a.shape, np.uint16)
         self._check("b", b, b.shape, np.uint16)
         self._check("out", out, (M, N), np.float32)
-        if tile is not None and tile not in BF16_TILES:
-            raise ValueError(f"tile: expected one of {', '.join(BF16_TILES)}, got {tile!r}")
+        tiles = (*BF16_TILES, SM90_TILE) if getattr(self.loader, "sm90a", False) else tuple(BF16_TILES)
+        if tile is not None and tile not in tiles:
+            raise ValueError(f"tile: expected one of {', '.join(tiles)}, got {tile!r}")
         params = make("MatmulParams", np.float32, a=a, b=b, out=out, M=M, N=N, K=K)
 
         def run(tile: str) -> None:
-            (bm, bn), threads = BF16_TILES[tile]
-            self._launch(MATMUL_FILE, matmul_kernel(tile, trans_a, trans_b), (-(-N // bn), -(-M // bm), 1),
-                         (threads, 1, 1), [params])
+            if tile == SM90_TILE:
+                ((bm, bn), threads, shared), file = SM90_BLOCK, SM90A_FILE
+            else:
+                ((bm, bn), threads), shared, file = BF16_TILES[tile], 0, MATMUL_FILE
+            self._launch(file, matmul_kernel(tile, trans_a, trans_b), (-(-N // bn), -(-M // bm), 1),
+                         (threads, 1, 1), [params], shared)
 
         if tile is None:
-            tiles = ("128x128",) if M * N * K < self.tune_min_fma else tuple(BF16_TILES)
+            tiles = ("128x128",) if M * N * K < self.tune_min_fma else tiles
             layout = f"{'T' if trans_a else 'N'}{'T' if trans_b else 'N'}"
             tile = self.tuner.choose(f"matmul_bf16|{layout}|{M}x{N}x{K}", tiles, self._unrecorded(run),
                                      default="128x128")

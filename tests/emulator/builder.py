@@ -181,6 +181,7 @@ class EmuLoader:
 
     xp = np
     sm_count = 4  # small, so the launchers' grid caps are exercised
+    sm90a = True  # wgmma_shim.h emulates sm_90a's warpgroup instructions: matmul_sm90.cu runs
     name = "emulator"
 
     def __init__(self, kernels_dir: Path = KERNELS, extra_flags: Sequence[str] = (), blocks: str | None = None,

@@ -41,8 +41,10 @@
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
 #define __shared__ static
-// Dynamic shared memory cannot be "extern static": kernels that need it use this macro.
-#define DYNAMIC_SHARED(T, name) static T name[emu_dynamic_shared_max / sizeof(T)]
+// Dynamic shared memory (kernels/wgmma.cuh defines the macro for the GPU): the library's one
+// window, 1024-byte aligned as a GPU's shared state space is, filled with poison (all bits set) as
+// each block starts; shared_address() (wgmma_shim.h) gives offsets into it.
+#define DYNAMIC_SHARED(T, name) T* const name = reinterpret_cast<T*>(emu::dynamic_shared_window)
 
 using std::exp;
 using std::fabs;
@@ -59,7 +61,8 @@ struct dim3 {
 #endif
 
 namespace emu {
-inline constexpr std::size_t dynamic_shared_max = 48 * 1024;
+inline constexpr std::size_t dynamic_shared_max = 227 * 1024;  // an H100's most a block
+alignas(1024) static unsigned char dynamic_shared_window[dynamic_shared_max];  // per library copy
 
 #if EMU_FIBERS
 inline void yield();
@@ -107,6 +110,9 @@ inline std::atomic<bool> trapped{false};
 }
 inline void __trap() { emu::trapped.store(true); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
+#include "mma_shim.h"    // the tensor-core instructions (mma.sync, ldmatrix, cvt)
+#include "wgmma_shim.h"  // the warpgroup ones of sm_90a (wgmma)
 
 template <typename T>
 inline T __shfl_down_sync(unsigned int /*mask*/, T value, int delta) {
@@ -197,6 +203,7 @@ struct Fiber {
     Warp* warp = nullptr;
     int lane = 0;
     AsyncCopies copies;
+    WgmmaState wgmma;
 };
 
 struct Scheduler {
@@ -231,11 +238,13 @@ inline void save(Fiber& f) {
     f.thread = threadIdx; f.block = blockIdx; f.block_dim = blockDim; f.grid_dim = gridDim;
     f.block_barrier = block_barrier; f.warp = warp; f.lane = lane;
     std::swap(f.copies, async_copies);
+    std::swap(f.wgmma, wgmma_state);
 }
 inline void load(Fiber& f) {
     threadIdx = f.thread; blockIdx = f.block; blockDim = f.block_dim; gridDim = f.grid_dim;
     block_barrier = f.block_barrier; warp = f.warp; lane = f.lane;
     std::swap(f.copies, async_copies);
+    std::swap(f.wgmma, wgmma_state);
 }
 
 // The next fiber after the current one that has not finished (the current one if none).
@@ -331,11 +340,14 @@ inline void run_fibers(unsigned int n, const std::function<void(unsigned int)>& 
     Scheduler* outer = scheduler;
     scheduler = &s;
     AsyncCopies outside;
+    WgmmaState outside_wgmma;
     std::swap(outside, async_copies);
+    std::swap(outside_wgmma, wgmma_state);
     s.current = 0;
     load(s.fibers[0]);
     switch_context(&s.main_sp, s.fibers[0].sp);
     std::swap(outside, async_copies);
+    std::swap(outside_wgmma, wgmma_state);
     scheduler = outer;
     for (Fiber& f : s.fibers) give_stack(f.stack);
 }
@@ -369,7 +381,10 @@ void run_blocks(void (*kernel)(Params...), dim3 grid, dim3 block, Schedule sched
             warp = warps[t / 32].get();
             lane = t % 32;
             for (;;) {
-                if (t == 0) claimed = std::atomic_ref<unsigned int>(*schedule.next).fetch_add(1);
+                if (t == 0) {
+                    claimed = std::atomic_ref<unsigned int>(*schedule.next).fetch_add(1);
+                    std::memset(dynamic_shared_window, 0xff, sizeof dynamic_shared_window);
+                }
                 barrier.arrive_and_wait();  // every thread sees the claim (read before the next one)
                 const unsigned int i = claimed;
                 if (i >= schedule.n) break;
@@ -377,6 +392,7 @@ void run_blocks(void (*kernel)(Params...), dim3 grid, dim3 block, Schedule sched
                 blockIdx = {linear % grid.x, (linear / grid.x) % grid.y, linear / (grid.x * grid.y)};
                 kernel(args...);
                 land_all();
+                wgmma_block_exit();
                 barrier.arrive_and_wait();  // the whole block is done before the next starts
             }
     };
@@ -411,4 +427,3 @@ void launch_packed(void (*kernel)(Params...), dim3 grid, dim3 block, Schedule sc
 }
 }  // namespace emu
 
-#include "mma_shim.h"  // the tensor-core instructions (mma.sync, ldmatrix, cvt)
