@@ -2,7 +2,7 @@
 tuner decides (issue 12): the core alone at 4096^3 (grad_w = o^T delta), with the tensor-core
 peers of issue 13 (cuBLAS TF32 through CuPy and PyTorch, cuBLAS BF16 through PyTorch) and our
 TF32 core's ratio to the fastest cuBLAS TF32 (target >= 0.80), our bf16 core alone (matmul.cu, both
-tiles, and on an sm_90a card the wgmma kernel, matmul_sm90.cu; the fastest one's ratio to cuBLAS
+tiles, and on an sm_90a card the wgmma kernels, matmul_sm90.cu; the fastest one's ratio to cuBLAS
 BF16, target >= 0.80) and precision="bf16"'s weight gradient
 (float32 storage, on the TF32 mma: its row only), the weight gradient
 with the delta prologue and the SGD epilogue at B=4096, 1024x1024 (every tile and every
@@ -100,7 +100,7 @@ def main(out_path: str | None = None) -> int:
 
     from gpu_backprop import get_device
     from gpu_backprop.ops.autotune import Tuner
-    from gpu_backprop.ops.cuda import BF16_TILES, CONFIGS, SM90_TILE, WIDE_CONFIGS, CudaOps, cupy_loader, split_paths
+    from gpu_backprop.ops.cuda import BF16_TILES, CONFIGS, SM90_TILES, WIDE_CONFIGS, CudaOps, cupy_loader, split_paths
 
     import cupyx.scipy.special
 
@@ -170,8 +170,8 @@ def main(out_path: str | None = None) -> int:
 
     bits = lambda x: (round_bf16_in_place(xp, x.copy()).view(xp.uint32) >> 16).astype(xp.uint16)  # noqa: E731
     o_bits, delta_bits = bits(o), bits(delta)
-    # (on an sm_90a card also the wgmma kernel, matmul_sm90.cu: SM90_TILE)
-    bf16_tiles = (*BF16_TILES, SM90_TILE) if getattr(ops["bf16"].loader, "sm90a", False) else tuple(BF16_TILES)
+    # (on an sm_90a card also the wgmma kernels, matmul_sm90.cu: SM90_TILES)
+    bf16_tiles = (*BF16_TILES, *SM90_TILES) if getattr(ops["bf16"].loader, "sm90a", False) else tuple(BF16_TILES)
     bf16_runs = [(f"bf16-core/{tile}", lambda tile=tile: ops["bf16"].matmul_bf16(o_bits, delta_bits, grad_w,
                                                                                  trans_a=True, tile=tile))
                  for tile in bf16_tiles]

@@ -18,7 +18,7 @@ import scipy.special
 
 from gpu_backprop.ops import NumpyOps
 from gpu_backprop.ops.bf16 import bf16_bits
-from gpu_backprop.ops.cuda import BF16_TILES, MATMUL_FILE, SM90_TILE, CudaOps, matmul_kernel, names_in
+from gpu_backprop.ops.cuda import BF16_TILES, MATMUL_FILE, SM90_TILES, CudaOps, matmul_kernel, names_in
 
 from .emulator.builder import EmuLoader, planted_kernels
 from .test_tensor_cores import bits32, mma_model, random_operands
@@ -140,7 +140,7 @@ def test_bf16_matmul_names_the_argument_that_does_not_fit(ops, which):
     with pytest.raises(ValueError, match=r"^b: expected a 2-D array"):
         target.matmul_bf16(a_t, b.ravel(), out, trans_a=True)
     if which == "cuda":
-        with pytest.raises(ValueError, match=r"^tile: expected one of 128x128, 128x256, wgmma/128x128, got '64x64'$"):
+        with pytest.raises(ValueError, match=r"^tile: expected one of 128x128, 128x256, wgmma/128x128, wgmma/128x256, got '64x64'$"):
             target.matmul_bf16(a_t, b, out, trans_a=True, tile="64x64")
         with pytest.raises(ValueError, match=r"^b: expected a C-contiguous array"):
             target.matmul_bf16(a_t, np.zeros((5, 4), np.uint16).T, out, trans_a=True)
@@ -241,7 +241,7 @@ def test_bf16_main_loop_is_hmma_from_ldmatrix(bf16_sass, tile, layout):
 
 
 def test_bf16_core_tunes_between_its_tiles(rng):
-    """tile=None: the tuner chooses among BF16_TILES (and SM90_TILE on sm90a) for a shape of at least TUNE_MIN_FMA
+    """tile=None: the tuner chooses among BF16_TILES (and SM90_TILES on sm90a) for a shape of at least TUNE_MIN_FMA
     multiply-adds (its trials run each tile), below it the default runs untuned."""
     from gpu_backprop.ops.autotune import Tuner
 
@@ -261,8 +261,8 @@ def test_bf16_core_tunes_between_its_tiles(rng):
     a, b, A, B = case(rng, 37, 133, 265, "nn")
     ops.tune_min_fma = 0
     bf16_close(run(ops, a, b, "nn", tile=None), A, B)
-    # (the emulator has sm90a: the wgmma kernel is a candidate, and chosen: last)
-    assert tuner.asked == [("matmul_bf16|NN|133x265x37", (*BF16_TILES, SM90_TILE), "128x128")]
+    # (the emulator has sm90a: the wgmma kernels are candidates, and 128x256 chosen: last)
+    assert tuner.asked == [("matmul_bf16|NN|133x265x37", (*BF16_TILES, *SM90_TILES), "128x128")]
     ops.tune_min_fma = 1 << 40
     tuner.asked.clear()
     a, b, A, B = case(rng, 36, 133, 265)  # another shape (a call with the same arrays replays)

@@ -92,15 +92,17 @@ MATMUL_LAYOUTS = ((True, False), (False, False), (False, True))
 # matmul_bf16 where the loader's sm90a is true (compute capability 9.0; the emulator).
 SM90A_FILE = "matmul_sm90.cu"
 SM90A_FILES = (SM90A_FILE,)
+# name: ((BM, BN), threads, dynamic shared bytes: 4 stages of both k tiles of 64, + 1 KB to align)
+SM90_TILES = {f"wgmma/128x{bn}": ((128, bn), 256, 4 * (128 + bn) * 64 * 2 + 1024) for bn in (128, 256)}
 SM90_TILE = "wgmma/128x128"
-SM90_BLOCK = ((128, 128), 256, 2 * 4 * 128 * 64 * 2 + 1024)  # (BM, BN), threads, dynamic shared bytes
+SM90_SHARED_MAX = max(shared for _, _, shared in SM90_TILES.values())  # each kernel allowed this much
 
 
 def matmul_kernel(tile: str, trans_a: bool, trans_b: bool) -> str:
-    """The kernel of matmul.cu on a tile of BF16_TILES (or of matmul_sm90.cu on SM90_TILE) for
+    """The kernel of matmul.cu on a tile of BF16_TILES (or of matmul_sm90.cu on one of SM90_TILES) for
     out = op(a) op(b)."""
-    if tile == SM90_TILE:
-        return f"matmul_sm90_{'t' if trans_a else 'n'}{'t' if trans_b else 'n'}"
+    if tile in SM90_TILES:
+        return f"matmul_sm90_{SM90_TILES[tile][0][1]}_{'t' if trans_a else 'n'}{'t' if trans_b else 'n'}"
     flag = lambda on: "true" if on else "false"  # noqa: E731
     return f"matmul<Bf16<{BF16_TILES[tile][0][1]}>, {flag(trans_a)}, {flag(not trans_b)}>"
 
@@ -166,7 +168,7 @@ def names_in(file: str) -> list[str]:
     if file == MATMUL_FILE:
         return [matmul_kernel(tile, *layout) for layout in MATMUL_LAYOUTS for tile in BF16_TILES]
     if file == SM90A_FILE:
-        return [matmul_kernel(SM90_TILE, *layout) for layout in MATMUL_LAYOUTS]
+        return [matmul_kernel(tile, *layout) for tile in SM90_TILES for layout in MATMUL_LAYOUTS]
     if file in ELEMENTWISE_FILES:
         kernels = ELEMENTWISE_FILES[file]
         return ([f"{k}<{t}>" for k in kernels if k not in UNTYPED for t in CTYPES.values()]
@@ -354,7 +356,7 @@ class CupyLoader:
             if file in SM90A_FILES:
                 module = self._modules[(file, name)] = self.xp.RawModule(path=str(sm90a_cubin(file)))
                 kernel = module.get_function(name)
-                kernel.max_dynamic_shared_size_bytes = SM90_BLOCK[2]
+                kernel.max_dynamic_shared_size_bytes = SM90_SHARED_MAX
                 return kernel
             module = self._modules[(file, name)] = self.xp.RawModule(
                 code=kernel_source(file), options=("-std=c++17",), name_expressions=[name])
@@ -618,7 +620,7 @@ class CudaOps(ArrayOps):
                     tile: str | None = None) -> Any:
         """out = op(a) op(b) on the bf16 tensor cores (matmul.cu): a and b bf16 bits as uint16, out
         float32, float sums (ArrayOps.matmul_bf16); the layouts of MATMUL_LAYOUTS (not both
-        transposed). ``tile``: one of BF16_TILES, or SM90_TILE where the loader has sm90a; else the
+        transposed). ``tile``: one of BF16_TILES, or of SM90_TILES where the loader has sm90a; else the
         tuned one of those for this shape (the default below TUNE_MIN_FMA)."""
         K, M, N = self._check_matmul_bf16(a, b, out, trans_a, trans_b)
         if (trans_a, trans_b) not in MATMUL_LAYOUTS:
@@ -627,14 +629,14 @@ class CudaOps(ArrayOps):
         self._check("a", a, a.shape, np.uint16)
         self._check("b", b, b.shape, np.uint16)
         self._check("out", out, (M, N), np.float32)
-        tiles = (*BF16_TILES, SM90_TILE) if getattr(self.loader, "sm90a", False) else tuple(BF16_TILES)
+        tiles = (*BF16_TILES, *SM90_TILES) if getattr(self.loader, "sm90a", False) else tuple(BF16_TILES)
         if tile is not None and tile not in tiles:
             raise ValueError(f"tile: expected one of {', '.join(tiles)}, got {tile!r}")
         params = make("MatmulParams", np.float32, a=a, b=b, out=out, M=M, N=N, K=K)
 
         def run(tile: str) -> None:
-            if tile == SM90_TILE:
-                ((bm, bn), threads, shared), file = SM90_BLOCK, SM90A_FILE
+            if tile in SM90_TILES:
+                ((bm, bn), threads, shared), file = SM90_TILES[tile], SM90A_FILE
             else:
                 ((bm, bn), threads), shared, file = BF16_TILES[tile], 0, MATMUL_FILE
             self._launch(file, matmul_kernel(tile, trans_a, trans_b), (-(-N // bn), -(-M // bm), 1),

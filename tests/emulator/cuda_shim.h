@@ -42,9 +42,12 @@
 #define __restrict__ __restrict
 #define __shared__ static
 // Dynamic shared memory (kernels/wgmma.cuh defines the macro for the GPU): the library's one
-// window, 1024-byte aligned as a GPU's shared state space is, filled with poison (all bits set) as
-// each block starts; shared_address() (wgmma_shim.h) gives offsets into it.
-#define DYNAMIC_SHARED(T, name) T* const name = reinterpret_cast<T*>(emu::dynamic_shared_window)
+// window, filled with poison (all bits set) as each block starts; shared_address() (wgmma_shim.h)
+// gives offsets into it. The window (the shared state space) is 1024-byte aligned; the block's
+// dynamic memory starts dynamic_shared_skew bytes in, 16-byte aligned and no more, as the language
+// promises, so a kernel that needs 1024-byte atoms must align them itself.
+#define DYNAMIC_SHARED(T, name) \
+    T* const name = reinterpret_cast<T*>(emu::dynamic_shared_window + emu::dynamic_shared_skew)
 
 using std::exp;
 using std::fabs;
@@ -62,7 +65,8 @@ struct dim3 {
 
 namespace emu {
 inline constexpr std::size_t dynamic_shared_max = 227 * 1024;  // an H100's most a block
-alignas(1024) static unsigned char dynamic_shared_window[dynamic_shared_max];  // per library copy
+inline constexpr std::size_t dynamic_shared_skew = 16 * 37;
+alignas(1024) static unsigned char dynamic_shared_window[dynamic_shared_skew + dynamic_shared_max];  // per library copy
 
 #if EMU_FIBERS
 inline void yield();

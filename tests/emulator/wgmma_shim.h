@@ -32,7 +32,7 @@
 namespace emu {
 inline std::uint32_t shared_address(const void* p) {
     const auto* c = static_cast<const unsigned char*>(p);
-    if (c < dynamic_shared_window || c >= dynamic_shared_window + dynamic_shared_max) {
+    if (c < dynamic_shared_window || c >= dynamic_shared_window + sizeof dynamic_shared_window) {
         std::fprintf(stderr, "emu: a shared address of memory outside the dynamic shared window\n");
         __trap();
         return 0;
@@ -85,7 +85,7 @@ struct WgmmaState {
 inline thread_local WgmmaState wgmma_state;
 
 inline std::uint16_t shared_bf16(std::uint32_t at) {
-    if (at + 2 > dynamic_shared_max) {
+    if (at + 2 > sizeof dynamic_shared_window) {
         std::fprintf(stderr, "emu: a wgmma operand past the dynamic shared window\n");
         __trap();
         return 0;
