@@ -1,6 +1,8 @@
 """The CUDA-on-CPU shim schedules blocks as a GPU may: in a seeded shuffled order and
 several at once, each with its own __shared__ storage, so a kernel that depends on
 block order or on one block finishing before another fails on the CPU."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.special
@@ -75,3 +77,30 @@ def test_order_assumption_passes_in_order(last_block_by_index):
 def test_order_assumption_fails_shuffled(last_block_by_index):
     results = output_losses(EmuLoader(last_block_by_index, blocks="shuffled", seed=0))
     assert any(not loss == pytest.approx(expected, rel=1e-12) for loss, expected in results)
+
+
+def memory_maps() -> int:
+    with open("/proc/self/maps") as maps:
+        return sum(1 for _ in maps)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps (Linux)")
+def test_fiber_stacks_are_shared_by_every_library():
+    """Distinct kernel libraries (and the copies of each) take their fiber stacks from one pool:
+    a pool per library keeps two maps (stack and guard page) per thread of the widest block each
+    library ever ran, and a session of a few hundred libraries exhausts vm.max_map_count."""
+    def launch(variant):
+        loader = EmuLoader(HERE, extra_flags=[f"-DEMU_STACKS_VARIANT={variant}"], slots=3, seed=variant)
+        kernel = loader.function("schedule_probe.cu", "count_threads<unsigned int>", ["count_threads<unsigned int>"])
+        seen = np.zeros(1, np.uint32)
+        kernel((6, 1, 1), (1024, 1, 1), [seen])
+        assert seen[0] == 6 * 1024
+
+    launch(0)  # the pool now holds 1024 to 3072 stacks (each copy running takes 1024)
+    before = memory_maps()
+    for variant in range(1, 4):  # three more libraries, three copies each: 9 x 1024 stacks taken
+        launch(variant)
+    grown = memory_maps() - before
+    # shared: at most 2048 new stacks (4096 maps) and the libraries' own segments; a pool per
+    # library copy: 9 x 1024 new stacks, 18432 maps
+    assert grown < 5120, f"{grown} memory maps for three libraries (2 per fiber stack: a pool per library?)"

@@ -66,6 +66,24 @@ def wrapper_source(cu_file: Path, names: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fiber_stacks() -> Path:
+    """fiber_stacks.cpp as a library (cached by its hash): the process's one pool of fiber stacks,
+    linked by every library and executable :func:`build` makes (by absolute path, so the dynamic
+    linker loads it once however many kernel libraries, and copies of them, are loaded)."""
+    source = HERE / "fiber_stacks.cpp"
+    digest = hashlib.sha256("\n".join([source.read_text(), CXX, *FLAGS]).encode()).hexdigest()[:16]
+    target = CACHE / f"fiber_stacks-{digest}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            built = Path(tmp) / "out.so"
+            proc = subprocess.run([CXX, "-shared", *FLAGS, str(source), "-o", str(built)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"g++ failed on {source.name}:\n{proc.stderr[-4000:]}")
+            os.replace(built, target)  # atomic, as build()
+    return target
+
+
 def build(cu_file: Path, names: Sequence[str], extra_flags: Sequence[str] = (), output: Path | None = None,
           shared: bool = True, include_dirs: Sequence[Path] = (KERNELS,)) -> Path:
     """Compile ``cu_file`` with the shim (a library exporting emu_launch_i for each
@@ -73,10 +91,11 @@ def build(cu_file: Path, names: Sequence[str], extra_flags: Sequence[str] = (), 
     cu_file = Path(cu_file).resolve()
     include_dirs = [Path(d).resolve() for d in (*include_dirs, HERE)]
     source = wrapper_source(cu_file, names) if shared else cu_file.read_text()
+    stacks = fiber_stacks()
     digest = hashlib.sha256()
     # the shim with the headers it includes (mma_shim.h), then the kernel's own sources
     shim = [p.read_text() for p in sources_of(SHIM, [HERE])]
-    for part in [source, CXX, *FLAGS, *extra_flags, *shim] + [p.read_text() for p in sources_of(cu_file, include_dirs)]:
+    for part in [source, CXX, *FLAGS, *extra_flags, str(stacks), *shim] + [p.read_text() for p in sources_of(cu_file, include_dirs)]:
         digest.update(part.encode())
     suffix = ".so" if shared else ".exe"
     target = output or CACHE / f"{cu_file.stem}-{digest.hexdigest()[:16]}{suffix}"
@@ -88,7 +107,7 @@ def build(cu_file: Path, names: Sequence[str], extra_flags: Sequence[str] = (), 
         src.write_text(source)
         built = Path(tmp) / f"out{suffix}"
         cmd = [CXX, *FLAGS, *extra_flags, f"-I{cu_file.parent}", *(f"-I{d}" for d in include_dirs),
-               "-x", "c++", str(src), "-o", str(built)]
+               "-x", "c++", str(src), "-x", "none", str(stacks), "-o", str(built)]
         if shared:
             cmd.insert(1, "-shared")
         proc = subprocess.run(cmd, capture_output=True, text=True)

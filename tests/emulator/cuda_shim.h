@@ -293,28 +293,11 @@ __attribute__((noinline)) inline void yield() {
     __builtin_unreachable();
 }
 
-// Stacks kept between launches (each a guard page, then fiber_stack bytes), for every copy of
-// the library on every thread.
-inline std::mutex stacks_lock;
-inline std::vector<unsigned char*> free_stacks;
-inline unsigned char* take_stack() {
-    {
-        std::lock_guard<std::mutex> hold(stacks_lock);
-        if (!free_stacks.empty()) {
-            unsigned char* stack = free_stacks.back();
-            free_stacks.pop_back();
-            return stack;
-        }
-    }
-    void* base = mmap(nullptr, guard_page + fiber_stack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (base == MAP_FAILED) std::abort();
-    mprotect(base, guard_page, PROT_NONE);
-    return static_cast<unsigned char*>(base) + guard_page;
-}
-inline void give_stack(unsigned char* stack) {
-    std::lock_guard<std::mutex> hold(stacks_lock);
-    free_stacks.push_back(stack);
-}
+// Stacks kept between launches, one pool for the process (fiber_stacks.cpp, linked by builder.py).
+extern "C" __attribute__((visibility("default"))) unsigned char* emu_take_stack(std::size_t bytes, std::size_t guard);
+extern "C" __attribute__((visibility("default"))) void emu_give_stack(unsigned char* stack);
+inline unsigned char* take_stack() { return emu_take_stack(fiber_stack, guard_page); }
+inline void give_stack(unsigned char* stack) { emu_give_stack(stack); }
 
 // body(t) for t in [0, n), each on a fiber of its own, here; returns when all have returned.
 inline void run_fibers(unsigned int n, const std::function<void(unsigned int)>& body) {

@@ -24,3 +24,10 @@ __global__ void record_blocks(T* ticket, unsigned int* started, unsigned int* ru
     __syncthreads();
     if (threadIdx.x == 0) std::atomic_ref<unsigned int>(*running).fetch_sub(1);
 }
+
+// Every thread counts itself: a launch of wide blocks, a fiber stack per thread
+// (test_fiber_stacks_are_shared_by_every_library).
+template <typename T>
+__global__ void count_threads(T* seen) {
+    atomicAdd(seen, T(1));
+}
