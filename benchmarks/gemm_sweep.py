@@ -4,7 +4,7 @@ peers of issue 13 (cuBLAS TF32 through CuPy and PyTorch, cuBLAS BF16 through PyT
 TF32 core's ratio to the fastest cuBLAS TF32 (target >= 0.80), our bf16 core alone (matmul.cu, both
 tiles, and on an sm_90a card the wgmma kernels, matmul_sm90.cu; the fastest one's ratio to cuBLAS
 BF16, target >= 0.80) and precision="bf16"'s weight gradient
-(float32 storage, on the TF32 mma: its row only), the weight gradient
+(weight_grad.cu on Bf16<128>, bf16 bits in: its row only), the weight gradient
 with the delta prologue and the SGD epilogue at B=4096, 1024x1024 (every tile and every
 split-K slice count), the same with delta given, AdamW fused into the epilogue against separate
 passes (cuBLAS + our rule kernel, PyTorch eager), and the forward GEMM with bias and sigmoid at the same size.
@@ -164,8 +164,9 @@ def main(out_path: str | None = None) -> int:
             print(f"core 4096^3            {path}: FAILED {type(exc).__name__}: {exc}", flush=True)
             failed.append(path)
     # 1c. ours in bf16: the bf16 core alone (matmul.cu: bf16 tiles, ldmatrix, mma m16n8k16) on bf16
-    # copies of o and delta (made once, untimed), and precision="bf16"'s weight gradient (float32
-    # storage, operands rounded to bf16 as they load, on the TF32 mma: the Tf32 kernels with bf16 set)
+    # copies of o and delta (made once, untimed), and precision="bf16"'s weight gradient on the same
+    # bits (weight_grad.cu on Bf16<128>: db summed from its delta tiles as they land, dW written by its
+    # epilogue)
     from gpu_backprop.ops.bf16 import round_bf16_in_place
 
     bits = lambda x: (round_bf16_in_place(xp, x.copy()).view(xp.uint32) >> 16).astype(xp.uint16)  # noqa: E731
@@ -175,7 +176,7 @@ def main(out_path: str | None = None) -> int:
     bf16_runs = [(f"bf16-core/{tile}", lambda tile=tile: ops["bf16"].matmul_bf16(o_bits, delta_bits, grad_w,
                                                                                  trans_a=True, tile=tile))
                  for tile in bf16_tiles]
-    bf16_runs.append(("bf16", lambda: ops["bf16"].weight_grad(o, delta, grad_w, grad_b, config="bf16")))
+    bf16_runs.append(("bf16", lambda: ops["bf16"].weight_grad(o_bits, delta_bits, grad_w, grad_b, config="bf16")))
     for path, run in bf16_runs:
         try:
             grad_w.fill(np.nan)

@@ -75,11 +75,12 @@ class Gradients:
 class _Buffers:
     """Everything one step at batch size B writes: allocated once, reused."""
 
-    outputs: list  # o[1..L]
-    deltas: list   # delta[1..L] (delta[k] has the shape of o[k])
+    outputs: list  # o[1..L] (o[1..L-1] in the ops' storage dtype, y_hat = o[L] in the model's)
+    deltas: list   # delta[1..L] (delta[k] has the shape of o[k]; the ops' storage dtype)
     loss: Any      # (1,) loss summed over the batch
     plan: list = field(default_factory=list)  # the backward launches' arguments (MLP._backward_plan)
-    plan_key: tuple = ()                       # what they were built for
+    plan_key: tuple = ()                       # what they were built for (ids, and values)
+    plan_held: tuple = ()                      # the objects whose ids plan_key holds: alive, so not reused
 
 
 class MLP:
@@ -102,7 +103,7 @@ class MLP:
         (``gpu_backprop/ops/bf16.py``): float32 master weights, GEMMs on bf16 operands (the
         weights' bf16 copy, refreshed after every update) with float32 sums, activations and
         deltas stored rounded to bf16; needs dtype float32 (and on CUDA the fused kernels: the
-        tensor cores, in float32 storage for now).
+        bf16 tensor cores, the activations and deltas stored as bf16 bits, uint16).
     """
 
     def __init__(self, sizes: Sequence[int], activation: str = "sigmoid", output: str | None = None,
@@ -186,17 +187,20 @@ class MLP:
         buf = self._buffers.get(batch)
         if buf is None:
             xp = self.xp
-            outputs = [xp.empty((batch, n), dtype=self.dtype) for n in self.sizes[1:]]
-            deltas = [xp.empty((batch, n), dtype=self.dtype) for n in self.sizes[1:]]
+            stored = self.ops.storage_dtype(self.dtype)  # bf16 bits (uint16) on CUDA with precision="bf16"
+            outputs = [xp.empty((batch, n), dtype=stored) for n in self.sizes[1:-1]]
+            outputs.append(xp.empty((batch, self.sizes[-1]), dtype=self.dtype))
+            deltas = [xp.empty((batch, n), dtype=stored) for n in self.sizes[1:]]
             buf = self._buffers[batch] = _Buffers(outputs, deltas, xp.empty(1, dtype=self.dtype))
         return buf
 
     def forward(self, X: Any, gather: Gather | None = None) -> list:
-        """All layer outputs [X, o1, ..., y_hat] for a device array X (internal buffers:
-        valid until the next call with the same batch size); with ``gather``, X is first
-        gathered into (by the first layer's launch on CUDA)."""
+        """All layer outputs [X, o1, ..., y_hat] for a device array X (X as the ops store activations:
+        ops.as_stored; internal buffers valid until the next call with the same batch size); with
+        ``gather``, X is first gathered into (on CUDA inside the first layer's launch; in bf16 just
+        before it)."""
         buf = self._batch_buffers(X.shape[0])
-        o = [X]
+        o = [X if gather is not None else self.ops.as_stored(X)]  # (bf16 on CUDA: X rounded once, here)
         for W, b, f, out in zip(self.weights, self.biases, self.activations, buf.outputs):
             o.append(self.ops.forward(o[-1], W, b, f, out, gather if len(o) == 1 else None))
         return o
@@ -225,11 +229,13 @@ class MLP:
             ops.count_step(state.t)  # Adam's t, read by this step's updates
         # The launches' arguments are the same every step of a fit (fixed buffers): built once per
         # batch size and kept while X, Y and the rest are the same objects (one entry per size).
-        # Every object keyed by id is held by the plan, so no new object can reuse its id.
+        # Every object keyed by id is held with the plan, so no new object can reuse its id (a new
+        # optimizer state at the freed one's address took the old velocities).
         key = (id(X), id(Y), lr, optimizer, id(loss_out), id(record), id(state))
         if buf.plan_key != key:
             rule = optimizer.rule(batch, lr, state.t)
             buf.plan, buf.plan_key = self._backward_plan(o, Y, rule, state, loss_out, record), key
+            buf.plan_held = (X, Y, loss_out, record, state)
         for propagate, updates, output in buf.plan:
             ops.backward(propagate, updates, output)
         return loss_out
@@ -281,7 +287,7 @@ class MLP:
         """The parameters, state or gradient buffers are other arrays now (a shared-memory fit
         began or ended): the backward launches' arguments are built again."""
         for buf in self._buffers.values():
-            buf.plan, buf.plan_key = [], ()
+            buf.plan, buf.plan_key, buf.plan_held = [], (), ()
         self._applied_rule = None
 
     def gradient_step(self, X: Any, Y: Any, reduce: Any, loss_out: Any = None, record: Record | None = None,
@@ -300,7 +306,7 @@ class MLP:
         if buf.plan_key != key:
             none = OptimizerState([], [], [], [], None)
             plan = self._backward_plan(o, Y, Rule("gradient"), none, loss_out, record, grads.w, grads.b)
-            buf.plan, buf.plan_key = plan, key
+            buf.plan, buf.plan_key, buf.plan_held = plan, key, (X, Y, loss_out, record)
         requests = []
         for (propagate, updates, output), (_, updated) in zip(buf.plan, backward_schedule(len(self.weights))):
             ops.backward(propagate, updates, output)

@@ -179,7 +179,7 @@ class Trainer:
             return
 
         def make(batch: int) -> Callable[[], None]:
-            xb = xp.empty((batch, self.X.shape[1]), dtype=model.dtype)
+            xb = xp.empty((batch, self.X.shape[1]), dtype=model.ops.storage_dtype(model.dtype))
             yb = xp.empty((batch, self.Y.shape[1]), dtype=model.dtype)
             buffers = model._batch_buffers(batch)
             count = self.labels is not None
@@ -247,7 +247,7 @@ class Trainer:
 
         def make(key: tuple[int, int]) -> Callable[[], None]:  # (this rank's rows, the global batch's)
             local, batch = key
-            xb = xp.empty((local, self.X.shape[1]), dtype=model.dtype)
+            xb = xp.empty((local, self.X.shape[1]), dtype=model.ops.storage_dtype(model.dtype))
             yb = xp.empty((local, self.Y.shape[1]), dtype=model.dtype)
             buffers = model._batch_buffers(local)
             gather = Gather(self.X, self.Y, self.local_order, self.counter, stride, yb)

@@ -8,6 +8,8 @@
 //                   all-reduce across ranks) wrote: for the rules cuBLAS's alpha and beta
 //                   cannot express (L2, Nesterov, Adam), and data-parallel steps; weight = 0
 //                   for a bias (no L2, no decay)
+// bf16_copy:        out = x rounded to bf16 (precision="bf16"): a weight's copy the GEMMs read, made
+//                   or remade where no update epilogue wrote it; an input X read outside a fit
 //
 // bias_update runs 32 columns per block (blockDim 32 x 8): each of 8 row slices sums
 // every 8th row of its column, then thread row 0 adds the 8 partials in order.
@@ -50,4 +52,9 @@ __global__ void weight_update(T* __restrict__ W, T* __restrict__ vel_w, T* __res
         for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
             update(W, vel_w, sq_w, i, grad_w[i], weight != 0);
     }
+}
+
+__global__ void bf16_copy(const float* __restrict__ x, bf16_t* __restrict__ out, index_t n) {
+    const index_t stride = (index_t)gridDim.x * blockDim.x;
+    for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) out[i] = bf16_round(x[i]);
 }

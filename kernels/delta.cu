@@ -3,7 +3,8 @@
 // output_delta (MSE):  delta = (y_hat - y) * f'(y_hat),  loss = 1/2 sum (y_hat - y)^2
 // output_delta (CE):   delta = y_hat - y,                 loss = -sum y log(y_hat)
 // hidden_delta:        delta = err * f'(o)
-// (with bf16, precision="bf16": delta stored rounded to bf16)
+// (in T; delta stored in S: T, or bf16_t for precision="bf16", rounded (mma.cuh stored_as), as are
+// hidden_delta's err and o)
 //
 // f' is taken from the saved output (common.cuh). The loss is reduced in the
 // same launch without float atomics: each block writes a partial sum, the last
@@ -11,21 +12,13 @@
 // result does not depend on scheduling. The loss accumulates in double: a float
 // sum over 2^26 terms would drift by ~1e-4 relative. Launch with a fixed grid (the launcher
 // caps it) and blockDim.x a multiple of 32. Where every array is 16-byte aligned the body
-// moves 16-byte packs (4 floats, 2 doubles) per access; the tail, and unaligned views, go
-// element by element.
+// moves 16-byte packs (4 floats, 2 doubles, 8 bf16) per access (output_delta in bf16: packs of
+// y_hat and y, delta element by element); the tail, and unaligned views, go element by element.
 #pragma once
 #include "mma.cuh"
 #include "params.cuh"
 
 enum Loss { LOSS_MSE = 0, LOSS_CROSS_ENTROPY = 1 };
-
-// A delta as stored: with bf16 (precision="bf16", float only) rounded to bf16, as the GEMM
-// kernels store theirs (gemm_tile.cuh stored_value), else as computed.
-template <typename T>
-__device__ __forceinline__ T stored_delta(T d, int bf16) {
-    if constexpr (sizeof(T) == 4) return bf16 ? bf16_rounded(d) : d;
-    else return d;
-}
 
 // delta of one element; returns its loss term.
 template <typename T>
@@ -86,10 +79,10 @@ __device__ void reduce_loss(double loss, long long hits, double* __restrict__ pa
     }
 }
 
-template <typename T>
-__global__ void output_delta(const T* __restrict__ y_hat, const T* __restrict__ y, T* __restrict__ delta,
+template <typename T, typename S = T>
+__global__ void output_delta(const T* __restrict__ y_hat, const T* __restrict__ y, S* __restrict__ delta,
                              int act, int loss_kind, index_t n, double* __restrict__ partials,
-                             unsigned int* __restrict__ ticket, T* __restrict__ loss_out, int bf16) {
+                             unsigned int* __restrict__ ticket, T* __restrict__ loss_out) {
     double loss = 0.0;
     const index_t stride = (index_t)gridDim.x * blockDim.x;
     const index_t first = (index_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -100,39 +93,47 @@ __global__ void output_delta(const T* __restrict__ y_hat, const T* __restrict__ 
             const Pack<T> yh = ((const Pack<T>*)y_hat)[p], target = ((const Pack<T>*)y)[p];
             Pack<T> d;
 #pragma unroll
-            for (int j = 0; j < N; ++j) {
-                loss += output_delta_at(yh.v[j], target.v[j], d.v[j], act, loss_kind);
-                d.v[j] = stored_delta(d.v[j], bf16);
+            for (int j = 0; j < N; ++j) loss += output_delta_at(yh.v[j], target.v[j], d.v[j], act, loss_kind);
+            if constexpr (sizeof(S) == sizeof(T)) {
+                ((Pack<T>*)delta)[p] = d;
+            } else {
+#pragma unroll
+                for (int j = 0; j < N; ++j) delta[p * N + j] = stored_as<S>(d.v[j]);
             }
-            ((Pack<T>*)delta)[p] = d;
         }
         done = n / N * N;
     }
     for (index_t i = done + first; i < n; i += stride) {
         T d;
         loss += output_delta_at(y_hat[i], y[i], d, act, loss_kind);
-        delta[i] = stored_delta(d, bf16);
+        delta[i] = stored_as<S>(d);
     }
     reduce_loss(loss, 0ll, partials, (long long*)nullptr, ticket, gridDim.x, blockIdx.x, loss_out,
                 StepRecord<T>{nullptr, nullptr, nullptr, 0, 0});
 }
 
+// One element of hidden_delta: err * f'(o) in T, stored as S.
+template <typename T, typename S = T>
+__device__ __forceinline__ S hidden_delta_at(S err, S o, int act) {
+    return stored_as<S>(value_of<T>(err) * derivative(act, value_of<T>(o)));
+}
+
 // err and delta may be the same array (in place after a cuBLAS GEMM): no __restrict__ on them.
-template <typename T>
-__global__ void hidden_delta(const T* err, const T* __restrict__ o, T* delta, int act, index_t n, int bf16) {
+template <typename T, typename S = T>
+__global__ void hidden_delta(const S* err, const S* __restrict__ o, S* delta, int act, index_t n) {
     const index_t stride = (index_t)gridDim.x * blockDim.x;
     const index_t first = (index_t)blockIdx.x * blockDim.x + threadIdx.x;
     index_t done = 0;
     if (aligned16(err) && aligned16(o) && aligned16(delta)) {
-        const int N = Pack<T>::N;
+        const int N = Pack<S>::N;
         for (index_t p = first; p < n / N; p += stride) {
-            const Pack<T> e = ((const Pack<T>*)err)[p], x = ((const Pack<T>*)o)[p];
-            Pack<T> d;
+            const Pack<S> e = ((const Pack<S>*)err)[p], x = ((const Pack<S>*)o)[p];
+            Pack<S> d;
 #pragma unroll
-            for (int j = 0; j < N; ++j) d.v[j] = stored_delta(e.v[j] * derivative(act, x.v[j]), bf16);
-            ((Pack<T>*)delta)[p] = d;
+            for (int j = 0; j < N; ++j) d.v[j] = hidden_delta_at<T>(e.v[j], x.v[j], act);
+            ((Pack<S>*)delta)[p] = d;
         }
         done = n / N * N;
     }
-    for (index_t i = done + first; i < n; i += stride) delta[i] = stored_delta(err[i] * derivative(act, o[i]), bf16);
+    for (index_t i = done + first; i < n; i += stride) delta[i] = hidden_delta_at<T>(err[i], o[i], act);
 }

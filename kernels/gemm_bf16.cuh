@@ -1,12 +1,9 @@
 // The bf16 tensor-core core of gemm_tile.cuh (its interface: zero, multiply, for_each_output;
-// THREADS, BM, BN, BK, PAD, STAGES, MIN_BLOCKS; ROUNDS). Included by gemm_tile.cuh.
+// THREADS, BM, BN, BK, PAD, STAGES, MIN_BLOCKS; ROUNDS, ROW_TILES; STAGED: also
+// for_each_output_staged, STAGING_BYTES). Included by gemm_tile.cuh.
 #pragma once
 #include "common.cuh"
 #include "mma.cuh"
-
-// A bfloat16 as stored in memory: its 16 bits (NumPy and CuPy have no bfloat16 dtype; the
-// arrays are uint16). Values are made by bf16_round (mma.cuh), read by bf16_to_float.
-typedef unsigned short bf16_t;
 
 // Tensor cores on bf16 operands, float accumulation: acc += A B with A, B held in shared
 // memory as bf16 (half the bytes of Tf32's float tiles), fragments read by ldmatrix.
@@ -49,10 +46,14 @@ struct Bf16 {
     static const int MI = WARP_M / 16, NI = WARP_N / 8;         // mma tiles per warp: 4 x 8
     static const bool ROUNDS = false;                           // operands are bf16 already
     static const bool ROW_TILES = true;                         // m-major operands kept m-major
+    static const bool STAGED = true;                            // the epilogue through shared memory
+    // for_each_output_staged's half tile: WARP_M rows of BN floats, a row STAGE_LD words apart
+    static const int STAGE_LD = BN + 8, STAGING_BYTES = WARP_M * STAGE_LD * 4;
     static_assert(THREADS == 32 * (BM / WARP_M) * (BN / WARP_N), "one warp per warp tile");
     static_assert(NI % 2 == 0 && BK % 16 == 0, "B fragments two n tiles a load; whole k steps");
     static_assert((BM + PAD) % 64 == 8 && (BN + PAD) % 64 == 8, "the bank argument above: k-major rows");
     static_assert((BK + PAD) / 2 % 8 == 4, "the bank argument above: m-major rows on distinct 4-bank groups");
+    static_assert(STAGE_LD % 32 == 8, "the staging's 8-byte stores conflict-free (for_each_output_staged)");
     typedef bf16_t Value;
     struct Acc {
         float v[MI][NI][4];
@@ -122,5 +123,41 @@ struct Bf16 {
                     const index_t n = n0 + wn + 8 * j + 2 * t + r % 2;
                     if (m < M && n < N) epilogue(m, n, acc.v[i][j][r]);
                 }
+    }
+
+    // The epilogue through shared memory (gemm_tile.cuh tile_epilogue), a half of the block tile at a
+    // time (WARP_M rows: STAGING_BYTES): the warps of that half store their accumulators as float2
+    // (lane 4 g + t: row g (+ 8), columns 2 t, 2 t + 1; a row STAGE_LD = 8 (mod 32) words apart, so the
+    // 16 lanes of a phase write 32 distinct banks), then every thread runs epilogue over the half in
+    // row order: consecutive threads on consecutive columns (coalesced stores, conflict-free reads),
+    // 8 outputs an iteration so their loads overlap, the epilogue's code 8 times over instead of 128.
+    template <typename Epilogue>
+    static __device__ __forceinline__ void for_each_output_staged(const Acc& acc, float* stage, index_t m0,
+                                                                  index_t n0, index_t M, index_t N,
+                                                                  Epilogue epilogue) {
+        const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+        const int wm = warp_m(), wn = warp_n();
+#pragma unroll 1
+        for (int half = 0; half < BM / WARP_M; ++half) {
+            __syncthreads();  // sync: the tiles (or the last half) read by every thread
+            if (wm == half * WARP_M) {
+#pragma unroll
+                for (int i = 0; i < MI; ++i)
+#pragma unroll
+                    for (int j = 0; j < NI; ++j)
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            float2* slot = reinterpret_cast<float2*>(&stage[(16 * i + g + 8 * h) * STAGE_LD + wn + 8 * j + 2 * t]);
+                            *slot = make_float2(acc.v[i][j][2 * h], acc.v[i][j][2 * h + 1]);
+                        }
+            }
+            __syncthreads();  // sync: the half staged
+#pragma unroll 8
+            for (int e = threadIdx.x; e < WARP_M * BN; e += THREADS) {
+                const int r = e / BN, c = e % BN;
+                const index_t m = m0 + half * WARP_M + r, n = n0 + c;
+                if (m < M && n < N) epilogue(m, n, stage[r * STAGE_LD + c]);
+            }
+        }
     }
 };

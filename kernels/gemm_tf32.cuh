@@ -40,6 +40,7 @@ struct Tf32 {
     static const int MI = WARP_M / 16, NI = WARP_N / 8;         // mma tiles per warp: 4 x 4
     static const bool ROUNDS = true;                            // operands rounded as they land
     static const bool ROW_TILES = false;                        // every tile k-major (TileOf)
+    static const bool STAGED = false;                           // the epilogue from registers (tile_epilogue)
     static_assert(THREADS == 32 * (BM / WARP_M) * (BN / WARP_N), "one warp per warp tile");
     static_assert(MI == 4 && NI == 4, "a lane's rows and columns of a k row are 2 and 1 16-byte vectors");
     static_assert((BM + PAD) % 32 == 4 && (BN + PAD) % 32 == 4, "the bank argument above");

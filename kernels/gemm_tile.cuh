@@ -13,8 +13,10 @@
 // (element (m, k) at k*M + m: consecutive m are adjacent), otherwise m-major (at m*K + k);
 // likewise B_KROWS for B (k-major: (k, n) at k*N + n). The load order follows the layout so
 // global reads coalesce. In shared memory every tile is k-major, tile[k][row], except where a
-// core has ROW_TILES (Bf16): there an m-major Direct operand stays m-major, tile[row][k]
-// (TileOf, RowTileCopy), and the kernel declares its GemmTiles with the operands' layouts.
+// core has ROW_TILES (Bf16): there an m-major Direct or functor operand stays m-major, tile[row][k]
+// (TileOf; RowTileCopy for a Direct one, TileFetch's ROW_MAJOR for a functor; a Transformed one must
+// be k-major), and the kernel declares its GemmTiles with the operands' layouts. A functor returns
+// the core's Value (for Bf16 a bf16_t).
 //
 // The cores, with one interface (a kernel is written once, templated on its core):
 //   Simt<T, BM, BN, BK, TM, TN>  CUDA cores, float or double. Each thread owns TM x TN
@@ -24,10 +26,9 @@
 //       tiles, fragments read as 16-byte vectors, up to STAGES stages (below).
 //   Tf32  tensor cores (sm_80+), float in, float accumulate, TF32 products (gemm_tf32.cuh): its
 //       operands rounded to TF32 once, in shared memory, as they land (ROUNDS; gemm_mainloop).
-//       With the launch parameter bf16 (precision="bf16" in float32 storage) the operands are
-//       rounded to bf16 instead, and the kernels round what they store too (stored_value).
 //   Bf16  tensor cores (sm_80+), bf16 in (bf16_t tiles, fragments by ldmatrix), float
-//       accumulate (gemm_bf16.cuh); its epilogue sees floats.
+//       accumulate (gemm_bf16.cuh); its epilogue sees floats. precision="bf16" trains on it: a
+//       core's Value is what the kernels store of the activations and deltas (mma.cuh stored_as).
 #pragma once
 #include "common.cuh"
 #include "mma.cuh"
@@ -90,12 +91,19 @@ struct operand_kind<Transformed<T, F>> {
 // A functor operand's BK x ROWS tile in flight: each thread fetches its share into registers
 // (all its global reads issued back to back, out-of-range elements as zero), then stores them
 // to shared memory. KROWS (k-major storage): consecutive threads take consecutive rows; else
-// consecutive k. Either way global reads coalesce.
-template <typename T, int ROWS, int BK, int PAD, bool KROWS, int THREADS>
+// consecutive k. Either way global reads coalesce. The tile is tile[k][row], or with ROW_MAJOR
+// (a ROW_TILES core's m-major operand: backward.cu's output delta on Bf16) tile[row][k].
+template <typename T, int ROWS, int BK, int PAD, bool KROWS, int THREADS, bool ROW_MAJOR = false>
 struct TileFetch {
     static const int PER_THREAD = (BK * ROWS + THREADS - 1) / THREADS;
     static const bool EVEN = BK * ROWS % THREADS == 0;  // every thread's every slot in the tile
+    typedef typename Select<ROW_MAJOR, T[ROWS][BK + PAD], T[BK][ROWS + PAD]>::type Tile;
     T v[PER_THREAD];
+
+    static __device__ __forceinline__ T& slot(Tile& tile, int i) {
+        if constexpr (ROW_MAJOR) return tile[row_of(i)][k_of(i)];
+        else return tile[k_of(i)][row_of(i)];
+    }
 
     static __device__ __forceinline__ int k_of(int i) { return KROWS ? i / ROWS : i % BK; }
     static __device__ __forceinline__ int row_of(int i) { return KROWS ? i % ROWS : i / BK; }
@@ -111,21 +119,21 @@ struct TileFetch {
     }
 
     template <typename F>
-    __device__ __forceinline__ void store(T (&tile)[BK][ROWS + PAD], int tid, F f) const {
+    __device__ __forceinline__ void store(Tile& tile, int tid, F f) const {
 #pragma unroll
         for (int j = 0; j < PER_THREAD; ++j) {
             const int i = tid + j * THREADS;
-            if (EVEN || i < BK * ROWS) tile[k_of(i)][row_of(i)] = f(v[j]);
+            if (EVEN || i < BK * ROWS) slot(tile, i) = f(v[j]);
         }
     }
 
     // tile = f(tile) on the slots this thread stored.
     template <typename F>
-    static __device__ __forceinline__ void apply(T (&tile)[BK][ROWS + PAD], int tid, F f) {
+    static __device__ __forceinline__ void apply(Tile& tile, int tid, F f) {
 #pragma unroll
         for (int j = 0; j < PER_THREAD; ++j) {
             const int i = tid + j * THREADS;
-            if (EVEN || i < BK * ROWS) tile[k_of(i)][row_of(i)] = f(tile[k_of(i)][row_of(i)]);
+            if (EVEN || i < BK * ROWS) slot(tile, i) = f(slot(tile, i));
         }
     }
 };
@@ -278,13 +286,11 @@ struct TileOf<Core, ROWS, KROWS, true> {
     typedef typename Core::Value type[ROWS][Core::BK + Core::PAD];
 };
 
-// The value a core keeps of an operand element in shared memory: itself, or (Core::ROUNDS, the
-// tensor cores) Core::stored(x), its TF32 rounding, or with bf16 (precision="bf16", a launch
-// parameter) its bf16 rounding, formed once per element a block loads. A bf16 is exact in TF32,
-// so Tf32's mma then multiplies bf16 operands exactly and sums in float, as mma.m16n8k16.bf16 does.
+// The value a core keeps of an operand element in shared memory: itself, or (Core::ROUNDS: Tf32)
+// Core::stored(x), its TF32 rounding, formed once per element a block loads.
 template <class Core>
-__device__ __forceinline__ typename Core::Value landed(typename Core::Value x, bool bf16) {
-    if constexpr (Core::ROUNDS) return bf16 ? bf16_rounded(x) : Core::stored(x);
+__device__ __forceinline__ typename Core::Value landed(typename Core::Value x) {
+    if constexpr (Core::ROUNDS) return Core::stored(x);
     else return x;
 }
 
@@ -297,11 +303,10 @@ __device__ __forceinline__ typename Core::Value landed(typename Core::Value x, b
 template <typename T, int ROWS, int BK, int PAD, bool KROWS, int THREADS, typename Op, class Core,
           int KIND = operand_kind<Op>::value>
 struct Operand {
-    typedef T Tile[BK][ROWS + PAD];
-    typedef TileFetch<T, ROWS, BK, PAD, KROWS, THREADS> Fetch;
-    static_assert(!(Core::ROW_TILES && !KROWS), "row tiles: Direct operands only");
+    typedef TileFetch<T, ROWS, BK, PAD, KROWS, THREADS, Core::ROW_TILES && !KROWS> Fetch;
+    typedef typename Fetch::Tile Tile;
     static const bool TRANSFORMS = false, LANDS = false;
-    bool round = true, bf16 = false;
+    bool round = true;
     Fetch regs;
     Op load;
     __device__ __forceinline__ explicit Operand(Op op) : load(op) {}
@@ -310,12 +315,12 @@ struct Operand {
         regs.fetch(load, r0, k0, R, K, tid);
     }
     __device__ __forceinline__ void store(Tile& tile, int tid) const {
-        if (Core::ROUNDS && round) regs.store(tile, tid, [this](T v) { return landed<Core>(v, bf16); });
+        if (Core::ROUNDS && round) regs.store(tile, tid, [](T v) { return landed<Core>(v); });
         else regs.store(tile, tid, [](T v) { return v; });
     }
     __device__ __forceinline__ void transform(Tile&, const Tile&, index_t, index_t, index_t, index_t, int) {}
     __device__ __forceinline__ void round_own(Tile& tile, int tid) const {
-        Fetch::apply(tile, tid, [this](T v) { return landed<Core>(v, bf16); });
+        Fetch::apply(tile, tid, [](T v) { return landed<Core>(v); });
     }
 };
 
@@ -326,7 +331,7 @@ struct Operand<T, ROWS, BK, PAD, KROWS, THREADS, Op, Core, 1> {
                             TileCopy<T, ROWS, BK, PAD, KROWS, THREADS>>::type Copy;
     typedef typename Copy::Tile Tile;
     static const bool TRANSFORMS = false, LANDS = Core::ROUNDS;
-    bool round = true, bf16 = false;
+    bool round = true;
     Op op;
     bool wide_ok;  // the 16-byte copies' global side aligned: every row start a multiple of 16 bytes
     __device__ __forceinline__ explicit Operand(Op o) : op(o), wide_ok(aligned16(o.p) && o.ld % Copy::VEC == 0) {}
@@ -340,7 +345,7 @@ struct Operand<T, ROWS, BK, PAD, KROWS, THREADS, Op, Core, 1> {
             if (round) round_own(tile, tid);
     }
     __device__ __forceinline__ void round_own(Tile& tile, int tid) const {
-        if constexpr (Core::ROUNDS) Copy::apply(tile, [this](T v) { return landed<Core>(v, bf16); }, tid);
+        if constexpr (Core::ROUNDS) Copy::apply(tile, [](T v) { return landed<Core>(v); }, tid);
     }
 };
 
@@ -348,9 +353,9 @@ template <typename T, int ROWS, int BK, int PAD, bool KROWS, int THREADS, typena
 struct Operand<T, ROWS, BK, PAD, KROWS, THREADS, Op, Core, 2> {
     typedef TileCopy<T, ROWS, BK, PAD, KROWS, THREADS> Copy;
     typedef T Tile[BK][ROWS + PAD];
-    static_assert(!(Core::ROW_TILES && !KROWS), "row tiles: Direct operands only");
+    static_assert(!(Core::ROW_TILES && !KROWS), "row tiles: no Transformed operand (Direct and functor ones only)");
     static const bool TRANSFORMS = true, LANDS = true;
-    bool round = true, bf16 = false;
+    bool round = true;
     Op op;
     bool wide_ok;
     __device__ __forceinline__ explicit Operand(Op o)
@@ -365,14 +370,14 @@ struct Operand<T, ROWS, BK, PAD, KROWS, THREADS, Op, Core, 2> {
     __device__ __forceinline__ void transform(Tile& tile, const Tile& aux, index_t r0, index_t k0, index_t R,
                                               index_t K, int tid) {
         if (Core::ROUNDS && round) {  // f, then the rounding, in one pass (outside R x K: zeros, left)
-            auto f = [&](T v, T w, index_t r, index_t k) { return landed<Core>(op.f(v, w, r, k), bf16); };
+            auto f = [&](T v, T w, index_t r, index_t k) { return landed<Core>(op.f(v, w, r, k)); };
             Copy::transform(tile, aux, f, r0, k0, R, K, tid);
         } else {
             Copy::transform(tile, aux, op.f, r0, k0, R, K, tid);
         }
     }
     __device__ __forceinline__ void round_own(Tile& tile, int tid) const {
-        Copy::apply(tile, [this](T v) { return landed<Core>(v, bf16); }, tid);
+        Copy::apply(tile, [](T v) { return landed<Core>(v); }, tid);
     }
 };
 
@@ -420,8 +425,8 @@ struct GemmTiles {
 // Every element is loaded exactly once (a prologue's side effect too). Elements outside
 // M x N x K load as zero.
 //
-// A core that ROUNDS (Tf32) has each element rounded in shared memory once (to TF32, or to bf16
-// with bf16: uniform over the launch), by the thread that stored or copied it, where a Transformed operand applies f (one tile ahead: after each wait
+// A core that ROUNDS (Tf32) has each element rounded to TF32 in shared memory once, by the thread
+// that stored or copied it, where a Transformed operand applies f (one tile ahead: after each wait
 // for its own copies), so multiply reads the rounded bits with no conversion. raw_b_hook: the
 // hook needs B's stage raw (weight_grad's bias sums, in float): there, B is rounded after the
 // hook instead, between two more barriers (uniform: the argument is the same for the block).
@@ -429,7 +434,7 @@ template <class Core, bool A_KROWS, bool B_KROWS, class Tiles, typename Acc, typ
           typename OnTile>
 __device__ __forceinline__ void gemm_mainloop(Acc& acc, Tiles& tiles, OpA op_a, OpB op_b, OnTile on_tile,
                                               index_t m0, index_t n0, index_t M, index_t N, index_t K,
-                                              index_t k_begin = 0, bool raw_b_hook = false, bool bf16 = false) {
+                                              index_t k_begin = 0, bool raw_b_hook = false) {
     typedef typename Core::Value T;
     const int S = Tiles::STAGES, BK = Core::BK, tid = threadIdx.x;
     static_assert(S >= 2, "a stage in use and one filling (GemmTiles::FITS)");
@@ -443,7 +448,6 @@ __device__ __forceinline__ void gemm_mainloop(Acc& acc, Tiles& tiles, OpA op_a, 
     OperandA a(op_a);
     OperandB b(op_b);
     b.round = !round_late;
-    a.bf16 = b.bf16 = bf16;
     const bool LANDS = OperandA::LANDS || OperandB::LANDS;  // a thread works on its own copies once they land
     auto aux = [&](int s) -> auto& {
         if constexpr (Tiles::AUX) return tiles.Aux[s];
@@ -514,6 +518,7 @@ struct Simt {
     static const int BM = BM_, BN = BN_, BK = BK_, PAD = 1, STAGES = 2, MIN_BLOCKS = 1;
     static const bool ROUNDS = false;  // operands kept in shared memory as loaded (gemm_mainloop)
     static const bool ROW_TILES = false;  // every tile k-major in shared memory (TileOf)
+    static const bool STAGED = false;     // the epilogue from registers (tile_epilogue)
     static const int THREADS = (BM / TM) * (BN / TN);  // the launchers' block (ops/cuda.py threads_of)
     static const int ROW_STEP = BM / TM;  // rows of one thread are ROW_STEP apart
     static const int COL_STEP = BN / TN;
@@ -584,7 +589,7 @@ template <typename T, int BM_, int BN_, int BK_, int WM, int WN, int WMITER, int
 struct Warp {
     static const int BM = BM_, BN = BN_, BK = BK_, PAD = 16 / sizeof(T);
     static const int STAGES = STAGES_, MIN_BLOCKS = sizeof(T) == 4 ? MIN_BLOCKS_ : 1;
-    static const bool ROUNDS = false, ROW_TILES = false;
+    static const bool ROUNDS = false, ROW_TILES = false, STAGED = false;
     static const int THREADS = (BM / WM) * (BN / WN) * 32;  // the launchers' block (ops/cuda.py threads_of)
     static const int WSUBM = WM / WMITER, WSUBN = WN / WNITER;  // one piece of a warp's sub-tile
     static const int LANES_N = WSUBN / TN, LANES_M = WSUBM / TM;
@@ -668,13 +673,20 @@ struct Warp {
 #include "gemm_tf32.cuh"
 #include "gemm_bf16.cuh"
 
-// A value a kernel stores (an activation, a delta): with bf16 (precision="bf16": the launchers set
-// it on the tensor-core kernels only) rounded to bf16, as the operands are, else as computed. act
-// ACT_LOGITS is left unrounded (its softmax, outside the kernel, rounds its own output).
-template <class Core, typename T>
-__device__ __forceinline__ T stored_value(T x, bool bf16, int act = ACT_IDENTITY) {
-    if constexpr (Core::ROUNDS) return bf16 && act != ACT_LOGITS ? bf16_rounded(x) : x;
-    else return x;
+// The epilogue of a block's tile: epilogue(m, n, value) for each of its outputs inside M x N, after the
+// main loop. Core::for_each_output calls it from the accumulators, the code inlined once per
+// accumulator of a thread; a STAGED core (Bf16: 128 accumulators a thread, where an activation's code
+// 128 times over took nvcc 28 s for one forward kernel) passes them through shared memory, `staging`:
+// the block's tiles (Tiles), free once the main loop is done, and runs the epilogue in a loop.
+template <class Core, class Tiles, typename Epilogue>
+__device__ __forceinline__ void tile_epilogue(const typename Core::Acc& acc, Tiles& staging, index_t m0, index_t n0,
+                                              index_t M, index_t N, Epilogue epilogue) {
+    if constexpr (Core::STAGED) {
+        static_assert(sizeof(Tiles) >= Core::STAGING_BYTES, "the staged epilogue's half tile fits the tiles' memory");
+        Core::for_each_output_staged(acc, reinterpret_cast<float*>(&staging), m0, n0, M, N, epilogue);
+    } else {
+        Core::for_each_output(acc, m0, n0, M, N, epilogue);
+    }
 }
 
 struct NoTileHook {

@@ -89,6 +89,25 @@ __device__ __forceinline__ float bf16_to_float(unsigned short h) {
 #endif
 }
 
+// A bfloat16 as stored in memory: its 16 bits (NumPy and CuPy have no bfloat16 dtype; the arrays
+// are uint16). Values are made by bf16_round, read by bf16_to_float.
+typedef unsigned short bf16_t;
+
+// A value as stored in memory, S (a core's Value: the activations and deltas of a step, its GEMMs'
+// operands): float and double as computed; bf16_t (precision="bf16") rounded to nearest even.
+template <typename S, typename T>
+__device__ __forceinline__ S stored_as(T x) {
+    if constexpr (sizeof(S) == 2) return bf16_round(x);
+    else return S(x);
+}
+
+// A stored value read back as T for the arithmetic (exact).
+template <typename T, typename S>
+__device__ __forceinline__ T value_of(S s) {
+    if constexpr (sizeof(S) == 2) return T(bf16_to_float(s));
+    else return T(s);
+}
+
 // mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: D (16 x 8) = A (16 x 8) B (8 x 8) + C.
 // d may be c.
 __device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],

@@ -3,21 +3,30 @@
 // compiles these structs and compares every field's offset with the NumPy layout), so
 // a reordered or retyped field fails a test instead of binding the wrong value. A part
 // that a launch does not run has no tiles and null pointers.
+//
+// T is the arithmetic's type (float, double: the parameters, the bias, the loss); S the type the
+// activations, deltas and GEMM operands are stored in (the kernel's core's Value): T, or for
+// precision="bf16" bf16_t (mma.cuh stored_as), with the weights read from their bf16 copy. A
+// pointer is 8 bytes whichever its type, so the layouts do not depend on S.
 #pragma once
 #include "common.cuh"
+#include "mma.cuh"
 
 // out = f(o W + b)                      o: M x K, W: K x N, b: N, out: M x N
-template <typename T>
+// With S narrower than T, the output layer writes y_hat (in T, out null): rounded to S's values as
+// the activations are, but a softmax's logits (act ACT_LOGITS) exact, for the softmax that follows.
+template <typename T, typename S = T>
 struct ForwardParams {
-    const T* o;
-    const T* W;
+    const S* o;
+    const S* W;       // S narrower than T: the weights' copy in S
     const T* b;
-    T* out;
+    S* out;
+    T* y_hat;
     index_t M, N, K;  // batch, outputs, inputs
-    int act, bf16;    // bf16: precision="bf16" (operands and out rounded to bf16: gemm_tile.cuh)
+    int act;
 };
 
-// forward_gather's input rows: o[r] = X[order[step * stride + r]] (written to o as loaded),
+// forward_gather's input rows: o[r] = X[order[step * stride + r]] (written to o as loaded, in S),
 // yb[r] = Y[the same row]
 template <typename T>
 struct GatherParams {
@@ -30,14 +39,14 @@ struct GatherParams {
 };
 
 // out = (delta W^T) * f'(o)             delta: M x K, W: N x K, o and out: M x N
-template <typename T>
+template <typename T, typename S = T>
 struct PropagateParams {
-    const T* delta;
-    const T* W;
-    const T* o;
-    T* out;
+    const S* delta;
+    const S* W;       // as ForwardParams' W
+    const S* o;
+    S* out;
     index_t M, N, K;  // batch, inputs (the width below), outputs
-    int act, bf16;    // bf16: as ForwardParams' (backward.cu's output delta too)
+    int act;
     index_t tiles_n, tiles;  // backward.cu: tiles in a row of the output, in all (0: absent)
 };
 
@@ -45,8 +54,8 @@ struct PropagateParams {
 // op(b) K x N (b: K x N, k-major, or N x K); a and b bf16 bits, out M x N in T
 template <typename T>
 struct MatmulParams {
-    const unsigned short* a;
-    const unsigned short* b;
+    const bf16_t* a;
+    const bf16_t* b;
     T* out;
     index_t M, N, K;
 };
@@ -54,21 +63,24 @@ struct MatmulParams {
 // W, b <- update(o^T delta, column sums of delta)   o: K x M, g: K x N
 // with has_prologue: delta = g * f'(o_next), written once to delta_out; else delta = g
 // vel_w, vel_b: the update's first state (momentum's velocity, Adam's first moment);
-// sq_w, sq_b: its second (Adam's second moment); null where the rule keeps none
-template <typename T>
+// sq_w, sq_b: its second (Adam's second moment); null where the rule keeps none.
+// W_copy: W's copy in S (S narrower than T: what the GEMMs read), written from each updated
+// element; null where there is none
+template <typename T, typename S = T>
 struct WeightGradParams {
-    const T* o;
-    const T* g;
-    const T* o_next;
-    T* delta_out;
+    const S* o;
+    const S* g;
+    const S* o_next;
+    S* delta_out;
     T* W;
     T* b;
+    S* W_copy;
     T* vel_w;
     T* vel_b;
     T* sq_w;
     T* sq_b;
     index_t M, N, K;  // inputs, outputs, batch
-    int act, has_prologue, bf16;  // bf16: as ForwardParams' (the prologue's delta rounded)
+    int act, has_prologue;
     index_t tiles_n, tiles;
 };
 
@@ -98,7 +110,7 @@ struct UpdateRule {
 };
 
 // backward.cu's output delta, computed as the propagation loads it (on = 0: delta is read):
-// delta = output delta of (y_hat, y) (delta.cu), loss summed over the first tile column.
+// delta = output delta of (y_hat, y) (delta.cu), stored in S, loss summed over the first tile column.
 template <typename T>
 struct OutputParams {
     const T* y_hat;

@@ -39,21 +39,22 @@ struct Updater {
     }
 
     // Inlined once per output of the thread's tile: a call would spill the accumulators to local
-    // memory (tests/test_sass.py), hence the two families above.
-    __device__ __forceinline__ void operator()(T* p, T* m, T* v, index_t i, T grad, bool weight) const {
+    // memory (tests/test_sass.py), hence the two families above. Returns p's new value.
+    __device__ __forceinline__ T operator()(T* p, T* m, T* v, index_t i, T grad, bool weight) const {
         if ((r.mode == ADAM) != (FAMILY == ADAM_RULES)) __trap();  // launched with the other family
         if (r.mode == WRITE_GRADIENT) {
             p[i] = grad;
-            return;
+            return grad;
         }
-        if (weight && r.l2 != T(0)) grad += r.l2 * p[i];
+        T x = p[i];
+        if (weight && r.l2 != T(0)) grad += r.l2 * x;
         if constexpr (FAMILY == SGD_RULES) {
             if (r.mode == SGD) {
-                p[i] -= r.step * grad;
+                x -= r.step * grad;
             } else {
                 const T velocity = r.momentum * m[i] - r.step * grad;
                 m[i] = velocity;
-                p[i] += r.mode == SGD_MOMENTUM ? velocity : r.momentum * velocity - r.step * grad;
+                x += r.mode == SGD_MOMENTUM ? velocity : r.momentum * velocity - r.step * grad;
             }
         } else {
             const T g = r.scale * grad;
@@ -61,10 +62,20 @@ struct Updater {
             const T second = r.beta2 * v[i] + (T(1) - r.beta2) * (g * g);
             m[i] = first;
             v[i] = second;
-            T x = p[i];
             if (weight && r.decay != T(0)) x -= r.decay * x;
-            p[i] = x - r.step * first / (sqrt(second) + r.eps);
+            x = x - r.step * first / (sqrt(second) + r.eps);
         }
+        p[i] = x;
+        return x;
+    }
+
+    // The update of W's element i (or b's), and with a copy in S (precision="bf16": what the GEMMs
+    // read), the copy's element from the new value: the update epilogue's whole write.
+    template <typename S>
+    __device__ __forceinline__ void operator()(T* p, S* copy, T* m, T* v, index_t i, T grad, bool weight) const {
+        const T x = (*this)(p, m, v, i, grad, weight);
+        if constexpr (sizeof(S) < sizeof(T))
+            if (copy) copy[i] = stored_as<S>(x);
     }
 };
 

@@ -76,7 +76,7 @@ def jobs_of(item) -> list[tuple[str, str, str]]:
     params = getattr(getattr(item, "callspec", None), "params", {})
     if file.endswith("test_compile.py") and "file" in params:
         return [("nvcc" if item.originalname.startswith("test_nvcc") else "nvrtc", params["file"], params["arch"])]
-    if file.endswith("test_sass.py") or "tf32_sass" in getattr(item, "fixturenames", ()):
+    if file.endswith("test_sass.py") or {"tf32_sass", "bf16_training_sass"} & set(getattr(item, "fixturenames", ())):
         from gpu_backprop.ops.cuda import GEMM_FILES
 
         return [("nvcc", f, "sm_90") for f in dict.fromkeys(GEMM_FILES.values())]

@@ -1,9 +1,9 @@
 """precision="bf16" on the CPU (gpu_backprop/ops/bf16.py): the rounding bit for bit (exact
 expected bits, float64 rounding, the shim's cvt.rn.bf16.f32), training steps against a float64
 reference that rounds at the same points, digits against float32, save / load, the command
-line, and planted faults that the reference comparison must catch. The CUDA path (the Tf32
-kernels launched with bf16 set) on the CUDA-on-CPU shim against the same reference, with
-planted faults in the kernels' roundings."""
+line, and planted faults that the reference comparison must catch. The CUDA path (the GEMM
+kernels on the Bf16 core, activations and deltas stored as bf16 bits) on the CUDA-on-CPU shim
+against the same reference, with planted faults in the kernels' roundings and storage."""
 import json
 import os
 import subprocess
@@ -16,7 +16,7 @@ from gpu_backprop import MLP, data
 from gpu_backprop.device import Device
 from gpu_backprop.ops import activations as act
 from gpu_backprop.ops import blas
-from gpu_backprop.ops.bf16 import Bf16Ops, bf16_bits, is_bf16, round_bf16
+from gpu_backprop.ops.bf16 import Bf16Ops, bf16_bits, bf16_values, is_bf16, round_bf16
 
 from .emulator.builder import HERE, KERNELS, EmuLoader, planted_kernels, sources_of
 from .reference_formulas import f, f_prime_from_output
@@ -136,6 +136,10 @@ def agree(actual, expected, what, rtol=2e-5):
 CASES = {"sigmoid-mse": ([23, 19, 13, 5], "sigmoid", "mse"),
          "tanh-cross_entropy": ([23, 19, 13, 5], "tanh", "cross_entropy"),
          "relu-mse": ([23, 17, 6], "relu", "mse")}
+# more than a 64-row half of a 128 x 128 tile in each GEMM's rows at batch WIDE_BATCH (the Bf16 core's
+# staged epilogue, a half at a time) and more than one tile of it in the forward's and propagation's
+WIDE = {"wide-sigmoid-mse": ([133, 70, 9], "sigmoid", "mse")}
+WIDE_BATCH = 150
 
 
 def check_steps(case, steps=3, batch=29, lr=1.0, seed=0, structure=True, ops=None):
@@ -146,7 +150,7 @@ def check_steps(case, steps=3, batch=29, lr=1.0, seed=0, structure=True, ops=Non
     also that o and delta hold bf16 values only and each weight's copy is its master rounded
     (off for the planted faults: the values alone must catch them). ``ops``: makes the model's
     operations (the CUDA kernels on the shim) in place of the CPU twin's."""
-    sizes, activation, loss = CASES[case]
+    sizes, activation, loss = {**CASES, **WIDE}[case]
     model = MLP(sizes, activation=activation, loss=loss, device="cpu", seed=seed, precision="bf16")
     if ops is not None:
         model.ops = ops()
@@ -155,28 +159,30 @@ def check_steps(case, steps=3, batch=29, lr=1.0, seed=0, structure=True, ops=Non
     Y = np.eye(sizes[-1], dtype=np.float32)[rng.integers(0, sizes[-1], batch)]
     params = lambda: ([W.astype(np.float64) for W in model.weights], [b.astype(np.float64) for b in model.biases])
     buf = model._batch_buffers(batch)
+    stored = lambda: ([bf16_values(o) for o in buf.outputs], [bf16_values(d) for d in buf.deltas])  # noqa: E731
     for _ in range(steps):
         Ws, bs = params()
         got_loss = float(model.train_step(X, Y, lr)[0])
-        ref = reference_step(Ws, bs, X, Y, buf.outputs, buf.deltas, model.activations, loss, lr)
-        for k, (o, ref_o) in enumerate(zip(buf.outputs, ref[0])):
+        outputs, deltas = stored()
+        ref = reference_step(Ws, bs, X, Y, outputs, deltas, model.activations, loss, lr)
+        for k, (o, ref_o) in enumerate(zip(outputs, ref[0])):
             agree(o, ref_o, f"o[{k + 1}]")
             assert is_bf16(o) or not structure, f"o[{k + 1}] not stored as bf16"
-        for k, (d, ref_d) in enumerate(zip(buf.deltas, ref[1])):
+        for k, (d, ref_d) in enumerate(zip(deltas, ref[1])):
             agree(d, ref_d, f"the delta at o[{k + 1}]")
             assert is_bf16(d) or not structure, f"the delta at o[{k + 1}] not stored as bf16"
         assert abs(got_loss - ref[6]) <= 1e-5 * abs(ref[6]) + 1e-4, (got_loss, ref[6])
         for k in range(len(Ws)):  # the update itself (new - old), so W's own size does not hide it
             agree(model.weights[k] - Ws[k], ref[4][k] - Ws[k], f"update of W{k}")
             agree(model.biases[k] - bs[k], ref[5][k] - bs[k], f"update of b{k}")
-            if structure and hasattr(model.ops, "bf16_weights"):  # (on the GPU: W rounded as it loads)
-                copy = model.ops.bf16_weights(model.weights[k])
+            if structure:
+                copy = bf16_values(model.ops.bf16_weights(model.weights[k]))
                 np.testing.assert_array_equal(bits32(copy), bits32(round_bf16(model.weights[k])),
                                               err_msg=f"W{k}'s bf16 copy is not its master rounded")
     # the gradients the data-parallel step writes (rule "gradient"), then its update
     Ws, bs = params()
     model.gradient_step(X, Y, lambda buffer: None)
-    ref = reference_step(Ws, bs, X, Y, buf.outputs, buf.deltas, model.activations, loss, lr)
+    ref = reference_step(Ws, bs, X, Y, *stored(), model.activations, loss, lr)
     grads = model.gradients()
     for k in range(len(Ws)):
         agree(grads.w[k], ref[2][k], f"dW{k}")
@@ -189,8 +195,9 @@ def check_steps(case, steps=3, batch=29, lr=1.0, seed=0, structure=True, ops=Non
     # and the step after it reads the refreshed copies
     Ws, bs = params()
     model.train_step(X, Y, lr)
-    ref = reference_step(Ws, bs, X, Y, buf.outputs, buf.deltas, model.activations, loss, lr)
-    for k, (o, ref_o) in enumerate(zip(buf.outputs, ref[0])):
+    outputs, deltas = stored()
+    ref = reference_step(Ws, bs, X, Y, outputs, deltas, model.activations, loss, lr)
+    for k, (o, ref_o) in enumerate(zip(outputs, ref[0])):
         agree(o, ref_o, f"o[{k + 1}] after apply_gradients")
     return model
 
@@ -261,7 +268,13 @@ def test_planted_faults_fail_the_reference(monkeypatch, fault):
 
 # ---------------------------------------------------------------- the GPU kernels (precision="bf16" on CUDA), on the shim
 
-Bf16Only = Tf32Only  # precision="bf16" runs the Tf32 kernels with bf16 set
+class Bf16Only(EmuLoader):
+    """Builds a GEMM file's bf16 training instantiations only (on Bf16<128>) when one is asked for (a
+    planted copy compiles in seconds); any other file or kernel with all its names."""
+
+    def function(self, file, name, all_names):
+        return super().function(file, name, [n for n in all_names if "Bf16<128>" in n] if "Bf16<128>" in name
+                                else all_names)
 
 
 class PlantedIn(Bf16Only):
@@ -292,35 +305,77 @@ def bf16_loader():
     return Bf16Only()
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [*CASES, *WIDE])
 def test_the_gpu_kernels_match_the_reference_on_the_shim(bf16_loader, case):
     """precision="bf16" through CudaOps on the shim (blocks shuffled): the same stage-by-stage
-    comparison as the CPU twin, every GEMM on the bf16 kernels, o and delta holding bf16 values."""
-    model = check_steps(case, ops=cuda_bf16(bf16_loader))
+    comparison as the CPU twin, every GEMM on the Bf16 core, the hidden activations and every delta
+    stored as bf16 bits (uint16), y_hat in float32, each weight's copy its master rounded."""
+    batch = WIDE_BATCH if case in WIDE else 29
+    model = check_steps(case, batch=batch, ops=cuda_bf16(bf16_loader))
     assert set(model.ops.gemm_paths().values()) == {"bf16"}, model.ops.gemm_paths()
+    buf = model._batch_buffers(batch)
+    assert [o.dtype for o in buf.outputs] == [np.uint16] * (len(model.weights) - 1) + [np.float32]
+    assert {d.dtype for d in buf.deltas} == {np.dtype(np.uint16)}
+    assert {name for _, name in bf16_loader.kernels if "<" in name and "Bf16" not in name} <= \
+        {"weight_update<float>"}  # (apply_gradients' update) no GEMM off the Bf16 core
+
+
+def test_a_gathered_step_is_the_step_on_its_rows(bf16_loader, rng):
+    """The fit loop's step (gather_batch into a bf16 xb, then the forward on it): xb is the rows
+    rounded to bf16, yb the rows' targets, and the step's parameters are those of the same step
+    on the rows passed directly, bit for bit."""
+    from gpu_backprop.ops import Gather
+
+    sizes, batch = [23, 19, 5], 29
+    X = rng.normal(0, 1.5, (100, sizes[0])).astype(np.float32)
+    Y = np.eye(sizes[-1], dtype=np.float32)[rng.integers(0, sizes[-1], 100)]
+    order, step = rng.permutation(100).astype(np.int64), np.array([2], np.int64)
+    rows = order[2 * batch:3 * batch]
+    models = []
+    for gathered in (True, False):
+        model = MLP(sizes, activation="tanh", device="cpu", seed=0, precision="bf16")
+        model.ops = cuda_bf16(bf16_loader)()
+        if gathered:
+            xb, yb = np.full((batch, sizes[0]), 0xFFFF, np.uint16), np.full((batch, sizes[-1]), np.nan, np.float32)
+            model.train_step(xb, yb, 1.0, gather=Gather(X, Y, order, step, batch, yb))
+            np.testing.assert_array_equal(xb, bf16_bits(X[rows]))
+            np.testing.assert_array_equal(yb, Y[rows])
+        else:
+            model.train_step(X[rows], Y[rows], 1.0)
+        models.append(model.get_params())
+    for key, value in models[0].items():
+        np.testing.assert_array_equal(value, models[1][key], err_msg=key)
+
+
+def stored_case(rng, batch, n):
+    """A bf16 delta and a tanh output, as bits (uint16) and as their float32 values."""
+    err = bf16_bits(rng.normal(0, 1, (batch, n)).astype(np.float32))
+    o_next = bf16_bits(np.tanh(rng.normal(0, 1, (batch, n))).astype(np.float32))
+    return err, o_next
 
 
 def test_the_gpu_weight_gradient_with_its_prologue_and_split_k(bf16_loader, rng):
-    """The weight gradient forming delta as it loads (rounded, as the twin's hidden_delta stores
-    it: the same bits) and summing the stored delta for db, one launch and in 2 slices, against
-    the twin's operations."""
+    """The weight gradient with o_next given: delta formed first (the Bf16 core runs no prologue),
+    rounded as the twin's hidden_delta stores it (the same bits), then the product and db from the
+    stored delta, one launch and in 2 slices, against the twin's operations; X unrounded (rounded
+    as it is read)."""
     from gpu_backprop.ops.cuda import split_paths
 
     batch, n_in, n_out = 200, 37, 19
-    X = rng.normal(0, 1.5, (batch, n_in)).astype(np.float32)  # unrounded: rounded as it loads
-    err = round_bf16(rng.normal(0, 1, (batch, n_out)).astype(np.float32))
-    o_next = round_bf16(np.tanh(rng.normal(0, 1, (batch, n_out))).astype(np.float32))
+    X = rng.normal(0, 1.5, (batch, n_in)).astype(np.float32)
+    err, o_next = stored_case(rng, batch, n_out)
     twin = Bf16Ops()
-    want_d = np.empty_like(err)
-    want_w, want_b = twin.weight_grad(X, err, np.empty((n_in, n_out), np.float32), np.empty(n_out, np.float32),
-                                      o_next=o_next, activation="tanh", delta_out=want_d)
+    want_d = np.empty((batch, n_out), np.float32)
+    want_w, want_b = twin.weight_grad(X, bf16_values(err), np.empty((n_in, n_out), np.float32),
+                                      np.empty(n_out, np.float32), o_next=bf16_values(o_next), activation="tanh",
+                                      delta_out=want_d)
     ops = cuda_bf16(bf16_loader)()
     assert "bf16/s2" in split_paths(batch, bf16=True)
     for path in ("bf16", "bf16/s2"):
-        d = np.full_like(err, np.nan)
+        d = np.full(err.shape, 0xFFFF, np.uint16)
         grad_w, grad_b = np.full((n_in, n_out), np.nan, np.float32), np.full(n_out, np.nan, np.float32)
         ops.weight_grad(X, err, grad_w, grad_b, o_next=o_next, activation="tanh", delta_out=d, config=path)
-        np.testing.assert_array_equal(bits32(d), bits32(want_d), err_msg=path)
+        np.testing.assert_array_equal(d, bf16_bits(want_d), err_msg=path)
         terms = np.abs(round_bf16(X).astype(np.float64)).T @ np.abs(want_d.astype(np.float64))
         assert np.all(np.abs(grad_w - want_w) <= 2 * 2.0 ** -24 * 6 * (batch / 4 + 2) * terms + 1e-37), path
         assert np.all(np.abs(grad_b - want_b) <= 2 * 2.0 ** -24 * batch * np.abs(want_d).sum(0) + 1e-37), path
@@ -339,59 +394,164 @@ def test_the_gpu_paths_and_precision_go_together(bf16_loader):
         CudaOps(np, scipy.special, bf16_loader).forward(x, W, b, "sigmoid", out, config="bf16")
 
 
+def test_the_bf16_arguments_name_what_they_expected(bf16_loader):
+    """Stored activations and deltas are bf16 bits; a float32 input is taken (rounded), other
+    types are refused naming the argument; a softmax writes float32."""
+    ops = cuda_bf16(bf16_loader)()
+    W, b = np.ones((4, 5), np.float32), np.zeros(5, np.float32)
+    o16, h16, d16 = (np.zeros(s, np.uint16) for s in ((3, 4), (3, 5), (3, 5)))
+    with pytest.raises(TypeError, match=r"^o: expected dtype uint16, got float64$"):
+        ops.forward(np.ones((3, 4)), W, b, "sigmoid", h16)
+    with pytest.raises(TypeError, match=r"^out: expected dtype float32, got uint16$"):
+        ops.forward(o16, W, b, "softmax", h16)
+    with pytest.raises(TypeError, match=r"^delta: expected dtype uint16, got float32$"):
+        ops.propagate(np.zeros((3, 5), np.float32), W, o16, "sigmoid", np.zeros((3, 4), np.uint16))
+    with pytest.raises(TypeError, match=r"^out: expected dtype uint16, got float32$"):
+        ops.output_delta(np.zeros((3, 5), np.float32), np.zeros((3, 5), np.float32), "sigmoid", "mse",
+                         np.zeros((3, 5), np.float32), np.zeros(1, np.float32))
+    with pytest.raises(TypeError, match=r"^err: expected dtype uint16, got float32$"):
+        ops.hidden_delta(np.zeros((3, 5), np.float32), h16, "sigmoid", d16)
+    ops.forward(o16, W, b, "sigmoid", h16)  # and the right ones run
+    ops.forward(np.ones((3, 4), np.float32), W, b, "softmax", np.zeros((3, 5), np.float32))
+
+
+def test_a_float_input_is_rounded_as_it_is_read(bf16_loader, rng):
+    """A float32 o (the input X outside a fit) gives what its bf16 bits give, bit for bit, in the
+    forward and the weight gradient."""
+    ops = cuda_bf16(bf16_loader)()
+    X = rng.normal(0, 1, (37, 23)).astype(np.float32)
+    W, b = rng.normal(0, 0.3, (23, 11)).astype(np.float32), rng.normal(0, 0.1, 11).astype(np.float32)
+    delta = bf16_bits(rng.normal(0, 1, (37, 11)).astype(np.float32))
+    got = []
+    for o in (X, bf16_bits(X)):
+        out = np.full((37, 11), 0xFFFF, np.uint16)
+        grad_w, grad_b = np.full((23, 11), np.nan, np.float32), np.full(11, np.nan, np.float32)
+        ops.forward(o, W, b, "tanh", out)
+        ops.weight_grad(o, delta, grad_w, grad_b)
+        got.append((out, grad_w, grad_b))
+    for a, b_ in zip(*got):
+        np.testing.assert_array_equal(a, b_)
+
+
+def copy_launches(ops):
+    kernel = ops.loader.kernels.get(("bias.cu", "bf16_copy"))
+    return 0 if kernel is None else kernel.launches
+
+
+def test_the_weights_copies_are_made_once_and_kept_in_place(bf16_loader, rng):
+    """A weight's bf16 copy is made on its first read, outside the launches a replay repeats: a
+    second identical forward launches the GEMM alone (no rounding of W again: the update epilogue
+    keeps the copy). set_params rounds every copy again in place: the same array (a captured
+    graph keeps reading it), the new master's bits."""
+    model = MLP([23, 11, 5], device="cpu", seed=0, precision="bf16")
+    model.ops = ops = cuda_bf16(bf16_loader)()
+    o = bf16_bits(rng.normal(0, 1, (37, 23)).astype(np.float32))
+    out = np.empty((37, 11), np.uint16)
+    before = copy_launches(ops)  # (the loader's other tests' launches)
+    ops.forward(o, model.weights[0], model.biases[0], "tanh", out)
+    made = copy_launches(ops)
+    assert made == before + 1
+    copy = ops.bf16_weights(model.weights[0])
+    ops.forward(o, model.weights[0], model.biases[0], "tanh", out)
+    assert copy_launches(ops) == made and ops.bf16_weights(model.weights[0]) is copy
+    model.set_params({k: v * 3 for k, v in model.get_params().items()})
+    assert ops.bf16_weights(model.weights[0]) is copy
+    np.testing.assert_array_equal(copy, bf16_bits(model.weights[0]))
+
+
+def test_apply_rule_keeps_a_weights_copy_current_from_its_first_call(bf16_loader, rng):
+    """A data-parallel update (apply_rule) of a weight no forward has read yet: its first call makes
+    the copy, and it and every replay of it round the copy again from the updated W."""
+    from gpu_backprop.ops import Rule
+
+    ops = cuda_bf16(bf16_loader)()
+    W, grad = rng.normal(0, 1, (19, 7)).astype(np.float32), rng.normal(0, 1, (19, 7)).astype(np.float32)
+    for _ in range(3):  # the first call recorded, the next two replayed
+        ops.apply_rule(Rule("sgd", 0.1), W, grad)
+        np.testing.assert_array_equal(ops.bf16_weights(W), bf16_bits(W))
+
+
+def test_set_params_on_the_gpu_path_reaches_the_forward(bf16_loader, rng):
+    model = MLP([6, 5, 3], device="cpu", seed=0, precision="bf16")
+    model.ops = cuda_bf16(bf16_loader)()
+    X = rng.normal(size=(4, 6)).astype(np.float32)
+    before = model.predict_proba(X)
+    params = model.get_params()
+    model.set_params({k: v * 2 for k, v in params.items()})
+    assert not np.array_equal(model.predict_proba(X), before)
+    model.set_params(params)
+    np.testing.assert_array_equal(model.predict_proba(X), before)
+
+
 def elementwise_deltas(loader, rng, kernel):
-    """{precision: the delta} of delta.cu's ``kernel`` through CudaOps in fp32 and in bf16."""
+    """{precision: the delta as float32 values} of delta.cu's ``kernel`` through CudaOps in fp32 and
+    in bf16, from the same values (bf16 ones; the bf16 path's arrays their bits)."""
     import scipy.special
 
     from gpu_backprop.ops.cuda import CudaOps
 
-    a = scipy.special.expit(rng.normal(0, 2, (7, 143))).astype(np.float32)
-    b = rng.normal(0, 1, a.shape).astype(np.float32)
+    a = round_bf16(scipy.special.expit(rng.normal(0, 2, (7, 143))).astype(np.float32))
+    b = round_bf16(rng.normal(0, 1, a.shape).astype(np.float32))
     out = {}
     for precision in ("fp32", "bf16"):
         ops = CudaOps(np, scipy.special, loader, precision=precision)
-        d = np.full_like(a, np.nan)
+        stored = (lambda x: x) if precision == "fp32" else bf16_bits
+        d = np.full(a.shape, np.nan, np.float32) if precision == "fp32" else np.full(a.shape, 0xFFFF, np.uint16)
         if kernel == "output_delta":
             ops.output_delta(a, b, "sigmoid", "mse", d, np.zeros(1, np.float32))
         else:
-            ops.hidden_delta(b, a, "sigmoid", d)
+            ops.hidden_delta(stored(b), stored(a), "sigmoid", d)
         out[precision] = d
     return out
 
 
 def check_elementwise(out):
-    assert not is_bf16(out["fp32"])
-    np.testing.assert_array_equal(bits32(out["bf16"]), bits32(round_bf16(out["fp32"])))
+    assert out["bf16"].dtype == np.uint16 and not is_bf16(out["fp32"])
+    np.testing.assert_array_equal(out["bf16"], bf16_bits(out["fp32"]))
 
 
 @pytest.mark.parametrize("kernel", ["output_delta", "hidden_delta"])
 def test_the_elementwise_deltas_store_bf16(bf16_loader, rng, kernel):
-    """delta.cu with bf16 set (precision="bf16"; the output delta of a step whose update reads it
-    too, outside backward.cu): the float32 kernel's delta rounded to bf16, bit for bit, on the
-    16-byte packs and the tail (1001 elements); float32 precision leaves it unrounded. The
-    rounding left out must fail."""
+    """delta.cu storing bf16 (the output delta of a step whose update reads it too, outside
+    backward.cu; a delta formed before a weight gradient): the float32 kernel's delta rounded to
+    bf16, bit for bit, on the 16-byte packs and the tail (1001 elements)."""
     check_elementwise(elementwise_deltas(bf16_loader, rng, kernel))
 
 
-def test_the_elementwise_rounding_left_out_fails(tmp_path, rng):
-    folder = planted_kernels(tmp_path / "kernels", "delta.cu", "return bf16 ? bf16_rounded(d) : d;", "return d;")
+@pytest.mark.parametrize("kernel, line", [
+    ("output_delta", "delta[p * N + j] = stored_as<S>(d.v[j]);"),
+    ("hidden_delta", "return stored_as<S>(value_of<T>(err) * derivative(act, value_of<T>(o)));"),
+])
+def test_the_elementwise_conversion_left_out_fails(tmp_path, rng, kernel, line):
+    """The delta assigned to its bf16 bits as a number (a conversion, not the rounding) fails."""
+    folder = planted_kernels(tmp_path / "kernels", "delta.cu", line,
+                             line.replace("stored_as<S>(", "S(").replace("value_of<T>(", "T("))
     with pytest.raises(AssertionError, match="not equal"):
-        check_elementwise(elementwise_deltas(PlantedIn(folder, "delta.cu"), rng, "output_delta"))
+        check_elementwise(elementwise_deltas(PlantedIn(folder, "delta.cu"), rng, kernel))
 
 
-# what the bf16 kernels must round, each left out: (file, line, replacement, the cases that show it)
+# what the bf16 kernels must convert, round and write, each left out: (file, line, replacement, the
+# cases that show it)
 GPU_PLANTED = {
-    "activations not rounded": ("forward.cu", "stored_value<Core>(activate(act, v + b[n]), bf16, act)",
-                                "activate(act, v + b[n])", CASES),
-    "hidden delta not rounded": ("propagate.cu", "stored_value<Core>(v * derivative(act, o[m * N + n]), bf16)",
-                                 "v * derivative(act, o[m * N + n])", CASES),
-    "output delta not rounded": ("backward.cu", "            d = stored_value<Core>(d, p.bf16);\n", "", CASES),
-    "operands rounded to TF32, not bf16": ("gemm_tile.cuh", "return bf16 ? bf16_rounded(x) : Core::stored(x);",
-                                           "return Core::stored(x);", CASES),
-    "bf16 not passed to the main loop": ("forward.cu", "NoTileHook(), m0, n0, M, N, K, 0, false, bf16);",
-                                         "NoTileHook(), m0, n0, M, N, K, 0, false);", CASES),
-    "a softmax's logits rounded": ("gemm_tile.cuh", "return bf16 && act != ACT_LOGITS ? bf16_rounded(x) : x;",
-                                   "return bf16 ? bf16_rounded(x) : x;", ["tanh-cross_entropy"]),
+    "activations cast, not rounded": ("forward.cu", "else p.out[m * N + n] = stored_as<S>(x);",
+                                      "else p.out[m * N + n] = S(x);", CASES),
+    "y_hat not rounded": ("forward.cu", "act == ACT_LOGITS ? x : value_of<T>(stored_as<S>(x));",
+                          "x;", ["sigmoid-mse", "relu-mse"]),
+    "a softmax's logits rounded": ("forward.cu", "act == ACT_LOGITS ? x : value_of<T>(stored_as<S>(x));",
+                                   "value_of<T>(stored_as<S>(x));", ["tanh-cross_entropy"]),
+    "o read as its bits": ("propagate.cu", "derivative(act, value_of<T>(o[m * N + n]))",  # (ReLU's o > 0 holds
+                           "derivative(act, T(o[m * N + n]))", ["sigmoid-mse", "tanh-cross_entropy"]),  # for bits)
+    "hidden delta cast": ("propagate.cu", "out[m * N + n] = stored_as<S>(", "out[m * N + n] = S(", CASES),
+    "output delta cast": ("backward.cu", "const S stored = stored_as<S>(d);", "const S stored = S(d);", CASES),
+    "db summed from the bits": ("weight_grad.cu", "bias_acc += value_of<T>(tile[kk][tid]);",
+                                "bias_acc += T(tile[kk][tid]);", CASES),
+    "copy not written by the update": ("update.cuh", "if (copy) copy[i] = stored_as<S>(x);", ";", CASES),
+    "output delta tile transposed": ("gemm_tile.cuh", "if constexpr (ROW_MAJOR) return tile[row_of(i)][k_of(i)];",
+                                     "if constexpr (ROW_MAJOR) return tile[k_of(i)][row_of(i)];", CASES),
+    "staged pairs swapped": ("gemm_bf16.cuh", "make_float2(acc.v[i][j][2 * h], acc.v[i][j][2 * h + 1])",
+                             "make_float2(acc.v[i][j][2 * h + 1], acc.v[i][j][2 * h])", ["sigmoid-mse"]),
+    "second half staged over the first": ("gemm_bf16.cuh", "const index_t m = m0 + half * WARP_M + r, n = n0 + c;",
+                                          "const index_t m = m0 + r, n = n0 + c;", WIDE),
 }
 
 
@@ -399,9 +559,11 @@ GPU_PLANTED = {
 def test_planted_faults_in_the_gpu_kernels_fail_the_reference(tmp_path, fault):
     file, line, replacement, cases = GPU_PLANTED[fault]
     loader = PlantedIn(planted_kernels(tmp_path / "kernels", file, line, replacement), file)
-    for case in cases:
-        with pytest.raises(AssertionError, match="beyond float32 summation order|bf16 step away"):
-            check_steps(case, structure=False, ops=cuda_bf16(loader))
+    for case in cases:  # (a fault may leave garbage the float64 reference overflows on)
+        with pytest.raises(AssertionError, match="beyond float32 summation order|bf16 step away"), \
+                np.errstate(over="ignore", invalid="ignore"):
+            check_steps(case, steps=2, batch=WIDE_BATCH if case in WIDE else 29, structure=False,
+                        ops=cuda_bf16(loader))  # (a stale copy shows in the second step)
 
 
 def test_a_softmax_output_left_unrounded_fails_the_reference(bf16_loader, monkeypatch):
@@ -409,7 +571,64 @@ def test_a_softmax_output_left_unrounded_fails_the_reference(bf16_loader, monkey
 
     monkeypatch.setattr(CudaOps, "_store_bf16", lambda self, out: None)
     with pytest.raises(AssertionError, match="beyond float32 summation order|bf16 step away"):
-        check_steps("tanh-cross_entropy", structure=False, ops=cuda_bf16(bf16_loader))
+        check_steps("tanh-cross_entropy", steps=1, structure=False, ops=cuda_bf16(bf16_loader))
+
+
+def test_a_copy_left_stale_by_apply_rule_fails_the_reference(bf16_loader, monkeypatch):
+    """apply_gradients' update (after the all-reduce, outside the epilogues) must round the copy."""
+    from gpu_backprop.ops.cuda import CudaOps
+
+    monkeypatch.setattr(CudaOps, "_refresh_copy", lambda self, W: None)
+    with pytest.raises(AssertionError, match="beyond float32 summation order|bf16 step away"):
+        check_steps("sigmoid-mse", steps=1, structure=False, ops=cuda_bf16(bf16_loader))
+
+
+# ---------------------------------------------------------------- the bf16 training kernels' machine code
+
+@pytest.fixture(scope="module")
+def bf16_training_sass():
+    """{kernel: [(opcode, operands)]} of every GEMM kernel on Bf16<128> (both rule families), sm_90,
+    from nvcc (tests/cubins.py's cubins)."""
+    from gpu_backprop.ops.cuda import GEMM_FILES, names_in
+
+    from .test_sass import gemm_sass
+
+    names = [n for file in dict.fromkeys(GEMM_FILES.values()) for n in names_in(file) if "Bf16<128>" in n]
+    code = gemm_sass(names)
+    assert len(code) == len(names), sorted(code)
+    return {name: [(op, rest) for _, op, rest in body] for name, body in code.items()}
+
+
+# each kernel's k tiles: the (A, B) tiles' layouts as ldmatrix reads them, (.trans loads, plain loads):
+# k-major tiles by LDSM.16.MT88.4, m-major ones by LDSM.16.M88.4, 4 of each operand a warp's k tile
+LDSM_OF = {"forward": [(4, 4)], "propagate": [(0, 8)], "weight_grad": [(8, 0)], "backward": [(0, 8), (8, 0)]}
+
+
+def test_bf16_training_kernels_multiply_from_ldmatrix_and_never_spill(bf16_training_sass):
+    """Every bf16 training kernel: no local memory (LDL, STL: 195-253 registers a thread, no spill),
+    and each k tile's multiply is 32 HMMA.16816.F32.BF16 from 8 LDSM.x4 in its operands' layouts, no
+    other shared load but the weight gradient's bias sums (16-bit: LDS.U16, one column of BK = 16),
+    no conversion (F2F) but backward's output delta, fetched meanwhile (F2F(P).BF16.F32, at most one
+    an element of its 16 a thread, its delta stored as bf16; F2F.F64.F32, its loss in double). A B
+    fragment loaded by two ldmatrix.x2, or a float tile converted in the loop, fails it."""
+    from .test_tensor_cores import multiply_spans
+
+    for name, code in bf16_training_sass.items():
+        kernel = name.replace("void ", "").split("<")[0]
+        local = [op for op, _ in code if op.startswith(("LDL", "STL"))]
+        assert not local, (name, local[:5])
+        spans = multiply_spans(code)
+        assert spans, name
+        for span in spans:
+            ops = [op for op, _ in span]
+            hmma = sum(op == "HMMA.16816.F32.BF16" for op in ops)
+            ldsm = (sum(op == "LDSM.16.MT88.4" for op in ops), sum(op == "LDSM.16.M88.4" for op in ops))
+            shared = [op for op in ops if op.startswith("LDS") and not op.startswith("LDSM")]
+            functor = [op for op in ops if op in ("F2F.BF16.F32", "F2FP.BF16.F32.PACK_AB")] if kernel == "backward" else []
+            converts = [op for op in ops if op.startswith("F2F") and op != "F2F.F64.F32" and op not in functor]
+            assert hmma == 32 and ldsm in LDSM_OF[kernel], (name, hmma, ldsm)
+            assert not converts and len(functor) <= 16, (name, converts[:4], len(functor))
+            assert all(op == "LDS.U16" for op in shared) and len(shared) <= 16, (name, shared[:4])
 
 
 # ---------------------------------------------------------------- digits, files, the API, the command line

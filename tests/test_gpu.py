@@ -405,8 +405,8 @@ def test_bf16_trains_digits_on_the_gpu_and_reloads_on_the_cpu(tmp_path):
 @pytest.mark.parametrize("case", ["sigmoid-mse", "tanh-cross_entropy", "relu-mse"])
 def test_bf16_steps_on_the_gpu_agree_with_the_cpu_twin(case):
     """Three SGD steps from the same weights on the card and on the CPU twin: every update within
-    bf16's rounding of float32 summation order (tests/test_bf16.py agree), every stored output a
-    bf16 value."""
+    bf16's rounding of float32 summation order (tests/test_bf16.py agree), the hidden outputs and
+    every delta stored as bf16 bits, y_hat float32 bf16 values."""
     from gpu_backprop.ops.bf16 import is_bf16
 
     from .test_bf16 import CASES, agree
@@ -424,4 +424,6 @@ def test_bf16_steps_on_the_gpu_agree_with_the_cpu_twin(case):
         gpu, cpu = models[0].get_params(), models[1].get_params()
         for key in before:
             agree(gpu[key] - before[key], cpu[key] - before[key], f"step {step}: update of {key}", rtol=1e-4)
-        assert all(is_bf16(o.get()) for o in models[0]._batch_buffers(29).outputs)
+        buf = models[0]._batch_buffers(29)
+        assert [o.dtype for o in buf.outputs] == [np.uint16] * (len(sizes) - 2) + [np.float32]
+        assert {d.dtype for d in buf.deltas} == {np.dtype(np.uint16)} and is_bf16(buf.outputs[-1].get())

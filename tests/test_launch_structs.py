@@ -12,6 +12,9 @@ from gpu_backprop.ops.launch import STRUCTS, make, struct_dtype
 from .emulator.builder import CXX, HERE, KERNELS
 
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+# precision="bf16": float arithmetic, activations and deltas stored as bf16 (params.cuh's S)
+BF16 = "float, unsigned short"
+STORING = ("ForwardParams", "PropagateParams", "WeightGradParams")  # the structs templated on S too
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +23,13 @@ def compiled_layout(tmp_path_factory):
     lines = [f'#include "{HERE / "cuda_shim.h"}"', f'#include "{KERNELS / "params.cuh"}"', "#include <cstdio>",
              "#include <cstddef>", "int main() {"]
     for name, fields in STRUCTS.items():
-        for ctype in CTYPES.values():
-            s = f"{name}<{ctype}>"
-            lines.append(f'    std::printf("{name} {ctype} - %zu 0\\n", sizeof({s}));')
+        for ctype in [*CTYPES.values(), *([BF16] if name in STORING else [])]:
+            key = ctype.replace(", ", "_").replace(" ", "_")
+            s = f"{name}_{key}"  # an alias: offsetof is a macro (no commas)
+            lines.append(f"    typedef {name}<{ctype}> {s};")
+            lines.append(f'    std::printf("{name} {key} - %zu 0\\n", sizeof({s}));')
             for field, _ in fields:
-                lines.append(f'    std::printf("{name} {ctype} {field} %zu %zu\\n", offsetof({s}, {field}), '
+                lines.append(f'    std::printf("{name} {key} {field} %zu %zu\\n", offsetof({s}, {field}), '
                              f"sizeof((({s}*)nullptr)->{field}));")
     lines.append("}")
     tmp = tmp_path_factory.mktemp("layout")
@@ -43,11 +48,13 @@ def compiled_layout(tmp_path_factory):
     return layout
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("name", list(STRUCTS))
+@pytest.mark.parametrize("name,dtype", [(name, dt) for name in STRUCTS for dt in (np.float32, np.float64)]
+                         + [(name, "bf16") for name in STORING])
 def test_numpy_layout_is_the_compilers(compiled_layout, name, dtype):
-    dt = struct_dtype(name, dtype)
-    size, fields = compiled_layout[(name, CTYPES[np.dtype(dtype)])]
+    """(bf16: the float struct's NumPy layout against <float, unsigned short>: the same, pointers being
+    pointers, so the launchers make one struct for both storages.)"""
+    dt = struct_dtype(name, np.float32 if dtype == "bf16" else dtype)
+    size, fields = compiled_layout[(name, "float_unsigned_short" if dtype == "bf16" else CTYPES[np.dtype(dtype)])]
     assert dt.itemsize == size
     assert list(fields) == list(dt.names)
     for field in dt.names:

@@ -261,3 +261,20 @@ def test_backward_plan_is_reused_for_the_same_buffers_and_rebuilt_for_new_ones(r
     reused.train_step(xb, yb, 0.5, momentum=0.9)
     assert reused._buffers[6].plan is not plans[0]
     assert reused._buffers[6].plan[0][1] == [] and reused._buffers[6].plan[-1][1][0].vel_w is reused._state.vel_w[1]
+
+
+def test_set_params_resets_the_velocity_the_next_step_reads(rng):
+    """After set_params the optimizer state starts from zeros: each first step after it is the step of
+    a fresh model from those parameters, however often it is repeated (a new state object at a freed
+    one's address once reused the old plan, and with it the old velocity)."""
+    X, Y = rng.standard_normal((6, 5)), rng.random((6, 3))
+    model = MLP([5, 4, 3], device="cpu", dtype="float64", seed=1)
+    for _ in range(20):
+        params = model.get_params()
+        model.set_params(params)
+        model.train_step(X, Y, 0.5, momentum=0.9)
+        fresh = MLP([5, 4, 3], device="cpu", dtype="float64", seed=1)
+        fresh.set_params(params)
+        fresh.train_step(X.copy(), Y.copy(), 0.5, momentum=0.9)
+        for key, value in fresh.get_params().items():
+            np.testing.assert_array_equal(model.get_params()[key], value, err_msg=key)

@@ -100,9 +100,9 @@ def test_rule_in_the_epilogue(loader, rng, config, dtype, name, shape):
     # no bias correction of the first moment
     ("(1.0 - pow((double)rule.beta1, t)));", "1.0);", "adam"),
     # L2 on the biases too
-    ("if (weight && r.l2 != T(0)) grad += r.l2 * p[i];", "if (r.l2 != T(0)) grad += r.l2 * p[i];", "sgd+l2"),
+    ("if (weight && r.l2 != T(0)) grad += r.l2 * x;", "if (r.l2 != T(0)) grad += r.l2 * x;", "sgd+l2"),
     # Nesterov's look-ahead dropped: plain momentum
-    ("p[i] += r.mode == SGD_MOMENTUM ? velocity : r.momentum * velocity - r.step * grad;", "p[i] += velocity;",
+    ("x += r.mode == SGD_MOMENTUM ? velocity : r.momentum * velocity - r.step * grad;", "x += velocity;",
      "nesterov"),
     # AdamW's decay dropped
     ("if (weight && r.decay != T(0)) x -= r.decay * x;", "", "adamw+l2"),

@@ -19,7 +19,7 @@ the device's bf16 buffers hold), so the GEMMs are SciPy's sgemm over them.
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -70,39 +70,80 @@ def bf16_bits(x: Any) -> np.ndarray:
     return (round_bf16(x).view(np.uint32) >> np.uint32(16)).astype(np.uint16)
 
 
+def bf16_values(bits: Any) -> Any:
+    """bf16 bit patterns (uint16, as the CUDA path stores activations and deltas) as the float32
+    values they are, exactly; a float32 array as it is (the CPU twin's storage of the same values)."""
+    if bits.dtype == np.float32:
+        return bits
+    if bits.dtype != np.uint16:
+        raise TypeError(f"bits: expected uint16 bf16 bits or float32, got {bits.dtype}")
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+class WeightCopies:
+    """The weights' bf16 copies that the GEMMs read, one per weight array, held weakly (a model's
+    arrays going away drop theirs): made from the master when first asked for (``make(W)``),
+    rewritten in place from it (``write(W, copy)``) after an update outside the kernels' epilogues
+    and when the parameters were written (so a captured CUDA graph that reads a copy stays valid).
+    Keyed by the array object: another view of the same memory has a copy of its own, which updates
+    through W do not refresh (the model passes its weight arrays themselves)."""
+
+    def __init__(self, make: Callable[[Any], Any], write: Callable[[Any, Any], None]):
+        self._make, self._write = make, write
+        self._copies: dict[int, tuple[Any, Any]] = {}
+
+    def get(self, W: Any) -> Any:
+        """W's copy, made when there is none."""
+        copy = self.find(W)
+        if copy is None:
+            copy = self._make(W)
+            key = id(W)
+            self._copies[key] = (weakref.ref(W, lambda _, key=key: self._copies.pop(key, None)), copy)
+        return copy
+
+    def find(self, W: Any) -> Any:
+        """W's copy, or None."""
+        entry = self._copies.get(id(W))
+        return entry[1] if entry is not None and entry[0]() is W else None
+
+    def refresh(self, W: Any) -> None:
+        """W's copy (if it has one) written again from W."""
+        copy = self.find(W)
+        if copy is not None:
+            self._write(W, copy)
+
+    def refresh_all(self) -> None:
+        for ref, copy in list(self._copies.values()):
+            W = ref()
+            if W is not None:
+                self._write(W, copy)
+
+
 class Bf16Ops(NumpyOps):
     """The CPU path with precision="bf16": NumpyOps with the roundings of the module's
-    docstring. The weights' bf16 copies are kept here, per weight array (weakly: a model's
-    arrays going away drop theirs), made when first read and refreshed by each update;
-    :meth:`params_written` drops them all (the parameters were written outside these ops)."""
+    docstring, the weights' bf16 copies kept in a :class:`WeightCopies` (made when first read,
+    refreshed after each update and by :meth:`params_written`). The activations and deltas are
+    float32 arrays holding bf16 values (where the CUDA path stores their bits as uint16)."""
 
     precision = "bf16"
 
     def __init__(self) -> None:
         super().__init__()
-        self._copies: dict[int, tuple[Any, np.ndarray]] = {}
+        self._copies = WeightCopies(round_bf16, lambda W, copy: round_bf16(W, out=copy))
 
     # -- the weights' bf16 copies ---------------------------------------------------
     def bf16_weights(self, W: np.ndarray) -> np.ndarray:
         """The bf16 copy of W that the GEMMs read (made from W when there is none)."""
-        entry = self._copies.get(id(W))
-        if entry is not None and entry[0]() is W:
-            return entry[1]
-        copy = round_bf16(W)
-        key = id(W)
-        self._copies[key] = (weakref.ref(W, lambda _, key=key: self._copies.pop(key, None)), copy)
-        return copy
+        return self._copies.get(W)
 
     def _refresh(self, W: np.ndarray) -> None:
         """After W was updated: its copy rounded again from it (the update epilogue's work)."""
-        entry = self._copies.get(id(W))
-        if entry is not None and entry[0]() is W:
-            round_bf16(W, out=entry[1])
+        self._copies.refresh(W)
 
     def params_written(self) -> None:
         """Parameters were written other than by these ops' updates (set_params, a restore):
-        every copy is made again from its master when next read."""
-        self._copies.clear()
+        every copy is rounded again from its master."""
+        self._copies.refresh_all()
 
     def _activations(self, o: np.ndarray) -> np.ndarray:
         """o as a GEMM operand: rounded to bf16 (the stored activations already are, so this only

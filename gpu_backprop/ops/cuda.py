@@ -25,6 +25,7 @@ import numpy as np
 
 from . import activations as act
 from .autotune import Tuner
+from .bf16 import WeightCopies
 from .launch import make
 from .reference import RULE_MODES, ArrayOps, Gather, Output, Propagate, Rule, Update, check_disjoint, check_rule, mixed_key
 
@@ -44,9 +45,11 @@ CONFIGS = {"tiny": (32, 32, 32, 256, "Simt<{T}, 32, 32, 32, 2, 2>"),
 # The wide tiles: 128 accumulators a thread, so float32 only (in float64 they would take the whole
 # register file) and no delta prologue in the weight gradient (its tile in flight would spill).
 WIDE_CONFIGS = ("warp128x256",)
-TF32_TILE = (128, 64)  # gemm_tf32.cuh Tf32: tensor cores, float32 only, precision="tf32"
-TF32_BK = 16           # Tf32::BK (a split-K slice is a multiple of it)
-TF32_THREADS = 128     # Tf32::THREADS: 4 warps of 64 x 32
+# The tensor-core configs: name: (core, (BM, BN), BK (a split-K slice is a multiple of it), threads).
+# "tf32" (precision="tf32"): gemm_tf32.cuh Tf32, float32 in and out, 4 warps of 64 x 32. "bf16"
+# (precision="bf16"): gemm_bf16.cuh Bf16<128>, the activations, deltas and the weights' copy stored as
+# bf16 (uint16 arrays), float32 master weights, bias, loss and update; 4 warps of 64 x 64.
+TENSOR_CORES = {"tf32": ("Tf32", (128, 64), 16, 128), "bf16": ("Bf16<128>", (128, 128), 16, 128)}
 # fp32/fp64 GEMM paths: our fused kernels with either tile, or cuBLAS with our elementwise kernels
 PATHS = (*CONFIGS, "cublas")
 # precision="tf32" paths (float32): our tensor-core kernels, or cuBLAS in its TF32 math mode
@@ -57,13 +60,14 @@ SPLIT_CONFIGS, SPLITS, MIN_SLICE = ("small", "large", "warp"), (2, 4, 8), 64
 SPLIT_PATHS = tuple(f"{c}/s{s}" for c in SPLIT_CONFIGS for s in SPLITS)
 # the same for the tensor-core weight gradient (precision="tf32"): "tf32/s4"
 TF32_SPLIT_PATHS = tuple(f"tf32/s{s}" for s in SPLITS)
-# precision="bf16" on the GPU (float32 arrays holding bf16 values, as ops/bf16.py's twin): the Tf32
-# kernels launched with bf16=1 (params.cuh), which round the operands to bf16 as they land and the
-# activations and deltas as they store them (gemm_tile.cuh landed, stored_value), split-K likewise;
-# no cuBLAS path (it cannot round as it loads)
+# precision="bf16" on the GPU: the GEMM kernels on the Bf16 core (TENSOR_CORES), split-K likewise; no
+# cuBLAS path (it reads no bf16 copy of ours, and its results would need a rounding pass)
 BF16_PATHS = ("bf16",)
 BF16_SPLIT_PATHS = tuple(f"bf16/s{s}" for s in SPLITS)
-TENSOR_CORES = {"tf32": "Tf32", "bf16": "Tf32"}  # config: core (the same kernels, bf16 a launch parameter)
+STORED = {"bf16": np.dtype(np.uint16)}  # precision: the dtype of the activations and deltas, if not the model's
+# (kernel, config) not built: bf16 gathers its batch with gather_batch before the first forward (the
+# gather's tile in flight through registers spills beside Bf16's 128 accumulators a thread)
+UNFUSED = {("forward_gather", "bf16")}
 # GEMMs of fewer multiply-adds than this run on the default tile, untuned: they take a few
 # microseconds whichever path (launch-bound, and hidden by graphs), and tuning them would
 # compile every tile (NVRTC, seconds each) before a small net's first epoch.
@@ -75,7 +79,7 @@ WRITE_GRADIENT, SGD, SGD_MOMENTUM, SGD_NESTEROV, ADAM = range(len(RULE_MODES))  
 GEMM_FILES = {"forward": "forward.cu", "forward_gather": "forward.cu", "propagate": "propagate.cu",
               "weight_grad": "weight_grad.cu", "backward": "backward.cu"}
 ELEMENTWISE_FILES = {"delta.cu": ("output_delta", "hidden_delta"),
-                     "bias.cu": ("bias_activation", "bias_update", "weight_update"),
+                     "bias.cu": ("bias_activation", "bias_update", "weight_update", "bf16_copy"),
                      "batch.cu": ("gather_batch", "finish_batch", "shuffle_keys")}
 # The bf16 GEMM core alone (gemm_bf16.cuh Bf16<BN>): CudaOps.matmul_bf16, on a tile of
 # BF16_TILES: name: ((BM, BN), threads); 128 x 128 the default (2 blocks an SM), 128 x 256 a
@@ -108,7 +112,9 @@ def matmul_kernel(tile: str, trans_a: bool, trans_b: bool) -> str:
 
 
 
-UNTYPED = ("shuffle_keys",)  # kernels that are not templated on the float type
+UNTYPED = ("shuffle_keys", "bf16_copy")  # kernels that are not templated on the float type
+STORING = ("output_delta", "hidden_delta", "gather_batch")  # elementwise kernels that store activations
+# or deltas: also instantiated for bf16 storage (STORED)
 ACT_LOGITS = 4  # common.cuh Activation: a softmax's logits (the identity, left unrounded in bf16)
 RULE_KERNELS = ("weight_grad", "backward")  # GEMM kernels with an update epilogue: one instance per rule family
 CUBLAS_TF32_TENSOR_OP_MATH = 3  # cublasMath_t in cublas_api.h; CuPy 14's cublas module does not export it
@@ -129,7 +135,7 @@ def gemm_name(kernel: str, dtype: Any, config: str, family: int = 0) -> str:
     its epilogue (kernels/update.cuh ADAM_RULES; weight_grad and backward only)."""
     config = split_of(config)[0]
     ctype = CTYPES[np.dtype(dtype)]
-    core = TENSOR_CORES[config] if config in TENSOR_CORES else CONFIGS[config][4].format(T=ctype)
+    core = TENSOR_CORES[config][0] if config in TENSOR_CORES else CONFIGS[config][4].format(T=ctype)
     return f"{kernel}<{ctype}, {core}{', 1' if family else ''}>"
 
 
@@ -153,14 +159,14 @@ def split_paths(K: int, tf32: bool = False, bf16: bool = False) -> tuple[str, ..
 
 def tile_of(config: str) -> tuple[int, int]:
     config = split_of(config)[0]
-    return TF32_TILE if config in TENSOR_CORES else CONFIGS[config][:2]
+    return TENSOR_CORES[config][1] if config in TENSOR_CORES else CONFIGS[config][:2]
 
 
 def threads_of(config: str) -> int:
     """The block of a GEMM kernel on ``config``: its core's THREADS, which the kernels check (any
     other block traps; a test launches each config with this number)."""
     config = split_of(config)[0]
-    return TF32_THREADS if config in TENSOR_CORES else CONFIGS[config][3]
+    return TENSOR_CORES[config][3] if config in TENSOR_CORES else CONFIGS[config][3]
 
 
 def names_in(file: str) -> list[str]:
@@ -171,12 +177,20 @@ def names_in(file: str) -> list[str]:
         return [matmul_kernel(tile, *layout) for tile in SM90_TILES for layout in MATMUL_LAYOUTS]
     if file in ELEMENTWISE_FILES:
         kernels = ELEMENTWISE_FILES[file]
-        return ([f"{k}<{t}>" for k in kernels if k not in UNTYPED for t in CTYPES.values()]
+        return ([elementwise_name(k, t) for k in kernels if k not in UNTYPED for t in CTYPES]
+                + [elementwise_name(k, np.float32, "bf16") for k in kernels if k in STORING]
                 + [k for k in kernels if k in UNTYPED])
     kernels = [k for k, f in GEMM_FILES.items() if f == file]
     return [name for k in kernels for family in ((0, 1) if k in RULE_KERNELS else (0,))
             for name in [gemm_name(k, dt, c, family) for dt in CTYPES for c in configs_for(dt)]
-            + [gemm_name(k, np.float32, "tf32", family)]]
+            + [gemm_name(k, np.float32, core, family) for core in TENSOR_CORES if (k, core) not in UNFUSED]]
+
+
+def elementwise_name(kernel: str, dtype: Any, precision: str = "fp32") -> str:
+    """The instantiation of an elementwise kernel templated on the float type (and, for STORING, on
+    the type a precision stores deltas in: ``<float, unsigned short>`` for bf16)."""
+    ctype = CTYPES[np.dtype(dtype)]
+    return f"{kernel}<{ctype}, unsigned short>" if kernel in STORING and precision in STORED else f"{kernel}<{ctype}>"
 
 
 KERNEL_FILES = ("delta.cu", "bias.cu", "batch.cu", *dict.fromkeys(GEMM_FILES.values()), MATMUL_FILE)
@@ -419,7 +433,7 @@ class CudaOps(ArrayOps):
         if precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.precision = precision
-        self._bf16 = int(precision == "bf16")  # the GEMM structs' bf16 (params.cuh): round to bf16
+        self.stored = STORED.get(precision)  # the activations' and deltas' dtype where not the model's
         self.loader = loader
         self.tuner = tuner if tuner is not None else Tuner.for_loader(loader)
         self.max_blocks = 8 * int(loader.sm_count)  # grid cap of the elementwise kernels
@@ -430,6 +444,8 @@ class CudaOps(ArrayOps):
         self._recording: list | None = None
         self._chosen: dict = {}  # gemm_paths()
         self._graph_safe = False  # capturable(): our kernels only
+        # precision="bf16": each weight's bf16 copy, written by the update epilogues (W_copy)
+        self._copies = WeightCopies(self._new_copy, lambda W, copy: self._bf16_copy(W, copy))
 
     @contextlib.contextmanager
     def capturable(self) -> Iterator[None]:
@@ -485,6 +501,73 @@ class CudaOps(ArrayOps):
         if dtype not in CTYPES:
             raise TypeError(f"{name}: expected float32 or float64, got {dtype}")
         return dtype
+
+    def _model_dtype(self, name: str, array: Any) -> np.dtype:
+        """The model's dtype, from an activation or delta: its own dtype, but float32 where these
+        operations store them in another (precision="bf16": uint16 bits; the launcher's checks take
+        or refuse the array itself)."""
+        if self.stored is None:
+            return self._dtype_of(name, array)
+        self.loader.check_device(name, array)
+        return np.dtype(np.float32)
+
+    def storage_dtype(self, dtype: Any) -> np.dtype:
+        return self.stored if self.stored is not None else np.dtype(dtype)
+
+    def as_stored(self, x: Any) -> Any:
+        if self.stored is None or getattr(x, "dtype", None) == self.stored:
+            return x
+        return self._operand("X", x, x.shape, np.float32)
+
+    def _check_stored(self, name: str, array: Any, shape: tuple, dtype: Any) -> None:
+        """An activation or delta of a ``dtype`` model as these operations store it (storage_dtype)."""
+        self._check(name, array, shape, self.storage_dtype(dtype))
+
+    def _operand(self, name: str, o: Any, shape: tuple, dtype: Any) -> Any:
+        """An activation a GEMM reads: as stored, or (precision="bf16") a ``dtype`` array, such as the
+        input X, rounded to bf16 first into a buffer of its own (bias.cu bf16_copy): the twin's
+        rounding of whatever it multiplies."""
+        if self.stored is not None and getattr(o, "dtype", None) == dtype:
+            self._check(name, o, shape, dtype)
+            rounded = self._scratch(f"rounded {name}", shape, self.stored)
+            self._bf16_copy(o, rounded)
+            return rounded
+        self._check_stored(name, o, shape, dtype)
+        return o
+
+    # -- precision="bf16": the weights' copies ---------------------------------
+    def bf16_weights(self, W: Any) -> Any:
+        """The bf16 copy (uint16 bits) of W that the GEMMs read: made from W when there is none,
+        rewritten by each update epilogue (WeightGradParams.W_copy) and by :meth:`params_written`."""
+        return self._copies.get(W)
+
+    def _new_copy(self, W: Any) -> Any:
+        """A new copy of W, rounded now: launched here, never recorded (a replay would repeat it)."""
+        self._check("W", W, W.shape, np.float32)
+        copy = self.xp.empty(W.shape, dtype=np.uint16)
+        recording, self._recording = self._recording, None
+        try:
+            self._bf16_copy(W, copy)
+        finally:
+            self._recording = recording
+        return copy
+
+    def _bf16_copy(self, x: Any, out: Any) -> None:
+        self._launch("bias.cu", "bf16_copy", self._grid_1d(x.size), (BLOCK, 1, 1), [x, out, np.int64(x.size)])
+
+    def _refresh_copy(self, W: Any) -> None:
+        """W's copy rounded again from W after an update outside the GEMM epilogues (apply_rule), as a
+        recorded launch, so every replay repeats it (a copy W has none of yet is made first, unrecorded)."""
+        self._bf16_copy(W, self._copies.get(W))
+
+    def params_written(self) -> None:
+        """Parameters were written other than by these operations' updates (set_params, a restore):
+        every weight's bf16 copy is rounded again from it, in place (captured steps read it there)."""
+        self._copies.refresh_all()
+
+    def _weights_read(self, W: Any) -> Any:
+        """What a GEMM reads of W: W, or with precision="bf16" its copy."""
+        return W if self.stored is None else self.bf16_weights(W)
 
     def gemm_config(self, M: int, N: int) -> str:
         """The large tile when it still gives every SM a block, else the small one."""
@@ -566,22 +649,29 @@ class CudaOps(ArrayOps):
                 config: str | None = None) -> Any:
         """out = f(o W + b): our GEMM with bias and activation in its epilogue, or, where the
         tuner found it faster for this shape, cuBLAS then one bias-activation kernel. With
-        ``gather``, o is first gathered (ArrayOps.forward): inside our GEMM as it loads o."""
-        dtype = self._dtype_of("o", o)
-        batch, n_in = o.shape
+        ``gather``, o is first gathered (ArrayOps.forward): inside our GEMM as it loads o.
+
+        precision="bf16": o as stored (uint16 bits; a float32 o, such as the input X, is rounded
+        first), W's bf16 copy read; ``out`` uint16 (a hidden layer's activations) or float32 (the
+        output layer's y_hat: bf16 values, but a softmax's logits exact until the softmax, whose
+        output is rounded)."""
+        dtype = self._model_dtype("o", o)
+        batch, n_in = o.shape if getattr(o, "ndim", None) == 2 else (-1, -1)
         n_out = W.shape[1] if W.ndim == 2 else -1
-        self._check("o", o, (batch, n_in), dtype)
         self._check("W", W, (n_in, n_out), dtype)
         self._check("b", b, (n_out,), dtype)
-        self._check("out", out, (batch, n_out), dtype)
+        y_hat = self.stored is not None and getattr(out, "dtype", None) == dtype
+        # (a softmax's output is y_hat: CuPy's softmax runs in float)
+        self._check("out", out, (batch, n_out), dtype if y_hat or activation == "softmax" else self.storage_dtype(dtype))
         elementwise = "identity" if activation == "softmax" else act.check_activation(activation, act.HIDDEN)
         # bf16: a softmax's logits stay unrounded (common.cuh ACT_LOGITS); its output is rounded
         code = np.int32(ACT_LOGITS if activation == "softmax" and self.precision == "bf16" else act.CODES[elementwise])
         if gather is not None:
             self._check_gather(gather.X, gather.Y, gather.order, gather.step, o, gather.yb)
         self._check_forward(o, W, b, out, gather)
-        params = make("ForwardParams", dtype, o=o, W=W, b=b, out=out, M=batch, N=n_out, K=n_in, act=code,
-                      bf16=self._bf16)
+        o = self._operand("o", o, (batch, n_in), dtype) if gather is None else o
+        params = make("ForwardParams", dtype, o=o, W=self._weights_read(W), b=b, out=None if y_hat else out,
+                      y_hat=out if y_hat else None, M=batch, N=n_out, K=n_in, act=code)
 
         def run(path: str) -> None:
             if path.startswith("cublas"):
@@ -592,7 +682,7 @@ class CudaOps(ArrayOps):
                 self._gemm("forward", dtype, batch, n_out, path, [params])
 
         path = self.gemm_path("forward", dtype, batch, n_out, n_in, config, run)
-        if gather is not None and not path.startswith("cublas"):
+        if gather is not None and not path.startswith("cublas") and ("forward_gather", path) not in UNFUSED:
             g = gather
             self._gemm("forward_gather", dtype, batch, n_out, path, [params, make(
                 "GatherParams", dtype, X=g.X, Y=g.Y, order=g.order, step=g.step, yb=g.yb, stride=g.stride,
@@ -657,17 +747,17 @@ class CudaOps(ArrayOps):
         self._check_output_delta(y_hat, y, out, loss_out)
         dtype, n = np.dtype(y_hat.dtype), int(y_hat.size)
         partials = self._scratch("partials", (self.max_blocks,), np.float64)
-        self._launch("delta.cu", f"output_delta<{CTYPES[dtype]}>",
+        self._launch("delta.cu", elementwise_name("output_delta", dtype, self.precision),
                      self._grid_1d(n), (BLOCK, 1, 1),
-                     [y_hat, y, out, *codes, np.int64(n), partials, self._ticket, loss_out, np.int32(self._bf16)])
+                     [y_hat, y, out, *codes, np.int64(n), partials, self._ticket, loss_out])
         return out
 
     def _output_codes(self, y_hat: Any, y: Any, activation: str, loss: str, out: Any,
                       loss_out: Any) -> tuple[np.int32, np.int32]:
         """Checks of an output delta's arguments; (activation code, loss code) for the kernels."""
         dtype = self._dtype_of("y_hat", y_hat)
-        for name, array in (("y", y), ("out", out)):
-            self._check(name, array, y_hat.shape, dtype)
+        self._check("y", y, y_hat.shape, dtype)
+        self._check_stored("out", out, y_hat.shape, dtype)
         self._check("y_hat", y_hat, y_hat.shape, dtype)
         self._check("loss_out", loss_out, (1,), dtype)
         if loss not in LOSS_CODES:
@@ -677,16 +767,18 @@ class CudaOps(ArrayOps):
 
     @replayed
     def hidden_delta(self, err: Any, o: Any, activation: str, out: Any) -> Any:
-        dtype = self._dtype_of("err", err)
+        """out = err * f'(o); precision="bf16": all three as stored (uint16), the product in float32."""
+        dtype = self._model_dtype("err", err)
         for name, array in (("err", err), ("o", o), ("out", out)):
-            self._check(name, array, err.shape, dtype)
+            self._check_stored(name, array, err.shape, dtype)
         self._check_hidden_delta(err, o, out)
         return self._hidden_delta(err, o, out, np.int32(act.CODES[act.check_activation(activation)]))
 
     def _hidden_delta(self, err: Any, o: Any, out: Any, code: np.int32) -> Any:
         n = int(err.size)
-        self._launch("delta.cu", f"hidden_delta<{CTYPES[np.dtype(err.dtype)]}>",
-                     self._grid_1d(n), (BLOCK, 1, 1), [err, o, out, code, np.int64(n), np.int32(self._bf16)])
+        dtype = np.float32 if self.stored is not None else err.dtype
+        self._launch("delta.cu", elementwise_name("hidden_delta", dtype, self.precision),
+                     self._grid_1d(n), (BLOCK, 1, 1), [err, o, out, code, np.int64(n)])
         return out
 
     # -- the fit loop's bookkeeping --------------------------------------------
@@ -706,7 +798,7 @@ class CudaOps(ArrayOps):
         self._check("Y", Y, (n, n_y), dtype)
         self._check("order", order, (n,), np.int64)
         self._check("step", step, (1,), np.int64)
-        self._check("xb", xb, (batch, n_x), dtype)
+        self._check_stored("xb", xb, (batch, n_x), dtype)
         self._check("yb", yb, (batch, n_y), dtype)
         self._check_gather_disjoint(X, Y, order, step, xb, yb)
 
@@ -716,7 +808,8 @@ class CudaOps(ArrayOps):
         dtype = np.dtype(X.dtype)
         batch, n_x, n_y = xb.shape[0], X.shape[1], Y.shape[1]
         self._launch(
-            "batch.cu", f"gather_batch<{CTYPES[dtype]}>", self._grid_1d(batch * (n_x + n_y)), (BLOCK, 1, 1),
+            "batch.cu", elementwise_name("gather_batch", dtype, self.precision), self._grid_1d(batch * (n_x + n_y)),
+            (BLOCK, 1, 1),
             [X, Y, order, step, xb, yb, np.int64(batch), np.int64(stride), np.int64(n_x), np.int64(n_y)])
 
     def _check_record(self, loss: Any, losses: Any, correct: Any, step: Any, count: bool) -> None:
@@ -749,15 +842,16 @@ class CudaOps(ArrayOps):
         return out
 
     def _propagate_gemm(self, delta: Any, W: Any, o: Any, activation: str, out: Any) -> _Gemm:
-        dtype = self._dtype_of("delta", delta)
-        batch, n_out = delta.shape
+        """(precision="bf16": delta, o and out as stored, uint16; W's bf16 copy read.)"""
+        dtype = self._model_dtype("delta", delta)
+        batch, n_out = delta.shape if getattr(delta, "ndim", None) == 2 else (-1, -1)
         n_in = W.shape[0]
-        self._check("delta", delta, (batch, n_out), dtype)
+        self._check_stored("delta", delta, (batch, n_out), dtype)
         self._check("W", W, (n_in, n_out), dtype)
-        self._check("o", o, (batch, n_in), dtype)
-        self._check("out", out, (batch, n_in), dtype)
+        self._check_stored("o", o, (batch, n_in), dtype)
+        self._check_stored("out", out, (batch, n_in), dtype)
         code = np.int32(act.CODES[act.check_activation(activation)])
-        params = dict(delta=delta, W=W, o=o, out=out, M=batch, N=n_in, K=n_out, act=code, bf16=self._bf16)
+        params = dict(delta=delta, W=self._weights_read(W), o=o, out=out, M=batch, N=n_in, K=n_out, act=code)
 
         def run(path: str) -> None:
             if path.startswith("cublas"):
@@ -770,21 +864,22 @@ class CudaOps(ArrayOps):
 
     def _weight_grad_gemm(self, o: Any, g: Any, W: Any, b: Any, rule: Rule, vel_w: Any = None, vel_b: Any = None,
                           sq_w: Any = None, sq_b: Any = None, o_next: Any = None, activation: str = "identity",
-                          delta_out: Any = None) -> _Gemm:
-        dtype = self._dtype_of("o", o)
-        batch, n_in = o.shape
-        n_out = g.shape[1] if g.ndim == 2 else -1
+                          delta_out: Any = None, o_name: str = "o") -> _Gemm:
+        """(precision="bf16": o as stored, or float32 rounded first; delta, o_next and delta_out as
+        stored; the update epilogue rewrites W's bf16 copy.)"""
         mode = RULE_MODES.index(rule.mode)
-        self._check("o", o, (batch, n_in), dtype)
-        self._check("delta", g, (batch, n_out), dtype)
+        dtype = self._model_dtype("o", o)
+        batch, n_in = o.shape if getattr(o, "ndim", None) == 2 else (-1, -1)
+        n_out = g.shape[1] if getattr(g, "ndim", None) == 2 else -1
+        self._check_stored("delta", g, (batch, n_out), dtype)
         self._check("W" if mode else "grad_w", W, (n_in, n_out), dtype)
         self._check("b" if mode else "grad_b", b, (n_out,), dtype)
         prologue = o_next is not None
         if prologue:
             if delta_out is None:
                 raise ValueError("delta_out: required when o_next is given (the prologue writes delta)")
-            self._check("o_next", o_next, (batch, n_out), dtype)
-            self._check("delta_out", delta_out, (batch, n_out), dtype)
+            self._check_stored("o_next", o_next, (batch, n_out), dtype)
+            self._check_stored("delta_out", delta_out, (batch, n_out), dtype)
         states = [("vel_w", vel_w, (n_in, n_out)), ("vel_b", vel_b, (n_out,)),
                   ("sq_w", sq_w, (n_in, n_out)), ("sq_b", sq_b, (n_out,))][:2 * rule.states]
         for name, array, shape in states:
@@ -795,13 +890,18 @@ class CudaOps(ArrayOps):
         fields = rule_fields(rule, dtype)
         code = np.int32(act.CODES[act.check_activation(activation)])
         ctype = CTYPES[dtype]
+        o = self._operand(o_name, o, (batch, n_in), dtype)
         params = dict(o=o, g=g, o_next=o_next if prologue else None, delta_out=delta_out if prologue else None,
-                      W=W, b=b, vel_w=vel_w, vel_b=vel_b, sq_w=sq_w, sq_b=sq_b, M=n_in, N=n_out, K=batch, act=code,
-                      has_prologue=int(prologue), bf16=self._bf16)
+                      W=W, b=b, W_copy=self.bf16_weights(W) if mode and self.stored is not None else None,
+                      vel_w=vel_w, vel_b=vel_b, sq_w=sq_w, sq_b=sq_b, M=n_in, N=n_out, K=batch, act=code,
+                      has_prologue=int(prologue))
 
         def launch(path: str, params: dict, fields: dict) -> None:
             rule_struct = make("UpdateRule", dtype, **fields)
             if not path.startswith("cublas"):
+                if params["has_prologue"] and split_of(path)[0] == "bf16":  # the Bf16 core runs no prologue:
+                    self._hidden_delta(g, params["o_next"], params["delta_out"], code)  # delta formed first
+                    params = dict(params, g=params["delta_out"], o_next=None, delta_out=None, has_prologue=0)
                 split, slices = self._split_k(path, dtype, n_in, n_out, batch)
                 self._gemm("weight_grad", dtype, n_in, n_out, path,
                            [make("WeightGradParams", dtype, **params), rule_struct, split], slices, family_of(fields))
@@ -832,8 +932,9 @@ class CudaOps(ArrayOps):
             # the same GEMM and prologue (its cost differs most between paths: ours forms delta as it
             # loads, cuBLAS's needs a pass of its own), results to scratch: W, b and delta_out untouched
             scratch = dict(params, W=self._scratch("tune_w", (n_in, n_out), dtype),
-                           b=self._scratch("tune_b", (n_out,), dtype), vel_w=None, vel_b=None, sq_w=None, sq_b=None,
-                           delta_out=self._scratch("tune_delta", (batch, n_out), dtype) if prologue else None)
+                           b=self._scratch("tune_b", (n_out,), dtype), W_copy=None, vel_w=None, vel_b=None, sq_w=None,
+                           sq_b=None, delta_out=self._scratch("tune_delta", (batch, n_out), self.storage_dtype(dtype))
+                           if prologue else None)
             launch(path, scratch, dict(fields, mode=WRITE_GRADIENT, t=None))
 
         return _Gemm("weight_grad", dtype, (n_in, n_out, batch), params, lambda path: launch(path, params, fields),
@@ -846,7 +947,7 @@ class CudaOps(ArrayOps):
         config, splits = split_of(path)
         if splits <= 1 or K == 0:
             return make("SplitK", dtype), 1
-        bk = TF32_BK if config in TENSOR_CORES else CONFIGS[config][2]
+        bk = TENSOR_CORES[config][2] if config in TENSOR_CORES else CONFIGS[config][2]
         slice_k = -(-(-(-K // splits)) // bk) * bk
         slices = -(-K // slice_k)
         bm, bn = tile_of(config)
@@ -938,10 +1039,11 @@ class CudaOps(ArrayOps):
         launch if what one part writes overlaps what another reads or writes."""
         self._check_backward(propagate, updates, output)
         gemms = [self._propagate_gemm(*propagate)] if propagate is not None else []
-        for u in updates:
+        for i, u in enumerate(updates):
             rule = u.effective_rule
             check_rule(rule, u.vel_w, u.vel_b, u.sq_w, u.sq_b)
-            gemms.append(self._weight_grad_gemm(u.o, u.delta, u.W, u.b, rule, u.vel_w, u.vel_b, u.sq_w, u.sq_b))
+            gemms.append(self._weight_grad_gemm(u.o, u.delta, u.W, u.b, rule, u.vel_w, u.vel_b, u.sq_w, u.sq_b,
+                                                o_name=f"updates[{i}].o"))
         self._run(gemms, config, output)
 
     @replayed
@@ -970,6 +1072,8 @@ class CudaOps(ArrayOps):
         self._launch("bias.cu", f"weight_update<{CTYPES[dtype]}>", self._grid_1d(p.size), (BLOCK, 1, 1),
                      [p, *_or(m if rule.states else None, v if rule.states == 2 else None, unread=p), grad,
                       make("UpdateRule", dtype, **fields), np.int64(p.size), np.int32(bool(weight))])
+        if weight and self.stored is not None:
+            self._refresh_copy(p)
 
     @replayed
     def count_step(self, t: Any) -> None:

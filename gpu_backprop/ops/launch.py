@@ -17,16 +17,17 @@ T = "T"  # the kernel's float type
 
 # name: [(field, type)], in the order of kernels/params.cuh
 STRUCTS: dict[str, list[tuple[str, Any]]] = {
-    "ForwardParams": [("o", PTR), ("W", PTR), ("b", PTR), ("out", PTR), ("M", INDEX), ("N", INDEX), ("K", INDEX),
-                      ("act", INT), ("bf16", INT)],
+    "ForwardParams": [("o", PTR), ("W", PTR), ("b", PTR), ("out", PTR), ("y_hat", PTR), ("M", INDEX), ("N", INDEX),
+                      ("K", INDEX), ("act", INT)],
     "GatherParams": [("X", PTR), ("Y", PTR), ("order", PTR), ("step", PTR), ("yb", PTR), ("stride", INDEX),
                      ("n_y", INDEX)],
     "PropagateParams": [("delta", PTR), ("W", PTR), ("o", PTR), ("out", PTR), ("M", INDEX), ("N", INDEX),
-                        ("K", INDEX), ("act", INT), ("bf16", INT), ("tiles_n", INDEX), ("tiles", INDEX)],
+                        ("K", INDEX), ("act", INT), ("tiles_n", INDEX), ("tiles", INDEX)],
     "MatmulParams": [("a", PTR), ("b", PTR), ("out", PTR), ("M", INDEX), ("N", INDEX), ("K", INDEX)],
     "WeightGradParams": [("o", PTR), ("g", PTR), ("o_next", PTR), ("delta_out", PTR), ("W", PTR), ("b", PTR),
-                         ("vel_w", PTR), ("vel_b", PTR), ("sq_w", PTR), ("sq_b", PTR), ("M", INDEX), ("N", INDEX), ("K", INDEX), ("act", INT),
-                         ("has_prologue", INT), ("bf16", INT), ("tiles_n", INDEX), ("tiles", INDEX)],
+                         ("W_copy", PTR), ("vel_w", PTR), ("vel_b", PTR), ("sq_w", PTR), ("sq_b", PTR), ("M", INDEX),
+                         ("N", INDEX), ("K", INDEX), ("act", INT), ("has_prologue", INT), ("tiles_n", INDEX),
+                         ("tiles", INDEX)],
     "SplitK": [("partials", PTR), ("bias_partials", PTR), ("tickets", PTR), ("slice_k", INDEX), ("splits", INT)],
     "UpdateRule": [("t", PTR), ("mode", INT), ("step", T), ("momentum", T), ("l2", T), ("scale", T), ("beta1", T),
                    ("beta2", T), ("eps", T), ("decay", T)],

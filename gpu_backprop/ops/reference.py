@@ -283,6 +283,17 @@ class ArrayOps:
         have one way only: empty."""
         return {}
 
+    def storage_dtype(self, dtype: Any) -> np.dtype:
+        """The dtype these operations keep a model of ``dtype``'s activations (but the output
+        layer's) and deltas in: ``dtype`` itself, but uint16 bf16 bits for precision="bf16" on
+        CUDA (ops/cuda.py)."""
+        return np.dtype(dtype)
+
+    def as_stored(self, x: Any) -> Any:
+        """An input batch as these operations store activations (storage_dtype): ``x`` itself, or
+        (precision="bf16" on CUDA) rounded into a buffer of theirs, valid until the next call."""
+        return x
+
     def _check_once(self, objects: tuple, check: Callable[[], None]) -> None:
         """Run ``check`` unless it passed for these very objects: a training step passes the same
         arrays and NamedTuples every time (held here, so their ids are not reused; an array's

@@ -58,6 +58,12 @@ struct dim3 {
     unsigned int x = 1, y = 1, z = 1;
 };
 
+// CUDA's 8-byte vector of two floats (an aligned 8-byte access on the GPU).
+struct alignas(8) float2 {
+    float x, y;
+};
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
+
 #if defined(__x86_64__) && !defined(__SANITIZE_THREAD__) && !defined(EMU_OS_THREADS)
 #define EMU_FIBERS 1
 #include <sys/mman.h>
