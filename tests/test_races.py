@@ -11,7 +11,8 @@ FLAGS = ("-fsanitize=thread", "-g", "-Wno-tsan")
 
 
 def run_driver(kernels_dir, tmp_path, part=None):
-    """The driver built and run: every kernel, or ``part`` 1 (the float kernels) or 2 (the bf16 ones)."""
+    """The driver built and run: every kernel, or ``part`` 1 (the float GEMM kernels), 2 (the bf16 ones)
+    or 3 (the elementwise ones)."""
     flags = FLAGS + ((f"-DRACE_PART={part}",) if part else ())
     exe = build(HERE / "race_driver.cpp", [], extra_flags=flags, output=tmp_path / "race_driver", shared=False,
                 include_dirs=[kernels_dir])
@@ -27,8 +28,8 @@ def test_kernels_run_clean_under_tsan(tmp_path):
 
 @pytest.mark.parametrize("file,marker,part", [
     ("gemm_tile.cuh", "sync: tile t in shared memory, tile t - 1 consumed", 1),
-    ("common.cuh", "sync: warp sums written", 1),
-    ("bias.cu", "__syncthreads();", 1),
+    ("common.cuh", "sync: warp sums written", 3),
+    ("bias.cu", "__syncthreads();", 3),
     # the Bf16 core's staged epilogue: the accumulators staged over tiles still read, or read unstaged
     ("gemm_bf16.cuh", "sync: the tiles (or the last half) read by every thread", 2),
     ("gemm_bf16.cuh", "sync: the half staged", 2),

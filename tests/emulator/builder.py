@@ -53,8 +53,8 @@ def sources_of(path: Path, include_dirs: Sequence[Path], seen: set | None = None
     return out
 
 
-def wrapper_source(cu_file: Path, names: Sequence[str]) -> str:
-    lines = [f'#include "{SHIM}"', f'#include "{cu_file}"',
+def wrapper_source(cu_file: Path, names: Sequence[str], shim: Path = SHIM) -> str:
+    lines = [f'#include "{shim}"', f'#include "{cu_file}"',
              'extern "C" __attribute__((visibility("default"))) int emu_take_trap() '
              '{ return emu::trapped.exchange(false); }']
     for i, name in enumerate(names):
@@ -84,13 +84,36 @@ def fiber_stacks() -> Path:
     return target
 
 
+def precompiled_shim() -> Path:
+    """A copy of cuda_shim.h with g++'s precompiled form of it beside (cuda_shim.h.gch), cached by the
+    hash of the shim's sources and the flags: parsing the shim is most of a small build's time. g++
+    takes the .gch only where a build's flags allow (not under a -D the shim reads, nor a sanitizer);
+    elsewhere it parses the copy, which is the shim's own text."""
+    texts = [p.read_text() for p in sources_of(SHIM, [HERE])]
+    digest = hashlib.sha256("\n".join([*texts, CXX, *FLAGS]).encode()).hexdigest()[:16]
+    header = CACHE / f"shim-{digest}" / SHIM.name
+    pch = header.with_name(header.name + ".gch")
+    if not pch.exists():
+        header.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=header.parent) as tmp:
+            copy, built = Path(tmp) / header.name, Path(tmp) / pch.name
+            copy.write_text(texts[0])
+            os.replace(copy, header)  # the same text whoever writes it
+            proc = subprocess.run([CXX, *FLAGS, f"-I{HERE}", "-x", "c++-header", str(header), "-o", str(built)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"g++ failed on {SHIM.name}:\n{proc.stderr[-4000:]}")
+            os.replace(built, pch)  # atomic, as build()
+    return header
+
+
 def build(cu_file: Path, names: Sequence[str], extra_flags: Sequence[str] = (), output: Path | None = None,
           shared: bool = True, include_dirs: Sequence[Path] = (KERNELS,)) -> Path:
     """Compile ``cu_file`` with the shim (a library exporting emu_launch_i for each
     name, or with ``shared=False`` an executable of a file with its own main)."""
     cu_file = Path(cu_file).resolve()
     include_dirs = [Path(d).resolve() for d in (*include_dirs, HERE)]
-    source = wrapper_source(cu_file, names) if shared else cu_file.read_text()
+    source = wrapper_source(cu_file, names, precompiled_shim()) if shared else cu_file.read_text()
     stacks = fiber_stacks()
     digest = hashlib.sha256()
     # the shim with the headers it includes (mma_shim.h), then the kernel's own sources
@@ -204,8 +227,11 @@ class EmuLoader:
     name = "emulator"
 
     def __init__(self, kernels_dir: Path = KERNELS, extra_flags: Sequence[str] = (), blocks: str | None = None,
-                 slots: int | None = None, seed: int = 0):
+                 slots: int | None = None, seed: int = 0, per_name: bool | None = None):
         self.kernels_dir = Path(kernels_dir)
+        # A library per kernel, or one per file with every name (compiled once, then cached). A
+        # planted copy of kernels/ is built once and runs a few of its kernels: by default, just those.
+        self.per_name = self.kernels_dir.resolve() not in (KERNELS, HERE) if per_name is None else per_name
         self.extra_flags = tuple(extra_flags)
         self.blocks = blocks or os.environ.get("GPU_BACKPROP_EMU_BLOCKS", "shuffled")
         if self.blocks not in ("shuffled", "in_order"):
@@ -230,6 +256,8 @@ class EmuLoader:
             names = list(all_names)
             if name not in names:
                 raise ValueError(f"{name}: not among the names instantiated from {file}")
+            if self.per_name:
+                names = [name]
             lib_key = (file, tuple(names))
             if lib_key not in self._libs:
                 # the project's kernels/ after kernels_dir: probes in tests/emulator include common.cuh

@@ -1,9 +1,10 @@
 // ThreadSanitizer driver: runs every shared-memory kernel once on odd shapes
 // under the CUDA-on-CPU shim. Built with -fsanitize=thread by tests/test_races.py;
 // a missing __syncthreads() shows up as a data race on the __shared__ tiles.
-// The float kernels (Simt, Warp, Tf32 and the elementwise ones) and the bf16 ones (Bf16<128>) are
-// two parts; -DRACE_PART=1 builds the first alone, 2 the second (a planted fault in one part's
-// code needs only that part), neither both.
+// Three parts: the float GEMM kernels (Simt, Warp, Tf32), the bf16 ones (Bf16<128>) and the
+// elementwise ones (delta.cu, bias.cu); -DRACE_PART=1, 2 or 3 builds that part alone (a planted
+// fault in one part's code needs only that part, and a part compiles in a fraction of the time),
+// none all three.
 #include <cstdio>
 #include <vector>
 
@@ -37,11 +38,11 @@ struct Inputs {
     std::vector<float> W = filled(M * N, 0.1f), b = filled(N, 0.1f), out = filled(B * N, 1.0f);
 };
 
-// The float kernels; returns a checksum of what they wrote.
+// The float GEMM kernels; returns a checksum of what they wrote.
 static double float_kernels(Inputs& in) {
     auto &o = in.o, &err = in.err, &o_next = in.o_next, &W = in.W, &b = in.b, &out = in.out;
-    auto vel_w = filled(M * N, 0.0f), vel_b = filled(N, 0.0f);
-    std::vector<float> delta(B * N), below(B * M), loss(1);
+    auto vel_w = filled(M * N, 0.0f), vel_b = filled(N, 0.0f), delta = filled(B * N, 0.25f);
+    std::vector<float> below(B * M), loss(1);
     std::vector<double> partials(8);
     std::vector<unsigned int> ticket(1, 0);
     const dim3 block{256, 1, 1};
@@ -57,8 +58,6 @@ static double float_kernels(Inputs& in) {
     emu::launch(&forward<float, Tf32>, dim3{tiles(N, 64), tiles(B, 128), 1}, dim3{Tf32::THREADS, 1, 1},
                 ForwardParams<float>{o.data(), W.data(), b.data(), out_tf32.data(), nullptr, B, N, M,
                                      (int)ACT_SIGMOID});
-    emu::launch(&output_delta<float>, dim3{3, 1, 1}, block, out.data(), o_next.data(), delta.data(), (int)ACT_SIGMOID,
-                (int)LOSS_MSE, B * N, partials.data(), ticket.data(), loss.data());
     emu::launch(&propagate<float, Small>, dim3{tiles(M, 64), tiles(B, 64), 1}, block,
                 PropagateParams<float>{delta.data(), W.data(), o.data(), below.data(), B, M, N, (int)ACT_TANH, 0, 0});
     emu::launch(&weight_grad<float, Small>, dim3{tiles(N, 64), tiles(M, 64), 1}, block,
@@ -102,12 +101,6 @@ static double float_kernels(Inputs& in) {
                 WeightGradParams<float>{o.data(), err.data(), nullptr, nullptr, W_v.data(), b_v.data(), nullptr,
                                         nullptr, nullptr, nullptr, nullptr, M, N, B, 0, 0, u_tiles_n, u_tiles},
                 UpdateRule<float>{nullptr, (int)SGD, 0.01f, 0.0f});
-    emu::launch(&bias_update<float>, dim3{tiles(N, 32), 1, 1}, dim3{32, 8, 1}, delta.data(), b.data(),
-                vel_b.data(), nullptr, UpdateRule<float>{nullptr, (int)SGD_MOMENTUM, 0.01f, 0.9f}, B, N);
-    emu::launch(&weight_update<float>, dim3{3, 1, 1}, block, W_adam.data(), m_w.data(), v_w.data(), W.data(),
-                UpdateRule<float>{adam_t.data(), (int)ADAM, 0.001f, 0.0f, 0.0f, 1.0f / B, 0.9f, 0.999f, 1e-8f, 0.0f},
-                M * N, 1);
-    emu::launch(&bias_activation<float>, dim3{2, 1, 1}, block, out.data(), b.data(), (int)ACT_TANH, B, N);
     double checksum = loss[0];
     for (float x : W) checksum += x;
     for (float x : below) checksum += x;
@@ -118,6 +111,32 @@ static double float_kernels(Inputs& in) {
     for (float x : W_split) checksum += x;
     for (float x : out_warp) checksum += x;
     for (float x : out_tf32) checksum += x;
+    return checksum;
+}
+
+// The elementwise kernels with shared memory (block sums, bias sums); returns a checksum.
+static double elementwise_kernels(Inputs& in) {
+    auto &o_next = in.o_next, &W = in.W, &b = in.b, &out = in.out;
+    auto vel_b = filled(N, 0.0f), W_adam = W, m_w = filled(M * N, 0.0f), v_w = filled(M * N, 0.0f);
+    std::vector<float> delta(B * N), loss(1);
+    std::vector<double> partials(8);
+    std::vector<unsigned int> ticket(1, 0);
+    std::vector<long long> adam_t(1, 1);
+    const dim3 block{256, 1, 1};
+    emu::launch(&output_delta<float>, dim3{3, 1, 1}, block, out.data(), o_next.data(), delta.data(), (int)ACT_SIGMOID,
+                (int)LOSS_MSE, B * N, partials.data(), ticket.data(), loss.data());
+    emu::launch(&bias_update<float>, dim3{tiles(N, 32), 1, 1}, dim3{32, 8, 1}, delta.data(), b.data(),
+                vel_b.data(), nullptr, UpdateRule<float>{nullptr, (int)SGD_MOMENTUM, 0.01f, 0.9f}, B, N);
+    emu::launch(&weight_update<float>, dim3{3, 1, 1}, block, W_adam.data(), m_w.data(), v_w.data(), W.data(),
+                UpdateRule<float>{adam_t.data(), (int)ADAM, 0.001f, 0.0f, 0.0f, 1.0f / B, 0.9f, 0.999f, 1e-8f, 0.0f},
+                M * N, 1);
+    std::vector<float> activated = out;
+    emu::launch(&bias_activation<float>, dim3{2, 1, 1}, block, activated.data(), b.data(), (int)ACT_TANH, B, N);
+    double checksum = loss[0];
+    for (float x : delta) checksum += x;
+    for (float x : b) checksum += x;
+    for (float x : W_adam) checksum += x;
+    for (float x : activated) checksum += x;
     return checksum;
 }
 
@@ -185,6 +204,9 @@ int main() {
 #endif
 #if !defined(RACE_PART) || RACE_PART == 2
     checksum += bf16_kernels(in);
+#endif
+#if !defined(RACE_PART) || RACE_PART == 3
+    checksum += elementwise_kernels(in);
 #endif
     if (emu::trapped.exchange(false)) {  // a kernel launched with a block other than its core's, or worse
         std::printf("a kernel trapped\n");
