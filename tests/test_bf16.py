@@ -471,16 +471,21 @@ def test_apply_rule_keeps_a_weights_copy_current_from_its_first_call(bf16_loader
         np.testing.assert_array_equal(ops.bf16_weights(W), bf16_bits(W))
 
 
-def test_set_params_on_the_gpu_path_reaches_the_forward(bf16_loader, rng):
-    model = MLP([6, 5, 3], device="cpu", seed=0, precision="bf16")
-    model.ops = cuda_bf16(bf16_loader)()
-    X = rng.normal(size=(4, 6)).astype(np.float32)
+def check_set_params_reaches_the_forward(model, X):
+    """set_params changes what the model predicts, and setting the old parameters back gives its
+    predictions back, bit for bit (the weights' bf16 copies remade from the masters each time)."""
     before = model.predict_proba(X)
     params = model.get_params()
     model.set_params({k: v * 2 for k, v in params.items()})
     assert not np.array_equal(model.predict_proba(X), before)
     model.set_params(params)
     np.testing.assert_array_equal(model.predict_proba(X), before)
+
+
+def test_set_params_on_the_gpu_path_reaches_the_forward(bf16_loader, rng):
+    model = MLP([6, 5, 3], device="cpu", seed=0, precision="bf16")
+    model.ops = cuda_bf16(bf16_loader)()
+    check_set_params_reaches_the_forward(model, rng.normal(size=(4, 6)).astype(np.float32))
 
 
 def elementwise_deltas(loader, rng, kernel):
@@ -611,15 +616,11 @@ def test_bf16_training_kernels_multiply_from_ldmatrix_and_never_spill(bf16_train
     no conversion (F2F) but backward's output delta, fetched meanwhile (F2F(P).BF16.F32, at most one
     an element of its 16 a thread, its delta stored as bf16; F2F.F64.F32, its loss in double). A B
     fragment loaded by two ldmatrix.x2, or a float tile converted in the loop, fails it."""
-    from .test_tensor_cores import multiply_spans
+    from .test_tensor_cores import unspilled_multiply_spans
 
     for name, code in bf16_training_sass.items():
         kernel = name.replace("void ", "").split("<")[0]
-        local = [op for op, _ in code if op.startswith(("LDL", "STL"))]
-        assert not local, (name, local[:5])
-        spans = multiply_spans(code)
-        assert spans, name
-        for span in spans:
+        for span in unspilled_multiply_spans(name, code):
             ops = [op for op, _ in span]
             hmma = sum(op == "HMMA.16816.F32.BF16" for op in ops)
             ldsm = (sum(op == "LDSM.16.MT88.4" for op in ops), sum(op == "LDSM.16.M88.4" for op in ops))
@@ -673,13 +674,7 @@ def test_a_resumed_bf16_run_ends_with_the_same_weights(tmp_path):
 
 def test_set_params_and_restores_remake_the_copies():
     model = MLP([6, 5, 3], device="cpu", seed=0, precision="bf16")
-    X = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
-    before = model.predict_proba(X)
-    params = model.get_params()
-    model.set_params({k: v * 2 for k, v in params.items()})
-    assert not np.array_equal(model.predict_proba(X), before)
-    model.set_params(params)
-    np.testing.assert_array_equal(model.predict_proba(X), before)
+    check_set_params_reaches_the_forward(model, np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32))
 
 
 def test_precision_bf16_arguments():

@@ -637,6 +637,16 @@ def multiply_spans(code):
     return spans
 
 
+def unspilled_multiply_spans(name, code):
+    """:func:`multiply_spans` of a kernel that must use no local memory (LDL, STL: no spill) and
+    must have at least one."""
+    local = [op for op, _ in code if op.startswith(("LDL", "STL"))]
+    assert not local, (name, local[:5])
+    spans = multiply_spans(code)
+    assert spans, name
+    return spans
+
+
 # the design, per k tile (BK = 16) of a warp: 2 k steps of 4 x 4 mma, 6 ld.shared.v4 each
 HMMA_PER_TILE, LDS128_PER_TILE = 32, 12
 
@@ -649,11 +659,7 @@ def test_tf32_main_loop_is_hmma_from_wide_shared_loads_without_conversions(tf32_
     rounding is once per element as the tile lands: (BM + BN) BK / THREADS = 24 a thread a tile."""
     assert len(tf32_sass) == 5, sorted(tf32_sass)  # forward, forward_gather, propagate, weight_grad, backward
     for name, code in tf32_sass.items():
-        local = [op for op, _ in code if op.startswith(("LDL", "STL"))]
-        assert not local, (name, local[:5])
-        spans = multiply_spans(code)
-        assert spans, name
-        for span in spans:
+        for span in unspilled_multiply_spans(name, code):
             ops = [op for op, _ in span]
             hmma = sum(op == "HMMA.1688.F32.TF32" for op in ops)
             wide = sum(op.startswith("LDS.128") for op in ops)
