@@ -1,32 +1,46 @@
-"""Every kernel source compiled once per test session, by nvcc and by NVRTC for sm_80 and sm_90,
-on two worker threads (nvcc's, NVRTC's): the compiles the collected tests read are queued when
-collection ends.
+"""Every kernel source compiled for sm_80 and sm_90: by nvcc to cubins (with ptxas's -v report), by
+NVRTC for compute_80 and compute_90 to PTX (its front end and NVVM, the part of a CuPy compile nvcc
+does not run; ptxas, most of a compile's time, runs once per arch, in nvcc's compile); the sm_90a
+file (wgmma) NVRTC compiles to a cubin, as the library does on the card.
 
-pytest runs one test at a time, so on CI's two cores the second sits idle while the compiles
-(most of the suite's CPU time) would run one after another in the tests that need them; here they
-run beside the rest of the suite, and tests/conftest.py moves the tests that read them (test_compile,
-test_sass, the Tf32 SASS checks of test_tensor_cores) to the end. The checks themselves are
-unchanged: test_compile asserts each compile's result and ptxas report; test_sass and
-test_tensor_cores disassemble nvcc's sm_90 cubins, built with every name expression of the file
-instantiated (the exact text NVRTC gets)."""
+Each result is kept in a cache folder beside the emulator's (GPU_BACKPROP_EMU_CACHE), keyed by the
+compiler's identity (nvcc --version, or libnvrtc's path and version), the arguments and the source
+text, as ccache keys an object file: an unchanged kernel file is compiled once per machine, not at
+every run. A failed compile is not kept.
+
+The compiles the collected tests read run on two nvcc worker threads (processes) and one NVRTC
+thread (one NVRTC compile at a time), queued when collection ends: pytest runs one test at a time,
+so the second core would sit idle while the compiles ran one after another in the tests that need
+them; here they run beside the rest of the suite, and tests/conftest.py moves the tests that read
+them (test_compile, test_sass, the SASS checks of the tensor-core tests) to the end. test_compile
+asserts each compile's result and ptxas report; the SASS checks disassemble nvcc's sm_90 cubins,
+built with every name expression of the file instantiated (the exact text NVRTC gets)."""
 from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import ctypes
+import functools
+import hashlib
+import json
+import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import NamedTuple
 
 from gpu_backprop.ops.cuda import KERNEL_FILES, SM90A_FILES, kernel_source, names_in
 
 from . import nvrtc
+from .emulator.builder import CACHE
 
 ARCHS = ("sm_80", "sm_90")  # and sm_90a for SM90A_FILES (wgmma), which compile for it alone
 # The longest first, so that the last to finish is short; nvcc sm_90 of the GEMM files before the
 # rest (the SASS checks read them).
 BY_COST = ("backward.cu", "weight_grad.cu", "forward.cu", "propagate.cu")
+COMPILES = CACHE / "compiles"
 
 
 class Nvcc(NamedTuple):
@@ -37,12 +51,12 @@ class Nvcc(NamedTuple):
 
 class Nvrtc(NamedTuple):
     lowered: dict  # {name expression: lowered name}
-    log: str
+    report: str    # ptxas's -v report of a cubin (sm_90a); "" for PTX
+    ptx: str       # the PTX (compute_80, compute_90); "" for a cubin
 
 
-_pools: dict = {}  # a worker for nvcc's compiles, one for NVRTC's (one NVRTC compile at a time)
+_pools: dict = {}  # two workers for nvcc's compiles (processes), one for NVRTC's (in this process)
 _jobs: dict = {}
-_folder: Path | None = None
 
 
 def instantiating(file: str) -> str:
@@ -52,22 +66,83 @@ def instantiating(file: str) -> str:
         ",\n".join(f"    (void*)&{name}" for name in names_in(file)) + "\n};\n"
 
 
+def cache_key(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
+
+
+def cached(key: str, compile_into) -> Path | None:
+    """The cache folder of ``key``, made by ``compile_into(folder)`` (True: it succeeded) if absent;
+    None when the compile failed (nothing kept). Written in a temporary folder, then renamed: a
+    half-written result is never read."""
+    folder = COMPILES / key
+    if folder.is_dir():
+        return folder
+    COMPILES.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=COMPILES, prefix=".tmp-"))
+    try:
+        if not compile_into(tmp):
+            return None
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another run kept the same result first
+            if not folder.is_dir():
+                raise
+        return folder
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@functools.cache
+def nvcc_identity(nvcc: str) -> str:
+    return nvcc + subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+
+
+@functools.cache
+def nvrtc_identity(path: str) -> str:
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    ctypes.CDLL(path).nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+    return f"{os.path.realpath(path)} {major.value}.{minor.value}"
+
+
 def _nvcc(file: str, arch: str) -> Nvcc | None:
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         return None
-    source = _folder / f"{arch}-{file}"
-    source.write_text(instantiating(file))
-    cubin = _folder / f"{arch}-{file}.cubin"
-    proc = subprocess.run([nvcc, "-std=c++17", "-cubin", f"-arch={arch}", "-Xptxas", "-v", "-o", str(cubin),
-                           str(source)], capture_output=True, text=True)
-    return Nvcc(proc.returncode, proc.stderr, cubin)
+    text, args = instantiating(file), ["-std=c++17", "-cubin", f"-arch={arch}", "-Xptxas", "-v"]
+    failed = []
+
+    def compile_into(folder: Path) -> bool:
+        source = folder / f"{arch}-{file}"
+        source.write_text(text)
+        proc = subprocess.run([nvcc, *args, "-o", str(folder / "out.cubin"), str(source)], capture_output=True,
+                              text=True)
+        (folder / "report.txt").write_text(proc.stderr)
+        if proc.returncode:
+            failed.append(Nvcc(proc.returncode, proc.stderr, folder / "out.cubin"))
+        return not proc.returncode
+
+    folder = cached(cache_key(nvcc_identity(nvcc), *args, text), compile_into)
+    return failed[0] if folder is None else Nvcc(0, (folder / "report.txt").read_text(), folder / "out.cubin")
 
 
 def _nvrtc(file: str, arch: str) -> Nvrtc | None:
-    if nvrtc.find_library() is None:
+    library = nvrtc.find_library()
+    if library is None:
         return None
-    return Nvrtc(*nvrtc.compile_cubin(kernel_source(file), names_in(file), arch))  # raises on an error
+    source, names = kernel_source(file), names_in(file)
+    target = arch.replace("sm_", "compute_") if arch in ARCHS else arch
+
+    def compile_into(folder: Path) -> bool:  # an error raises
+        if arch in ARCHS:
+            lowered, ptx = nvrtc.compile_ptx(source, names, target)
+            result = Nvrtc(lowered, "", ptx)
+        else:
+            result = Nvrtc(*nvrtc.compile_cubin(source, names, target), "")
+        (folder / "result.json").write_text(json.dumps(result._asdict()))
+        return True
+
+    folder = cached(cache_key(nvrtc_identity(library), target, *names, source), compile_into)
+    return Nvrtc(**json.loads((folder / "result.json").read_text()))
 
 
 def jobs_of(item) -> list[tuple[str, str, str]]:
@@ -89,17 +164,23 @@ def jobs_of(item) -> list[tuple[str, str, str]]:
     return []
 
 
+def _yield_to_the_tests() -> None:
+    """A compile worker at the lowest priority (its nvcc processes too): the tests, one after another
+    on the main thread, are the suite's longest chain, so they keep a core while the compiles take
+    what is left (the other core, and this one while a test waits)."""
+    try:  # Linux: a thread's own nice value, inherited by the processes it starts
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
 def start(jobs) -> None:
     """Queue ``jobs`` ((compiler, file, arch)) on their workers, the longest first (nvcc sm_90 of the
     GEMM files, which the SASS checks read, before the rest)."""
-    global _folder
     if not _pools:
-        _folder = Path(tempfile.mkdtemp(prefix="gpu_backprop-cubins-"))
-        atexit.register(shutil.rmtree, _folder, True)
-        # beside the other tests they share the cores with them; once those are done (the
-        # compiles take longer), both cores compile
-        for compiler in ("nvcc", "nvrtc"):
-            pool = _pools[compiler] = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=compiler)
+        for compiler, workers in (("nvcc", 2), ("nvrtc", 1)):
+            pool = _pools[compiler] = concurrent.futures.ThreadPoolExecutor(
+                workers, thread_name_prefix=compiler, initializer=_yield_to_the_tests)
             atexit.register(pool.shutdown, wait=False, cancel_futures=True)
     files = [f for f in BY_COST if f in KERNEL_FILES] + [f for f in KERNEL_FILES if f not in BY_COST]
     order = [("nvcc", f, "sm_90") for f in files] + \
@@ -116,7 +197,7 @@ def nvcc_cubin(file: str, arch: str) -> Nvcc | None:
     return _jobs["nvcc", file, arch].result()
 
 
-def nvrtc_cubin(file: str, arch: str) -> Nvrtc | None:
+def nvrtc_compile(file: str, arch: str) -> Nvrtc | None:
     """NVRTC's result for ``file`` on ``arch`` (None without libnvrtc; a compile error raises)."""
     start([("nvrtc", file, arch)])
     return _jobs["nvrtc", file, arch].result()

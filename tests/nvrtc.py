@@ -23,7 +23,22 @@ def find_library() -> str | None:
 
 
 def compile_cubin(source: str, names: Sequence[str], arch: str, options: Sequence[str] = ()) -> tuple[dict, str]:
-    """({name expression: lowered name}, log); raises RuntimeError with the log on failure."""
+    """({name expression: lowered name}, log) of a compile to a cubin for ``arch`` (sm_XX), ptxas's
+    -v report in the log; raises RuntimeError with the log on failure."""
+    lowered, log, cubin = _compile(source, names, arch, options, "CUBIN")
+    if not cubin:
+        raise RuntimeError("NVRTC produced an empty cubin")
+    return lowered, log
+
+
+def compile_ptx(source: str, names: Sequence[str], arch: str, options: Sequence[str] = ()) -> tuple[dict, str]:
+    """({name expression: lowered name}, PTX) of a compile for the virtual architecture ``arch``
+    (compute_XX): NVRTC's front end and NVVM, no ptxas; raises RuntimeError with the log on failure."""
+    lowered, log, ptx = _compile(source, names, arch, options, "PTX")
+    return lowered, ptx.rstrip(b"\0").decode()
+
+
+def _compile(source: str, names: Sequence[str], arch: str, options: Sequence[str], output: str):
     path = find_library()
     if path is None:
         raise FileNotFoundError("libnvrtc not found (pip install nvidia-cuda-nvrtc)")
@@ -34,8 +49,8 @@ def compile_cubin(source: str, names: Sequence[str], arch: str, options: Sequenc
     try:
         for name in names:
             check(lib.nvrtcAddNameExpression(prog, name.encode()))
-        opts = [b"-std=c++17", f"--gpu-architecture={arch}".encode(), b"--ptxas-options=-v",
-                *(o.encode() for o in options)]
+        opts = [b"-std=c++17", f"--gpu-architecture={arch}".encode(),
+                *([b"--ptxas-options=-v"] if output == "CUBIN" else []), *(o.encode() for o in options)]
         status = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
         size = ctypes.c_size_t()
         check(lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size)))
@@ -49,10 +64,11 @@ def compile_cubin(source: str, names: Sequence[str], arch: str, options: Sequenc
             out = ctypes.c_char_p()
             check(lib.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(out)))
             lowered[name] = out.value.decode()
-        check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)))
-        if size.value == 0:
-            raise RuntimeError("NVRTC produced an empty cubin")
-        return lowered, log
+        check(getattr(lib, f"nvrtcGet{output}Size")(prog, ctypes.byref(size)))
+        code = ctypes.create_string_buffer(size.value)
+        if size.value:
+            check(getattr(lib, f"nvrtcGet{output}")(prog, code))
+        return lowered, log, code.raw
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 

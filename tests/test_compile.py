@@ -1,6 +1,8 @@
-"""Every kernel source compiles for sm_80 and sm_90, with nvcc and with NVRTC (what
-cupy.RawModule uses), with no register spills. The ptxas report is printed (-s). The compiles
-run on tests/cubins.py's worker, beside the rest of the suite."""
+"""Every kernel source compiles for sm_80 and sm_90, with nvcc (to cubins, no register spills in
+ptxas's report) and with NVRTC, what cupy.RawModule uses (to PTX for compute_80 and compute_90, every
+name expression lowered to an entry; ptxas, the same program in both, runs in nvcc's compile). The
+ptxas report is printed (-s). The compiles run on tests/cubins.py's workers, beside the rest of the
+suite."""
 import os
 import re
 import shutil
@@ -59,10 +61,15 @@ def test_nvcc_compiles(file, arch):
 def test_nvrtc_compiles_name_expressions(file, arch):
     _require(nvrtc.find_library() is not None, "libnvrtc (pip install nvidia-cuda-nvrtc)")
     names = names_in(file)
-    lowered, log = cubins.nvrtc_cubin(file, arch)
-    print(log)
+    lowered, _, ptx = cubins.nvrtc_compile(file, arch)
     assert set(lowered) == set(names) and all(v.startswith("_Z") for v in lowered.values())
-    check_report(log, names, "nvrtc", arch)
+    assert f".target {arch}" in ptx
+    assert sorted(entry_points(ptx)) == sorted(lowered.values()), ptx[-3000:]
+
+
+def entry_points(ptx: str) -> list[str]:
+    """The kernels a PTX module defines."""
+    return re.findall(r"^\.(?:visible|weak) \.entry (\w+)\(", ptx, re.M)
 
 
 # The wgmma kernels: sm_90a alone (the "a" features are not forward-compatible, and an sm_80 or
@@ -85,11 +92,49 @@ def test_nvrtc_compiles_sm90a(file, arch):
     """As gpu_backprop.ops.cuda.sm90a_cubin compiles it on the card (extern "C" kernels: no name
     mangling, the cubin's symbols are the names)."""
     _require(nvrtc.find_library() is not None, "libnvrtc (pip install nvidia-cuda-nvrtc)")
-    lowered, log = cubins.nvrtc_cubin(file, arch)
+    lowered, log, _ = cubins.nvrtc_compile(file, arch)
     print(log)
     assert lowered == {name: name for name in names_in(file)}
     assert "Potential Performance Loss" not in log, log
     check_report(log, names_in(file), "nvrtc", arch)
+
+
+def test_a_kept_compile_is_keyed_by_the_source_the_target_and_the_compiler(tmp_path, monkeypatch):
+    """tests/cubins.py's cache: a compile runs again when its source text, its target or the compiler
+    changes, never for the same three; a failed compile is not kept. (Planted: the source text left
+    out of the key, or a failure kept, fails it.)"""
+    _require(shutil.which("nvcc") is not None and nvrtc.find_library() is not None, "nvcc and libnvrtc")
+    monkeypatch.setattr(cubins, "COMPILES", tmp_path)
+    texts = {"k.cu": "template <typename T> __global__ void k(T* x) { x[0] = T(1); }\n"}
+    monkeypatch.setattr(cubins, "instantiating", lambda file: texts[file] + "template __global__ void k<float>(float*);\n")
+    monkeypatch.setattr(cubins, "kernel_source", lambda file: texts[file])
+    monkeypatch.setattr(cubins, "names_in", lambda file: ["k<float>"])
+    compiles = []
+    run, ptx = subprocess.run, nvrtc.compile_ptx
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: (compiles.append(cmd[0]) if "-cubin" in cmd else None,
+                                                              run(cmd, **kw))[1])
+    monkeypatch.setattr(nvrtc, "compile_ptx", lambda *a: (compiles.append("nvrtc"), ptx(*a))[1])
+
+    def both(arch):
+        return cubins._nvcc("k.cu", arch), cubins._nvrtc("k.cu", arch)
+
+    first = both("sm_80")
+    assert first[0].returncode == 0 and "Compiling entry function" in first[0].report and len(compiles) == 2
+    again = both("sm_80")
+    assert again == first and again[0].cubin.stat().st_size > 0 and len(compiles) == 2
+    both("sm_90")
+    assert len(compiles) == 4
+    texts["k.cu"] = texts["k.cu"].replace("T(1)", "T(2)")
+    both("sm_80")
+    assert len(compiles) == 6
+    monkeypatch.setattr(cubins, "nvcc_identity", lambda nvcc: "another nvcc")
+    monkeypatch.setattr(cubins, "nvrtc_identity", lambda path: "another libnvrtc")
+    both("sm_80")
+    assert len(compiles) == 8
+    texts["k.cu"] = "__global__ void k() { undeclared(); }\n"
+    assert cubins._nvcc("k.cu", "sm_80").returncode != 0 and cubins._nvcc("k.cu", "sm_80").returncode != 0
+    assert len(compiles) == 10
+    assert not list(tmp_path.glob(".tmp-*"))  # no half-written result left behind
 
 
 def test_nvrtc_reports_errors():

@@ -2,7 +2,8 @@
 through ctypes with the call shape of a CuPy RawKernel: ``kernel(grid, block, args)``.
 
 Libraries are cached by a hash of the sources, the shim, the instantiated
-names and the compiler flags, so an unchanged kernel is compiled once.
+names and the compiler flags (not the folder they are in), so an unchanged kernel
+is compiled once per machine.
 
 Block scheduling (``EmuLoader(blocks=...)``, default from ``GPU_BACKPROP_EMU_BLOCKS``):
 "shuffled" (the default) runs the blocks of each grid in a seeded random order, up to
@@ -118,7 +119,10 @@ def build(cu_file: Path, names: Sequence[str], extra_flags: Sequence[str] = (), 
     digest = hashlib.sha256()
     # the shim with the headers it includes (mma_shim.h), then the kernel's own sources
     shim = [p.read_text() for p in sources_of(SHIM, [HERE])]
-    for part in [source, CXX, *FLAGS, *extra_flags, str(stacks), *shim] + [p.read_text() for p in sources_of(cu_file, include_dirs)]:
+    # by content: the kernel file's name, not its folder, so that a clone elsewhere, or a planted copy
+    # in a fresh temporary folder, reuses what the same sources built
+    for part in [source.replace(str(cu_file), cu_file.name), CXX, *FLAGS, *extra_flags, str(stacks), *shim] + \
+            [p.read_text() for p in sources_of(cu_file, include_dirs)]:
         digest.update(part.encode())
     suffix = ".so" if shared else ".exe"
     target = output or CACHE / f"{cu_file.stem}-{digest.hexdigest()[:16]}{suffix}"
