@@ -10,18 +10,17 @@ from .emulator.builder import HERE, KERNELS, build
 FLAGS = ("-fsanitize=thread", "-g", "-Wno-tsan")
 
 
-def run_driver(kernels_dir, tmp_path, part=None):
-    """The driver built and run: every kernel, or ``part`` 1 (the float GEMM kernels), 2 (the bf16 ones)
-    or 3 (the elementwise ones)."""
+def run_driver(kernels_dir, part=None):
+    """The driver built (cached by its sources, as the kernel libraries) and run: every kernel, or
+    ``part`` 1 (the float GEMM kernels), 2 (the bf16 ones) or 3 (the elementwise ones)."""
     flags = FLAGS + ((f"-DRACE_PART={part}",) if part else ())
-    exe = build(HERE / "race_driver.cpp", [], extra_flags=flags, output=tmp_path / "race_driver", shared=False,
-                include_dirs=[kernels_dir])
+    exe = build(HERE / "race_driver.cpp", [], extra_flags=flags, shared=False, include_dirs=[kernels_dir])
     return subprocess.run([str(exe)], capture_output=True, text=True, timeout=300,
                           env={"TSAN_OPTIONS": "halt_on_error=0 exitcode=66"})
 
 
-def test_kernels_run_clean_under_tsan(tmp_path):
-    proc = run_driver(KERNELS, tmp_path)
+def test_kernels_run_clean_under_tsan():
+    proc = run_driver(KERNELS)
     assert "ThreadSanitizer" not in proc.stderr, proc.stderr[-3000:]
     assert proc.returncode == 0 and proc.stdout.startswith("checksum")
 
@@ -40,6 +39,6 @@ def test_missing_syncthreads_is_reported(tmp_path, file, marker, part):
     source = (planted / file).read_text()
     assert marker in source
     (planted / file).write_text("\n".join(line for line in source.splitlines() if marker not in line))
-    proc = run_driver(planted, tmp_path, part)
+    proc = run_driver(planted, part)
     assert "WARNING: ThreadSanitizer: data race" in proc.stderr
     assert proc.returncode == 66

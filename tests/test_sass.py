@@ -13,6 +13,7 @@ speed depends on the shape of the code and no GPU is at hand to time it:
   LDGDEPBAR and waited with DEPBAR), and on the warp cores the k-major ones (W in the forward;
   o and delta in the weight gradient) as 16-byte copies (LDGSTS.E.BYPASS.128: cp.async.cg 16).
 """
+import functools
 import re
 import shutil
 import subprocess
@@ -45,6 +46,11 @@ def disassemble(cubin: Path, keep) -> dict:
     """{demangled kernel: [(predicate, opcode, operands)]} of the kernels of ``cubin`` whose name
     ``keep`` accepts, without the instructions under @!PT (never executed: ptxas pads cp.async
     with them)."""
+    return {name: list(code) for name, code in _disassembled(cubin, cubin.stat().st_mtime_ns).items() if keep(name)}
+
+
+@functools.cache  # a cubin is read by several modules' checks: disassembled once (by path and time)
+def _disassembled(cubin: Path, mtime: int) -> dict:
     cuobjdump, nvdisasm = tool("cuobjdump"), tool("nvdisasm")
     _require(cuobjdump is not None and nvdisasm is not None, "cuobjdump and nvdisasm (pip install nvidia-cuda-cuobjdump "
                                                             "nvidia-cuda-nvdisasm)")
@@ -54,11 +60,9 @@ def disassemble(cubin: Path, keep) -> dict:
     code = {}
     for section in re.split(r"\n\s*Function : ", dump.stdout)[1:]:
         symbol, body = section.split("\n", 1)
-        name = demangle(symbol.strip())
-        if keep(name):
-            code[name] = [(pred, op, rest) for pred, op, rest in re.findall(
-                r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:(@!?U?P\w+)\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", body, re.M)
-                if pred != "@!PT"]
+        code[demangle(symbol.strip())] = [(pred, op, rest) for pred, op, rest in re.findall(
+            r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:(@!?U?P\w+)\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", body, re.M)
+            if pred != "@!PT"]
     return code
 
 
