@@ -101,7 +101,11 @@ def nvcc_identity(nvcc: str) -> str:
 def nvrtc_identity(path: str) -> str:
     major, minor = ctypes.c_int(), ctypes.c_int()
     ctypes.CDLL(path).nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
-    return f"{os.path.realpath(path)} {major.value}.{minor.value}"
+    digest = hashlib.sha256()  # the library's bytes: a patch release shares the version, every venv a copy
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return f"libnvrtc {major.value}.{minor.value} {digest.hexdigest()}"
 
 
 def _nvcc(file: str, arch: str) -> Nvcc | None:
