@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -41,6 +42,7 @@ ARCHS = ("sm_80", "sm_90")  # and sm_90a for SM90A_FILES (wgmma), which compile 
 # rest (the SASS checks read them).
 BY_COST = ("backward.cu", "weight_grad.cu", "forward.cu", "propagate.cu")
 COMPILES = CACHE / "compiles"
+FORMAT = "1"  # of what a cache folder holds: a change of the layout below misses the old ones
 
 
 class Nvcc(NamedTuple):
@@ -70,13 +72,15 @@ def cache_key(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
 
 
-def cached(key: str, compile_into) -> Path | None:
-    """The cache folder of ``key``, made by ``compile_into(folder)`` (True: it succeeded) if absent;
-    None when the compile failed (nothing kept). Written in a temporary folder, then renamed: a
-    half-written result is never read."""
+def cached(key: str, compile_into, outputs: tuple[str, ...]) -> Path | None:
+    """The cache folder of ``key``, holding the files ``outputs``, made by ``compile_into(folder)``
+    (True: it succeeded) if absent; None when the compile failed (nothing kept). Written in a
+    temporary folder, then renamed: a half-written result is never read (one a temp cleaner
+    thinned is made again)."""
     folder = COMPILES / key
-    if folder.is_dir():
+    if all((folder / name).is_file() for name in outputs):
         return folder
+    shutil.rmtree(folder, ignore_errors=True)
     COMPILES.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=COMPILES, prefix=".tmp-"))
     try:
@@ -125,7 +129,7 @@ def _nvcc(file: str, arch: str) -> Nvcc | None:
             failed.append(Nvcc(proc.returncode, proc.stderr, folder / "out.cubin"))
         return not proc.returncode
 
-    folder = cached(cache_key(nvcc_identity(nvcc), *args, text), compile_into)
+    folder = cached(cache_key(FORMAT, nvcc_identity(nvcc), *args, text), compile_into, ("report.txt", "out.cubin"))
     return failed[0] if folder is None else Nvcc(0, (folder / "report.txt").read_text(), folder / "out.cubin")
 
 
@@ -145,7 +149,9 @@ def _nvrtc(file: str, arch: str) -> Nvrtc | None:
         (folder / "result.json").write_text(json.dumps(result._asdict()))
         return True
 
-    folder = cached(cache_key(nvrtc_identity(library), target, *names, source), compile_into)
+    mode = "PTX" if arch in ARCHS else "CUBIN"
+    folder = cached(cache_key(FORMAT, nvrtc_identity(library), mode, *nvrtc.OPTIONS[mode], target, *names, source),
+                    compile_into, ("result.json",))
     return Nvrtc(**json.loads((folder / "result.json").read_text()))
 
 
@@ -172,10 +178,8 @@ def _yield_to_the_tests() -> None:
     """A compile worker at the lowest priority (its nvcc processes too): the tests, one after another
     on the main thread, are the suite's longest chain, so they keep a core while the compiles take
     what is left (the other core, and this one while a test waits)."""
-    try:  # Linux: a thread's own nice value, inherited by the processes it starts
+    if sys.platform.startswith("linux"):  # a thread's own nice value, inherited by the processes it starts
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):
-        pass
 
 
 def start(jobs) -> None:

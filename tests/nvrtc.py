@@ -11,6 +11,9 @@ import sys
 from typing import Sequence
 
 
+OPTIONS = {"CUBIN": ("-std=c++17", "--ptxas-options=-v"), "PTX": ("-std=c++17",)}  # before the target's
+
+
 def find_library() -> str | None:
     roots = site.getsitepackages() + [site.getusersitepackages(), os.environ.get("CUDA_HOME", "/usr/local/cuda")]
     patterns = ["nvidia/cu*/lib/libnvrtc.so*", "nvidia/cuda_nvrtc/lib/libnvrtc.so*", "lib64/libnvrtc.so*"]
@@ -49,8 +52,8 @@ def _compile(source: str, names: Sequence[str], arch: str, options: Sequence[str
     try:
         for name in names:
             check(lib.nvrtcAddNameExpression(prog, name.encode()))
-        opts = [b"-std=c++17", f"--gpu-architecture={arch}".encode(),
-                *([b"--ptxas-options=-v"] if output == "CUBIN" else []), *(o.encode() for o in options)]
+        opts = [*(o.encode() for o in OPTIONS[output]), f"--gpu-architecture={arch}".encode(),
+                *(o.encode() for o in options)]
         status = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
         size = ctypes.c_size_t()
         check(lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size)))

@@ -1,12 +1,14 @@
 """Every kernel source compiles for sm_80 and sm_90, with nvcc (to cubins, no register spills in
 ptxas's report) and with NVRTC, what cupy.RawModule uses (to PTX for compute_80 and compute_90, every
-name expression lowered to an entry; ptxas, the same program in both, runs in nvcc's compile). The
+name expression lowered to an entry; ptxas runs in nvcc's compile). The
 ptxas report is printed (-s). The compiles run on tests/cubins.py's workers, beside the rest of the
 suite."""
+import concurrent.futures
 import os
 import re
 import shutil
 import subprocess
+import threading
 
 import pytest
 
@@ -104,16 +106,25 @@ def test_a_kept_compile_is_keyed_by_the_source_the_target_and_the_compiler(tmp_p
     changes, never for the same three; a failed compile is not kept. (Planted: the source text left
     out of the key, or a failure kept, fails it.)"""
     _require(shutil.which("nvcc") is not None and nvrtc.find_library() is not None, "nvcc and libnvrtc")
+    concurrent.futures.wait(list(cubins._jobs.values()))  # no queued compile reads what this test patches
     monkeypatch.setattr(cubins, "COMPILES", tmp_path)
     texts = {"k.cu": "template <typename T> __global__ void k(T* x) { x[0] = T(1); }\n"}
     monkeypatch.setattr(cubins, "instantiating", lambda file: texts[file] + "template __global__ void k<float>(float*);\n")
     monkeypatch.setattr(cubins, "kernel_source", lambda file: texts[file])
     monkeypatch.setattr(cubins, "names_in", lambda file: ["k<float>"])
-    compiles = []
+    compiles = []  # this thread's (a compile worker of the session may be running meanwhile)
+    here = threading.get_ident()
     run, ptx = subprocess.run, nvrtc.compile_ptx
-    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: (compiles.append(cmd[0]) if "-cubin" in cmd else None,
-                                                              run(cmd, **kw))[1])
-    monkeypatch.setattr(nvrtc, "compile_ptx", lambda *a: (compiles.append("nvrtc"), ptx(*a))[1])
+
+    def counted(what, call):
+        def wrapper(*args, **kwargs):
+            if threading.get_ident() == here and (what == "nvrtc" or "-cubin" in args[0]):
+                compiles.append(what)
+            return call(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(subprocess, "run", counted("nvcc", run))
+    monkeypatch.setattr(nvrtc, "compile_ptx", counted("nvrtc", ptx))
 
     def both(arch):
         return cubins._nvcc("k.cu", arch), cubins._nvrtc("k.cu", arch)

@@ -15,6 +15,7 @@ whose result depends on either has an inter-block race: shuffled scheduling show
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import re
@@ -67,12 +68,18 @@ def wrapper_source(cu_file: Path, names: Sequence[str], shim: Path = SHIM) -> st
     return "\n".join(lines) + "\n"
 
 
+@functools.cache
+def cxx_identity() -> str:
+    """The compiler and its version: a g++ (or libtsan) upgrade builds anew."""
+    return CXX + subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout
+
+
 def fiber_stacks() -> Path:
     """fiber_stacks.cpp as a library (cached by its hash): the process's one pool of fiber stacks,
     linked by every library and executable :func:`build` makes (by absolute path, so the dynamic
     linker loads it once however many kernel libraries, and copies of them, are loaded)."""
     source = HERE / "fiber_stacks.cpp"
-    digest = hashlib.sha256("\n".join([source.read_text(), CXX, *FLAGS]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256("\n".join([source.read_text(), cxx_identity(), *FLAGS]).encode()).hexdigest()[:16]
     target = CACHE / f"fiber_stacks-{digest}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +98,7 @@ def precompiled_shim() -> Path:
     takes the .gch only where a build's flags allow (not under a -D the shim reads, nor a sanitizer);
     elsewhere it parses the copy, which is the shim's own text."""
     texts = [p.read_text() for p in sources_of(SHIM, [HERE])]
-    digest = hashlib.sha256("\n".join([*texts, CXX, *FLAGS]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256("\n".join([*texts, cxx_identity(), *FLAGS]).encode()).hexdigest()[:16]
     header = CACHE / f"shim-{digest}" / SHIM.name
     pch = header.with_name(header.name + ".gch")
     if not pch.exists():
@@ -121,9 +128,10 @@ def build(cu_file: Path, names: Sequence[str], extra_flags: Sequence[str] = (), 
     shim = [p.read_text() for p in sources_of(SHIM, [HERE])]
     # by content: the kernel file's name, not its folder, so that a clone elsewhere, or a planted copy
     # in a fresh temporary folder, reuses what the same sources built
-    for part in [source.replace(str(cu_file), cu_file.name), CXX, *FLAGS, *extra_flags, str(stacks), *shim] + \
-            [p.read_text() for p in sources_of(cu_file, include_dirs)]:
-        digest.update(part.encode())
+    # (g++ searches the kernel's folder before the include folders: so does the key)
+    for part in [source.replace(str(cu_file), cu_file.name), cxx_identity(), *FLAGS, *extra_flags, str(stacks),
+                 *shim] + [p.read_text() for p in sources_of(cu_file, [cu_file.parent, *include_dirs])]:
+        digest.update(part.encode() + b"\0")
     suffix = ".so" if shared else ".exe"
     target = output or CACHE / f"{cu_file.stem}-{digest.hexdigest()[:16]}{suffix}"
     if target.exists():
